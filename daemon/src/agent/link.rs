@@ -1,0 +1,350 @@
+//! The back connection: the agent dials its home (through a proxy if one is
+//! set), authenticates with its device credential, and keeps the link open
+//! with pings. When it drops, the agent dials again with capped, jittered
+//! backoff and resumes: the outbox is sent again (the home drops ids it
+//! already has) and the home replays every event not yet acked.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use tokio::sync::mpsc;
+
+use super::dbus::AgentIface;
+use super::{Agent, Up};
+use crate::net::{self, ClientTls, Dial, Link, LinkError, Recv, tls};
+use crate::protocol::{
+    AGENT_PATH, AgentFrame, Delivery, ErrorCode, Event, HomeFrame, Message, PROTOCOL_VERSION,
+    now_ms,
+};
+use crate::storage::StoreError;
+use crate::task::{Backoff, sleep_or_shutdown};
+
+/// A link silent for this many keepalive intervals is dead.
+const DEAD_AFTER: u32 = 3;
+
+/// Keeps the back connection up until shutdown.
+pub async fn run(agent: Arc<Agent>, mut up: mpsc::UnboundedReceiver<Up>) {
+    let tls = match tls::client_config(agent.cfg.roots.clone(), None) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("TLS setup: {e}");
+            return;
+        }
+    };
+    let dial = Dial {
+        address: agent.cfg.home.address.clone(),
+        name: agent.cfg.home.name.clone(),
+        path: AGENT_PATH,
+        tls,
+        proxy: agent.cfg.proxy.clone(),
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    loop {
+        let delay = match connect(&agent, &dial).await {
+            Ok(mut link) => {
+                backoff.reset();
+                set_connected(&agent, true).await;
+                let (why, later) = session(&agent, &mut link, &mut up).await;
+                set_connected(&agent, false).await;
+                tracing::warn!(home = %dial.name, "back connection closed: {why}");
+                link.close().await;
+                later.unwrap_or_else(|| backoff.next_delay())
+            }
+            Err(e) => {
+                tracing::warn!(home = %dial.name, address = %dial.address,
+                    via = ?dial.proxy.as_ref().map(|p| &p.address), "cannot connect: {e}");
+                backoff.next_delay()
+            }
+        };
+        if sleep_or_shutdown(delay, &agent.shutdown).await {
+            return;
+        }
+    }
+}
+
+async fn connect(agent: &Agent, dial: &Dial) -> Result<Link<ClientTls>, String> {
+    let mut link = tokio::select! {
+        _ = agent.shutdown.cancelled() => return Err("shutting down".into()),
+        r = net::dial(dial) => r.map_err(|e| e.to_string())?,
+    };
+    link.send(&AgentFrame::Hello {
+        v: PROTOCOL_VERSION,
+        handle: agent.cfg.handle.clone(),
+        device: agent.cfg.device.clone(),
+        secret: agent.cfg.secret.0.clone(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, link.recv::<HomeFrame>()).await {
+        Ok(Ok(Recv::Frame(HomeFrame::Welcome { .. }))) => {
+            tracing::info!(home = %dial.name, "back connection up");
+            Ok(link)
+        }
+        Ok(Ok(Recv::Frame(HomeFrame::Error { code, message, .. }))) => {
+            if code == ErrorCode::AuthFailed {
+                tracing::error!("the home refused this device: {message}");
+            }
+            Err(format!("refused ({code:?}): {message}"))
+        }
+        Ok(other) => Err(format!("unexpected answer: {other:?}")),
+        Err(_) => Err("no welcome in time".into()),
+    }
+}
+
+async fn set_connected(agent: &Agent, up: bool) {
+    {
+        let mut st = agent.link.lock().unwrap_or_else(|e| e.into_inner());
+        st.connected = up;
+        st.since = now_ms();
+    }
+    if let Some(i) = agent.iface() {
+        let em = i.signal_emitter();
+        let _ = AgentIface::connection_changed(em, up, &agent.cfg.home.name).await;
+        let _ = i.get().await.connected_changed(em).await;
+    }
+}
+
+enum Done {
+    /// An event is stored: signal what is new, then ack `seq`.
+    Event(u64, Result<Option<Signal>, StoreError>),
+    /// Bookkeeping that is not an event.
+    Status(Result<Option<Signal>, StoreError>),
+}
+type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+enum Signal {
+    Received(Message),
+    Status(String, Delivery, String),
+}
+
+/// Serves one connected link. Returns why it ended and, if the home said
+/// so, when to come back.
+async fn session(
+    agent: &Arc<Agent>,
+    link: &mut Link<ClientTls>,
+    up: &mut mpsc::UnboundedReceiver<Up>,
+) -> (String, Option<Duration>) {
+    let mut inflight: HashSet<String> = HashSet::new();
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let keepalive = agent.cfg.keepalive;
+    let mut ping = tokio::time::interval(keepalive);
+    ping.tick().await;
+    let mut last_heard = Instant::now();
+    let mut last_seq = agent.store.run(|s| s.last_seq()).await.unwrap_or(0);
+
+    if let Err(e) = send_outbox(agent, link, &mut inflight).await {
+        return (e.to_string(), None);
+    }
+    if let Err(e) = send_reads(agent, link).await {
+        return (e.to_string(), None);
+    }
+    loop {
+        let step: Result<(), LinkError> = tokio::select! {
+            _ = agent.shutdown.cancelled() => return ("agent stopping".into(), None),
+            _ = agent.outbox.notified() => send_outbox(agent, link, &mut inflight).await,
+            Some(Up::Read(id)) = up.recv() => {
+                let r = link.send(&AgentFrame::Read { id: id.clone() }).await;
+                if r.is_ok() {
+                    let _ = agent.store.run(move |s| s.reads_sent(&[id])).await;
+                }
+                r
+            }
+            Some(d) = pending.next(), if !pending.is_empty() => match d {
+                Done::Event(seq, Ok(sig)) => {
+                    emit(agent, sig).await;
+                    last_seq = last_seq.max(seq);
+                    link.send(&AgentFrame::Ack { seq }).await
+                }
+                Done::Status(Ok(sig)) => { emit(agent, sig).await; Ok(()) }
+                Done::Event(_, Err(e)) | Done::Status(Err(e)) => {
+                    // Not acked: the home sends it again after reconnect.
+                    tracing::error!("storage: {e}");
+                    return (format!("storage failure: {e}"), None);
+                }
+            },
+            r = link.recv::<HomeFrame>() => {
+                last_heard = Instant::now();
+                match r {
+                    Ok(Recv::Frame(HomeFrame::Bye { reconnect_after_ms })) => {
+                        return ("home is restarting".into(), Some(Duration::from_millis(reconnect_after_ms)));
+                    }
+                    Ok(Recv::Frame(f)) => {
+                        on_frame(agent, f, last_seq, &mut inflight, &mut pending);
+                        Ok(())
+                    }
+                    Ok(Recv::Bad(e)) => { tracing::warn!("malformed frame from home: {e}"); Ok(()) }
+                    Ok(Recv::Alive) => Ok(()),
+                    Ok(Recv::Closed) => return ("closed by home".into(), None),
+                    Err(e) => Err(e),
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > keepalive * DEAD_AFTER {
+                    return (format!("no answer for {}; link is dead",
+                        humantime::format_duration(keepalive * DEAD_AFTER)), None);
+                }
+                link.ping().await
+            }
+        };
+        if let Err(e) = step {
+            return (e.to_string(), None);
+        }
+    }
+}
+
+fn on_frame(
+    agent: &Arc<Agent>,
+    f: HomeFrame,
+    last_seq: u64,
+    inflight: &mut HashSet<String>,
+    pending: &mut FuturesOrdered<Pending>,
+) {
+    let store = &agent.store;
+    match f {
+        HomeFrame::Event { seq, event } if seq <= last_seq => {
+            // Stored before a drop; ack again.
+            let _ = event;
+            pending.push_back(Box::pin(async move { Done::Event(seq, Ok(None)) }));
+        }
+        HomeFrame::Event {
+            seq,
+            event: Event::Message(m),
+        } => {
+            let p = store.submit(move |s| {
+                let new = s.receive(&m)?;
+                s.set_last_seq(seq)?;
+                Ok(new.then_some(Signal::Received(m)))
+            });
+            pending.push_back(Box::pin(async move { Done::Event(seq, p.await) }));
+        }
+        HomeFrame::Event {
+            seq,
+            event: Event::Status { id, state, reason },
+        } => {
+            let p = store.submit(move |s| {
+                let reason = reason.unwrap_or_default();
+                let changed = s.set_status(&id, state, &reason)?;
+                s.set_last_seq(seq)?;
+                Ok(changed.then_some(Signal::Status(id, state, reason)))
+            });
+            pending.push_back(Box::pin(async move { Done::Event(seq, p.await) }));
+        }
+        HomeFrame::Accepted { id } => {
+            inflight.remove(&id);
+            pending.push_back(status(store, id, Delivery::Accepted, String::new()));
+        }
+        HomeFrame::Error {
+            code,
+            message,
+            id: Some(id),
+        } => {
+            inflight.remove(&id);
+            tracing::warn!(msg_id = %id, ?code, "home refused a message: {message}");
+            if code != ErrorCode::Internal {
+                // Will never be taken: tell the person. (Internal errors are
+                // retried with the outbox on the next connection.)
+                pending.push_back(status(store, id, Delivery::Failed, message));
+            }
+        }
+        HomeFrame::Error { code, message, .. } => {
+            tracing::warn!(?code, "home reports: {message}");
+        }
+        HomeFrame::Welcome { .. } | HomeFrame::Bye { .. } => {}
+    }
+}
+
+fn status(
+    store: &crate::storage::Batcher<crate::storage::agent::AgentStore>,
+    id: String,
+    state: Delivery,
+    reason: String,
+) -> Pending {
+    let p = store.submit(move |s| {
+        let changed = s.set_status(&id, state, &reason)?;
+        Ok(changed.then_some(Signal::Status(id, state, reason)))
+    });
+    Box::pin(async move { Done::Status(p.await) })
+}
+
+async fn emit(agent: &Agent, sig: Option<Signal>) {
+    let (Some(sig), Some(i)) = (sig, agent.iface()) else {
+        return;
+    };
+    let em = i.signal_emitter();
+    let r = match sig {
+        Signal::Received(m) => {
+            tracing::info!(msg_id = %m.id, from = %m.from, "message received");
+            AgentIface::message_received(
+                em,
+                &m.id,
+                &m.from,
+                &m.text,
+                m.sent_at,
+                m.reply_to.as_deref().unwrap_or(""),
+            )
+            .await
+        }
+        Signal::Status(id, state, reason) => {
+            tracing::debug!(msg_id = %id, status = state.as_str(), "status changed");
+            AgentIface::message_status_changed(em, &id, state.as_str(), &reason).await
+        }
+    };
+    if let Err(e) = r {
+        tracing::warn!("emitting a D-Bus signal: {e}");
+    }
+}
+
+/// Sends every queued message not already sent on this link.
+async fn send_outbox(
+    agent: &Agent,
+    link: &mut Link<ClientTls>,
+    inflight: &mut HashSet<String>,
+) -> Result<(), LinkError> {
+    let queued = agent
+        .store
+        .run(|s| s.outbox())
+        .await
+        .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
+    let mut any = false;
+    for m in queued {
+        if !inflight.insert(m.id.clone()) {
+            continue;
+        }
+        any = true;
+        link.feed(&AgentFrame::Send {
+            id: m.id,
+            from: None,
+            to: m.to,
+            text: m.text,
+            reply_to: m.reply_to,
+        })
+        .await?;
+    }
+    if any {
+        link.flush().await?;
+    }
+    Ok(())
+}
+
+/// Sends read receipts that did not reach the home yet.
+async fn send_reads(agent: &Agent, link: &mut Link<ClientTls>) -> Result<(), LinkError> {
+    let ids = agent
+        .store
+        .run(|s| s.unsent_reads())
+        .await
+        .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
+    if ids.is_empty() {
+        return Ok(());
+    }
+    for id in &ids {
+        link.feed(&AgentFrame::Read { id: id.clone() }).await?;
+    }
+    link.flush().await?;
+    let _ = agent.store.run(move |s| s.reads_sent(&ids)).await;
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! The YAML file, as serde sees it. Positions are kept (`Spanned`) wherever a
+//! later check may need to point at a value.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// A whole config file. Each section present runs one role.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Logging settings.
+    #[serde(default)]
+    pub log: Option<LogFile>,
+    /// Run the global directory server.
+    #[serde(default)]
+    pub global: Option<GlobalFile>,
+    /// Run one home server.
+    #[serde(default)]
+    pub home: Option<HomeFile>,
+    /// Run several home servers in this process (a one-machine network).
+    #[serde(default)]
+    pub homes: Vec<HomeFile>,
+    /// Run a desktop agent.
+    #[serde(default)]
+    pub agent: Option<AgentFile>,
+}
+
+/// `log:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    /// Tracing filter, e.g. `info`, `debug`, `popupd=debug,zbus=warn`.
+    /// `RUST_LOG` overrides it.
+    pub level: Option<String>,
+}
+
+/// `global:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalFile {
+    /// DNS name in the global server's certificate.
+    pub name: Spanned<String>,
+    /// `IP:PORT` to listen on for homes.
+    pub listen: Spanned<String>,
+    /// PEM certificate chain (from `popupd ca issue`).
+    pub cert: Spanned<PathBuf>,
+    /// PEM private key.
+    pub key: Spanned<PathBuf>,
+    /// The network CA certificate; homes must present a certificate under it.
+    pub ca: Spanned<PathBuf>,
+    /// Where the directory database lives.
+    pub data_dir: Spanned<PathBuf>,
+}
+
+/// `home:` or an entry of `homes:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeFile {
+    /// This home's name: the DNS name in its certificate, unique in the network.
+    pub name: Spanned<String>,
+    /// `IP:PORT` to listen on for agents and other homes.
+    pub listen: Spanned<String>,
+    /// `HOST:PORT` where other homes reach this one (default: `listen`).
+    #[serde(default)]
+    pub public_address: Option<Spanned<String>>,
+    /// PEM certificate chain (from `popupd ca issue`).
+    pub cert: Spanned<PathBuf>,
+    /// PEM private key.
+    pub key: Spanned<PathBuf>,
+    /// The network CA certificate.
+    pub ca: Spanned<PathBuf>,
+    /// Where accounts and the message queue live.
+    pub data_dir: Spanned<PathBuf>,
+    /// The global directory server.
+    pub global: RemoteFile,
+    /// Drop an agent that sent nothing (not even a ping) for this long.
+    #[serde(default)]
+    pub idle_timeout: Option<Spanned<String>>,
+    /// How long a route learned from the global server is trusted.
+    #[serde(default)]
+    pub route_cache_ttl: Option<Spanned<String>>,
+    /// Most agent connections held at once.
+    #[serde(default)]
+    pub max_connections: Option<Spanned<usize>>,
+}
+
+/// A server to dial.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteFile {
+    /// Its DNS name, as in its certificate.
+    pub name: Spanned<String>,
+    /// `HOST:PORT` to connect to.
+    pub address: Spanned<String>,
+}
+
+/// `agent:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// The person's handle.
+    pub handle: Spanned<String>,
+    /// This device's id (from `popupd user add`).
+    pub device: Spanned<String>,
+    /// This device's secret (from `popupd user add`). Never logged.
+    pub secret: Secret,
+    /// The home server's name, as in its certificate.
+    pub home: Spanned<String>,
+    /// `HOST:PORT` of the home (default: `HOME:443`).
+    #[serde(default)]
+    pub address: Option<Spanned<String>>,
+    /// CA certificate that signs the home's certificate (default: system roots).
+    #[serde(default)]
+    pub ca: Option<Spanned<PathBuf>>,
+    /// `http://HOST:PORT` proxy to tunnel through, or `none` (default:
+    /// `HTTPS_PROXY`).
+    #[serde(default)]
+    pub proxy: Option<Spanned<String>>,
+    /// Interval of keepalive pings on the back connection (default 25s).
+    #[serde(default)]
+    pub keepalive: Option<Spanned<String>>,
+    /// Where history and the outbox live (default `$XDG_DATA_HOME/popupd`).
+    #[serde(default)]
+    pub data_dir: Option<Spanned<PathBuf>>,
+    /// `session` (default) or a D-Bus address to serve on.
+    #[serde(default)]
+    pub bus: Option<Spanned<String>>,
+}
+
+/// A secret that never reaches a log.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}

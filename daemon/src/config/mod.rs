@@ -1,0 +1,533 @@
+//! Configuration: one YAML file per daemon instance.
+//!
+//! Two layers, as in rathole: [`file`] holds the serde types that mirror the
+//! YAML (`deny_unknown_fields`, a doc comment on every field, positions kept
+//! with `Spanned`), and this module turns them into the runtime [`Config`],
+//! checking what spans fields: addresses parse, certificates load, durations
+//! make sense. Every error names the file, line, column and field, and says
+//! what to do.
+//!
+//! The YAML is read with serde-saphyr: `serde_yaml` is archived and the
+//! libyaml port under it is flagged unmaintained, while serde-saphyr keeps the
+//! same serde model, forbids `unsafe`, is fuzzed, and reports line, column
+//! and a snippet for every error.
+
+pub mod file;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use serde_saphyr::Spanned;
+
+use crate::net::proxy::Proxy;
+use crate::net::tls::{self, Identity};
+use crate::protocol::valid_handle;
+
+/// A configuration error, located in its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}{at}: {field}{message}{hint}",
+    at = match (line, column) { (0, _) => String::new(), (l, c) => format!(":{l}:{c}") },
+    field = if field.is_empty() { String::new() } else { format!("field `{field}`: ") },
+    hint = if hint.is_empty() { String::new() } else { format!("\n  hint: {hint}") })]
+pub struct ConfigError {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    /// Dotted path of the field, e.g. `home.listen`; empty when unknown.
+    pub field: String,
+    pub message: String,
+    pub hint: String,
+}
+
+/// The whole runtime configuration of one process.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub source: PathBuf,
+    pub log: LogConfig,
+    pub global: Option<GlobalConfig>,
+    pub homes: Vec<HomeConfig>,
+    pub agent: Option<AgentConfig>,
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `popupd=debug`.
+    pub level: String,
+}
+
+/// The global directory server.
+#[derive(Debug, Clone)]
+pub struct GlobalConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub identity: Identity,
+    pub ca: Arc<RootCertStore>,
+    pub data_dir: PathBuf,
+}
+
+/// A home server.
+#[derive(Debug, Clone)]
+pub struct HomeConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Where other homes (and agents) reach this home.
+    pub public_address: String,
+    pub identity: Identity,
+    pub ca: Arc<RootCertStore>,
+    /// Path of the CA certificate (written into agent configs).
+    pub ca_path: PathBuf,
+    pub data_dir: PathBuf,
+    pub global: Remote,
+    /// An agent silent this long is dropped.
+    pub idle_timeout: Duration,
+    /// How long a route learned from the global server is trusted.
+    pub route_ttl: Duration,
+    /// Most agent connections held at once.
+    pub max_connections: usize,
+}
+
+/// A server this one dials.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// Its name, as in its certificate.
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+}
+
+/// A desktop agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub handle: String,
+    pub device: String,
+    pub secret: file::Secret,
+    pub home: Remote,
+    /// Roots that verify the home's certificate.
+    pub roots: Arc<RootCertStore>,
+    /// The proxy to tunnel through (config, else `HTTPS_PROXY`).
+    pub proxy: Option<Proxy>,
+    pub keepalive: Duration,
+    pub data_dir: PathBuf,
+    pub bus: Bus,
+}
+
+/// Which D-Bus the agent serves on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bus {
+    /// `DBUS_SESSION_BUS_ADDRESS`.
+    Session,
+    /// An explicit address (tests and the demo use private buses).
+    Address(String),
+}
+
+/// A role this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Global,
+    Home,
+    Agent,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: shown.clone(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+            hint: "give the path of a YAML config; examples are in packaging/examples/".into(),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks config text; `path` names it in errors and anchors
+    /// relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let f: file::ConfigFile = serde_saphyr::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            let message = first_line(&e.to_string());
+            ConfigError {
+                file: shown.clone(),
+                line,
+                column,
+                field: String::new(),
+                hint: syntax_hint(&message),
+                message,
+            }
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let cx = Cx { file: shown, base };
+        cx.build(f, path)
+    }
+
+    /// The roles this config runs, in start order.
+    pub fn roles(&self) -> Vec<Role> {
+        roles(
+            self.global.is_some(),
+            self.homes.len(),
+            self.agent.is_some(),
+        )
+    }
+}
+
+/// The role choice, a pure function of which sections are present: the
+/// global server first (homes dial it), then homes, then the agent.
+pub fn roles(global: bool, homes: usize, agent: bool) -> Vec<Role> {
+    let mut r = Vec::new();
+    if global {
+        r.push(Role::Global);
+    }
+    r.extend(std::iter::repeat_n(Role::Home, homes));
+    if agent {
+        r.push(Role::Agent);
+    }
+    r
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().trim().to_owned()
+}
+
+fn syntax_hint(msg: &str) -> String {
+    if msg.contains("unknown field") {
+        "remove or correct the key; `popupd check-config` lists what each section accepts in popupd.yaml(5) and packaging/examples/".into()
+    } else if msg.contains("missing field") {
+        "add the field; see packaging/examples/ for a complete file".into()
+    } else {
+        "check the YAML at that position".into()
+    }
+}
+
+/// Context for checking one file.
+struct Cx {
+    file: String,
+    base: PathBuf,
+}
+
+impl Cx {
+    fn err<T>(&self, s: &Spanned<T>, field: &str, message: String, hint: &str) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: s.referenced.line(),
+            column: s.referenced.column(),
+            field: field.into(),
+            message,
+            hint: hint.into(),
+        }
+    }
+
+    fn whole(&self, message: &str, hint: &str) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+
+    fn build(&self, f: file::ConfigFile, path: &Path) -> Result<Config, ConfigError> {
+        let global = f.global.map(|g| self.global(g)).transpose()?;
+        let mut homes = Vec::new();
+        if let Some(h) = f.home {
+            homes.push(self.home(h, "home")?);
+        }
+        for (i, h) in f.homes.into_iter().enumerate() {
+            homes.push(self.home(h, &format!("homes[{i}]"))?);
+        }
+        let agent = f.agent.map(|a| self.agent(a)).transpose()?;
+        if global.is_none() && homes.is_empty() && agent.is_none() {
+            return Err(self.whole(
+                "no role configured",
+                "add a `global:`, `home:` (or `homes:`) or `agent:` section",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for h in &homes {
+            if !names.insert(h.name.clone()) {
+                return Err(self.whole(
+                    &format!("two homes are named {:?}", h.name),
+                    "give each home its own name",
+                ));
+            }
+        }
+        Ok(Config {
+            source: path.to_path_buf(),
+            log: LogConfig {
+                level: f.log.and_then(|l| l.level).unwrap_or_else(|| "info".into()),
+            },
+            global,
+            homes,
+            agent,
+        })
+    }
+
+    fn path(&self, p: &Spanned<PathBuf>) -> PathBuf {
+        let v = expand_home(&p.value);
+        if v.is_absolute() {
+            v
+        } else {
+            self.base.join(v)
+        }
+    }
+
+    fn listen(&self, s: &Spanned<String>, field: &str) -> Result<SocketAddr, ConfigError> {
+        s.value.parse().map_err(|e| {
+            self.err(
+                s,
+                field,
+                format!("{:?} is not an address to listen on: {e}", s.value),
+                "write IP:PORT, e.g. 0.0.0.0:443 or [::]:443",
+            )
+        })
+    }
+
+    fn host_port(&self, s: &Spanned<String>, field: &str) -> Result<String, ConfigError> {
+        let ok = s
+            .value
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+        if !ok {
+            return Err(self.err(
+                s,
+                field,
+                format!("{:?} is not a host:port address", s.value),
+                "write HOST:PORT, e.g. home.example.org:443 or 127.0.0.1:4431",
+            ));
+        }
+        Ok(s.value.clone())
+    }
+
+    fn name(&self, s: &Spanned<String>, field: &str) -> Result<String, ConfigError> {
+        tls::server_name(&s.value).map_err(|_| {
+            self.err(
+                s,
+                field,
+                format!("{:?} is not a DNS name", s.value),
+                "use the name in the server's certificate, e.g. home-a.example.org",
+            )
+        })?;
+        Ok(s.value.clone())
+    }
+
+    fn duration(
+        &self,
+        s: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+        min: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(s) = s else { return Ok(default) };
+        let d = humantime::parse_duration(&s.value).map_err(|e| {
+            self.err(
+                s,
+                field,
+                format!("{:?} is not a duration: {e}", s.value),
+                "write e.g. 25s, 2m or 1h",
+            )
+        })?;
+        if d < min {
+            return Err(self.err(
+                s,
+                field,
+                format!("{:?} is too short", s.value),
+                &format!("use at least {}", humantime::format_duration(min)),
+            ));
+        }
+        Ok(d)
+    }
+
+    fn identity(
+        &self,
+        cert: &Spanned<PathBuf>,
+        key: &Spanned<PathBuf>,
+        section: &str,
+    ) -> Result<Identity, ConfigError> {
+        let hint = "make one with `popupd ca issue NAME` and check the file is readable by the daemon's user";
+        let chain = tls::load_certs(&self.path(cert))
+            .map_err(|e| self.err(cert, &format!("{section}.cert"), e.to_string(), hint))?;
+        let key_v = tls::load_key(&self.path(key))
+            .map_err(|e| self.err(key, &format!("{section}.key"), e.to_string(), hint))?;
+        Ok(Identity { chain, key: key_v })
+    }
+
+    fn ca(&self, ca: &Spanned<PathBuf>, field: &str) -> Result<Arc<RootCertStore>, ConfigError> {
+        tls::roots_from(&self.path(ca)).map_err(|e| {
+            self.err(
+                ca,
+                field,
+                e.to_string(),
+                "point it at the network CA certificate made by `popupd ca init` (ca.crt)",
+            )
+        })
+    }
+
+    fn global(&self, g: file::GlobalFile) -> Result<GlobalConfig, ConfigError> {
+        Ok(GlobalConfig {
+            name: self.name(&g.name, "global.name")?,
+            listen: self.listen(&g.listen, "global.listen")?,
+            identity: self.identity(&g.cert, &g.key, "global")?,
+            ca: self.ca(&g.ca, "global.ca")?,
+            data_dir: self.path(&g.data_dir),
+        })
+    }
+
+    fn home(&self, h: file::HomeFile, sec: &str) -> Result<HomeConfig, ConfigError> {
+        let listen = self.listen(&h.listen, &format!("{sec}.listen"))?;
+        let public_address = match &h.public_address {
+            Some(a) => self.host_port(a, &format!("{sec}.public_address"))?,
+            None => listen.to_string(),
+        };
+        let max_connections = h.max_connections.map_or(Ok(100_000), |m| {
+            if m.value == 0 {
+                Err(self.err(
+                    &m,
+                    &format!("{sec}.max_connections"),
+                    "must be at least 1".into(),
+                    "",
+                ))
+            } else {
+                Ok(m.value)
+            }
+        })?;
+        Ok(HomeConfig {
+            name: self.name(&h.name, &format!("{sec}.name"))?,
+            listen,
+            public_address,
+            identity: self.identity(&h.cert, &h.key, sec)?,
+            ca: self.ca(&h.ca, &format!("{sec}.ca"))?,
+            ca_path: self.path(&h.ca),
+            data_dir: self.path(&h.data_dir),
+            global: Remote {
+                name: self.name(&h.global.name, &format!("{sec}.global.name"))?,
+                address: self.host_port(&h.global.address, &format!("{sec}.global.address"))?,
+            },
+            idle_timeout: self.duration(
+                &h.idle_timeout,
+                &format!("{sec}.idle_timeout"),
+                Duration::from_secs(90),
+                Duration::from_secs(2),
+            )?,
+            route_ttl: self.duration(
+                &h.route_cache_ttl,
+                &format!("{sec}.route_cache_ttl"),
+                Duration::from_secs(3600),
+                Duration::from_secs(1),
+            )?,
+            max_connections,
+        })
+    }
+
+    fn agent(&self, a: file::AgentFile) -> Result<AgentConfig, ConfigError> {
+        if !valid_handle(&a.handle.value) {
+            return Err(self.err(
+                &a.handle,
+                "agent.handle",
+                format!("{:?} is not a handle", a.handle.value),
+                "handles are 1-64 lowercase letters, digits, '.', '-' or '_'",
+            ));
+        }
+        let home_name = self.name(&a.home, "agent.home")?;
+        let address = match &a.address {
+            Some(s) => self.host_port(s, "agent.address")?,
+            None => format!("{home_name}:443"),
+        };
+        let roots = match &a.ca {
+            Some(ca) => self.ca(ca, "agent.ca")?,
+            None => tls::system_roots(),
+        };
+        let proxy =
+            match &a.proxy {
+                Some(p) if p.value == "none" => None,
+                Some(p) => Some(Proxy::parse(&p.value).map_err(|e| {
+                    self.err(p, "agent.proxy", e, "write http://HOST:PORT, or `none`")
+                })?),
+                None => match Proxy::from_env(address.rsplit_once(':').map_or("", |x| x.0)) {
+                    Some(Ok(p)) => Some(p),
+                    Some(Err(e)) => {
+                        return Err(self.whole(
+                            &format!("HTTPS_PROXY: {e}"),
+                            "fix the variable, or set `proxy: none` in the agent section",
+                        ));
+                    }
+                    None => None,
+                },
+            };
+        let data_dir = match &a.data_dir {
+            Some(d) => self.path(d),
+            None => default_data_dir(),
+        };
+        let bus = match a.bus.as_ref().map(|b| b.value.as_str()) {
+            None | Some("session") => Bus::Session,
+            Some(addr) => Bus::Address(addr.to_owned()),
+        };
+        Ok(AgentConfig {
+            handle: a.handle.value,
+            device: a.device.value,
+            secret: a.secret,
+            home: Remote {
+                name: home_name,
+                address,
+            },
+            roots,
+            proxy,
+            keepalive: self.duration(
+                &a.keepalive,
+                "agent.keepalive",
+                Duration::from_secs(25),
+                Duration::from_millis(200),
+            )?,
+            data_dir,
+            bus,
+        })
+    }
+}
+
+/// `~/x` → `$HOME/x`.
+fn expand_home(p: &Path) -> PathBuf {
+    match (p.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// `$XDG_DATA_HOME/popupd`, else `~/.local/share/popupd`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("popupd");
+    }
+    expand_home(Path::new("~/.local/share/popupd"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_choice_table() {
+        let table: &[(bool, usize, bool, &[Role])] = &[
+            (true, 0, false, &[Role::Global]),
+            (false, 1, false, &[Role::Home]),
+            (false, 0, true, &[Role::Agent]),
+            (true, 2, false, &[Role::Global, Role::Home, Role::Home]),
+            (true, 1, true, &[Role::Global, Role::Home, Role::Agent]),
+            (false, 0, false, &[]),
+        ];
+        for (g, h, a, want) in table {
+            assert_eq!(roles(*g, *h, *a), *want, "global={g} homes={h} agent={a}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! `popupd user ...` and `popupd device ...`: account administration, run on
+//! the home's machine beside the live daemon (SQLite's WAL lets both write).
+//!
+//! A handle is claimed at the global server before the account is created,
+//! so handles stay unique in the network.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+
+use super::directory::{DirError, ask_once};
+use crate::config::{Config, HomeConfig};
+use crate::protocol::{ErrorCode, valid_handle};
+use crate::storage::home::{HomeStore, SqliteHome, UserInfo};
+use crate::storage::{Batchable, new_secret, secret_hash};
+
+/// Picks the home a command is about.
+pub fn select_home<'a>(cfg: &'a Config, name: Option<&str>) -> anyhow::Result<&'a HomeConfig> {
+    match (name, cfg.homes.as_slice()) {
+        (_, []) => bail!("{} has no home section", cfg.source.display()),
+        (None, [one]) => Ok(one),
+        (None, _) => bail!(
+            "{} runs several homes; say which with --home NAME",
+            cfg.source.display()
+        ),
+        (Some(n), homes) => homes
+            .iter()
+            .find(|h| h.name == n)
+            .with_context(|| format!("no home named {n} in {}", cfg.source.display())),
+    }
+}
+
+fn open(home: &HomeConfig) -> anyhow::Result<SqliteHome> {
+    let path = home.data_dir.join("home.sqlite");
+    SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// Runs `f` in one committed transaction.
+fn tx<R>(
+    s: &mut SqliteHome,
+    f: impl FnOnce(&mut SqliteHome) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
+    s.begin()?;
+    match f(s) {
+        Ok(r) => {
+            s.commit()?;
+            Ok(r)
+        }
+        Err(e) => {
+            s.rollback();
+            Err(e)
+        }
+    }
+}
+
+/// What `user add` made.
+pub struct NewDevice {
+    pub handle: String,
+    pub device: String,
+    /// A ready agent config.
+    pub agent_yaml: String,
+}
+
+/// Creates `handle` (claiming it at the global server) with one device.
+pub async fn add_user(
+    home: &HomeConfig,
+    handle: &str,
+    device: &str,
+    ca_for_agent: &Path,
+) -> anyhow::Result<NewDevice> {
+    if !valid_handle(handle) {
+        bail!("{handle:?} is not a handle: use 1-64 lowercase letters, digits, '.', '-' or '_'");
+    }
+    check_device_name(device)?;
+    let mut s = open(home)?;
+    if s.user_exists(handle)? {
+        bail!(
+            "{handle} already exists on {}; add a device with `popupd device add {handle}`",
+            home.name
+        );
+    }
+    match ask_once(home, true, handle).await {
+        Ok(()) => {}
+        Err(DirError::Refused(ErrorCode::HandleTaken, m)) => bail!("{m}"),
+        Err(e) => bail!(
+            "{e}\n  handles must be registered with the global server to stay unique; start it (or check {}'s `global:` section) and try again",
+            home.name
+        ),
+    }
+    let secret = new_secret();
+    tx(&mut s, |s| {
+        s.add_user(handle)?;
+        s.add_device(handle, device, &secret_hash(&secret))?;
+        Ok(())
+    })?;
+    Ok(NewDevice {
+        handle: handle.to_owned(),
+        device: device.to_owned(),
+        agent_yaml: agent_yaml(home, handle, device, &secret, ca_for_agent),
+    })
+}
+
+/// Adds another device to an existing user.
+pub fn add_device(
+    home: &HomeConfig,
+    handle: &str,
+    device: &str,
+    ca_for_agent: &Path,
+) -> anyhow::Result<NewDevice> {
+    check_device_name(device)?;
+    let mut s = open(home)?;
+    let secret = new_secret();
+    tx(&mut s, |s| {
+        Ok(s.add_device(handle, device, &secret_hash(&secret))?)
+    })?;
+    Ok(NewDevice {
+        handle: handle.to_owned(),
+        device: device.to_owned(),
+        agent_yaml: agent_yaml(home, handle, device, &secret, ca_for_agent),
+    })
+}
+
+fn check_device_name(d: &str) -> anyhow::Result<()> {
+    if d.is_empty()
+        || d.len() > 64
+        || !d
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        bail!("{d:?} is not a device name: use 1-64 letters, digits, '.', '-' or '_'");
+    }
+    Ok(())
+}
+
+/// Lists users and their devices.
+pub fn list_users(home: &HomeConfig) -> anyhow::Result<Vec<UserInfo>> {
+    let mut s = open(home)?;
+    Ok(s.list_users()?)
+}
+
+/// Removes a user, their devices and mailbox, and releases the handle.
+pub async fn remove_user(home: &HomeConfig, handle: &str) -> anyhow::Result<()> {
+    let mut s = open(home)?;
+    if !tx(&mut s, |s| Ok(s.remove_user(handle)?))? {
+        bail!("no user {handle} on {}", home.name);
+    }
+    if let Err(e) = ask_once(home, false, handle).await {
+        eprintln!(
+            "warning: {handle} is removed here, but the global server was not told ({e}); the home tells it again on its next start"
+        );
+    }
+    Ok(())
+}
+
+/// Revokes one device; its agent is refused from its next connection on.
+pub fn revoke_device(home: &HomeConfig, handle: &str, device: &str) -> anyhow::Result<()> {
+    let mut s = open(home)?;
+    if !tx(&mut s, |s| Ok(s.revoke_device(handle, device)?))? {
+        bail!("{handle} has no device {device} on {}", home.name);
+    }
+    Ok(())
+}
+
+fn agent_yaml(home: &HomeConfig, handle: &str, device: &str, secret: &str, ca: &Path) -> String {
+    format!(
+        "# popupd agent config for {handle} (device {device}) on {home_name}.\n\
+         # Keep it private: it holds the device's secret. Copy it to\n\
+         # ~/.config/popupd/agent.yaml on the desktop, with {ca} beside it.\n\
+         agent:\n  handle: {handle}\n  device: {device}\n  secret: {secret}\n  home: {home_name}\n  address: \"{addr}\"\n  ca: {ca}\n",
+        home_name = home.name,
+        addr = home.public_address,
+        ca = ca.display(),
+    )
+}
+
+/// Writes an agent config readable only by its owner.
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,482 @@
+//! Back connections: one actor per connected device, and the registry that
+//! knows which devices are online.
+//!
+//! **Architecture Invariant:** an actor owns its link; everything else talks
+//! to it through its bounded queue. If the queue is full the push is dropped
+//! and the actor is told it lagged: it then re-reads its mailbox from disk,
+//! so a slow device slows only itself and loses nothing.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use tokio::sync::{Notify, mpsc};
+
+use super::Home;
+use crate::net::{HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
+use crate::protocol::{
+    AgentFrame, ErrorCode, HomeFrame, MAX_TEXT, Message, MsgId, PROTOCOL_VERSION, now_ms,
+    valid_handle, valid_id,
+};
+use crate::storage::home::{Effects, Push, SendOutcome};
+use crate::storage::{StoreError, secret_hash};
+use crate::task::Shutdown;
+
+/// Pushes queued for one connection before it counts as lagging.
+const QUEUE: usize = 512;
+/// Mailbox events read from disk at a time.
+const PAGE: usize = 256;
+/// Malformed frames tolerated on one connection before it is closed.
+const MAX_BAD_FRAMES: u32 = 16;
+
+struct Conn {
+    id: u64,
+    device: String,
+    tx: mpsc::Sender<Arc<Push>>,
+    lag: Arc<Notify>,
+    /// Cancelled when a newer connection of the same device arrives.
+    replaced: Shutdown,
+}
+
+/// Which devices of which users are online, and a queue to each.
+#[derive(Default)]
+pub struct Registry {
+    conns: Mutex<HashMap<String, Vec<Conn>>>,
+    next_id: AtomicU64,
+}
+
+/// What the registry hands a new connection.
+struct Registration {
+    id: u64,
+    rx: mpsc::Receiver<Arc<Push>>,
+    lag: Arc<Notify>,
+    replaced: Shutdown,
+}
+
+impl Registry {
+    fn register(&self, handle: &str, device: &str) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let lag = Arc::new(Notify::new());
+        let replaced = Shutdown::new();
+        let mut map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = map.entry(handle.to_owned()).or_default();
+        for old in list.iter().filter(|c| c.device == device) {
+            old.replaced.cancel();
+        }
+        list.push(Conn {
+            id,
+            device: device.to_owned(),
+            tx,
+            lag: lag.clone(),
+            replaced: replaced.clone(),
+        });
+        Registration {
+            id,
+            rx,
+            lag,
+            replaced,
+        }
+    }
+
+    fn unregister(&self, handle: &str, id: u64) {
+        let mut map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = map.get_mut(handle) {
+            list.retain(|c| c.id != id);
+            if list.is_empty() {
+                map.remove(handle);
+            }
+        }
+    }
+
+    /// Hands a new mailbox event to every online device of its user.
+    pub fn push(&self, p: Push) {
+        let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = map.get(&p.handle) else {
+            return;
+        };
+        let p = Arc::new(p);
+        for c in list {
+            if c.tx.try_send(p.clone()).is_err() {
+                c.lag.notify_one();
+            }
+        }
+    }
+
+    /// (users online, devices online).
+    pub fn online(&self) -> (usize, usize) {
+        let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        (map.len(), map.values().map(Vec::len).sum())
+    }
+
+    /// Whether `handle` has a device online.
+    pub fn is_online(&self, handle: &str) -> bool {
+        let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        map.contains_key(handle)
+    }
+}
+
+enum Done {
+    Accepted(MsgId, Result<(SendOutcome, Effects), StoreError>),
+    Applied(Result<Effects, StoreError>),
+}
+type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+async fn refuse(mut link: Link<ServerTls>, code: ErrorCode, message: &str) {
+    let _ = link
+        .send(&HomeFrame::Error {
+            code,
+            message: message.to_owned(),
+            id: None,
+        })
+        .await;
+    link.close().await;
+}
+
+/// Serves one back connection until it closes.
+pub async fn serve(home: Arc<Home>, mut link: Link<ServerTls>, peer: SocketAddr) {
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, link.recv::<AgentFrame>()).await {
+        Ok(Ok(Recv::Frame(f))) => f,
+        Ok(Ok(Recv::Bad(e))) => {
+            return refuse(link, ErrorCode::BadFrame, &format!("expected hello: {e}")).await;
+        }
+        Ok(Err(LinkError::TooLarge)) => {
+            return refuse(link, ErrorCode::TooLarge, "frame too large").await;
+        }
+        _ => return,
+    };
+    let AgentFrame::Hello {
+        v,
+        handle,
+        device,
+        secret,
+    } = first
+    else {
+        return refuse(link, ErrorCode::NotAuthenticated, "send hello first").await;
+    };
+    if v != PROTOCOL_VERSION {
+        let msg = format!("this home speaks protocol {PROTOCOL_VERSION}, not {v}; upgrade popupd");
+        return refuse(link, ErrorCode::UnsupportedVersion, &msg).await;
+    }
+    let hash = secret_hash(&secret);
+    let (h, d) = (handle.clone(), device.clone());
+    let acked = match home.store.run(move |s| s.check_device(&h, &d, &hash)).await {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            tracing::warn!(%peer, %handle, %device, "agent authentication failed");
+            return refuse(
+                link,
+                ErrorCode::AuthFailed,
+                "unknown handle, device or secret; ask the home's administrator for a new device (popupd user add)",
+            )
+            .await;
+        }
+        Err(e) => {
+            tracing::error!("checking device: {e}");
+            return refuse(
+                link,
+                ErrorCode::Internal,
+                "storage failure; try again later",
+            )
+            .await;
+        }
+    };
+    let welcome = HomeFrame::Welcome {
+        v: PROTOCOL_VERSION,
+        handle: handle.clone(),
+        home: home.cfg.name.clone(),
+    };
+    if link.send(&welcome).await.is_err() {
+        return;
+    }
+    let reg = home.registry.register(&handle, &device);
+    tracing::info!(%peer, %handle, %device, "agent online");
+    let mut conn = AgentConn {
+        home: home.clone(),
+        handle: handle.clone(),
+        device,
+        sent: acked,
+        peer,
+    };
+    let why = conn.run(&mut link, reg.rx, reg.lag, reg.replaced).await;
+    home.registry.unregister(&handle, reg.id);
+    tracing::info!(%peer, %handle, device = %conn.device, "agent offline: {why}");
+    link.close().await;
+}
+
+struct AgentConn {
+    home: Arc<Home>,
+    handle: String,
+    device: String,
+    /// Highest mailbox event sent down this link.
+    sent: u64,
+    peer: SocketAddr,
+}
+
+impl AgentConn {
+    async fn run(
+        &mut self,
+        link: &mut Link<ServerTls>,
+        mut rx: mpsc::Receiver<Arc<Push>>,
+        lag: Arc<Notify>,
+        replaced: Shutdown,
+    ) -> String {
+        if let Err(e) = self.replay(link).await {
+            return e.to_string();
+        }
+        let idle = self.home.cfg.idle_timeout;
+        let mut check = tokio::time::interval(idle / 4);
+        let mut last_heard = Instant::now();
+        let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+        let mut bad = 0u32;
+        let shutdown = self.home.shutdown.clone();
+        loop {
+            let step: Result<(), LinkError> = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Flush what is committed, then say when to come back.
+                    while let Some(d) = pending.next().await {
+                        let _ = self.finish(link, d).await;
+                    }
+                    let _ = link.send(&HomeFrame::Bye {
+                        reconnect_after_ms: 500 + fastrand::u64(0..1500),
+                    }).await;
+                    return "home shutting down".into();
+                }
+                _ = replaced.cancelled() => return "replaced by a newer connection".into(),
+                Some(d) = pending.next(), if !pending.is_empty() => self.finish(link, d).await,
+                r = link.recv::<AgentFrame>() => {
+                    last_heard = Instant::now();
+                    match r {
+                        Ok(Recv::Frame(f)) => self.on_frame(link, f, &mut pending).await,
+                        Ok(Recv::Bad(e)) => {
+                            bad += 1;
+                            tracing::info!(peer = %self.peer, handle = %self.handle, "malformed frame: {e}");
+                            let r = link.send(&HomeFrame::Error {
+                                code: ErrorCode::BadFrame, message: e, id: None,
+                            }).await;
+                            if bad > MAX_BAD_FRAMES {
+                                return "too many malformed frames".into();
+                            }
+                            r
+                        }
+                        Ok(Recv::Alive) => Ok(()),
+                        Ok(Recv::Closed) => return "closed by agent".into(),
+                        Err(LinkError::TooLarge) => {
+                            let _ = link.send(&HomeFrame::Error {
+                                code: ErrorCode::TooLarge,
+                                message: format!("frames are limited to {} bytes", crate::protocol::MAX_FRAME),
+                                id: None,
+                            }).await;
+                            return "frame too large".into();
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(p) = rx.recv() => self.on_push(link, &p).await,
+                _ = lag.notified() => self.replay(link).await,
+                _ = check.tick() => {
+                    if last_heard.elapsed() > idle {
+                        return format!("silent for {}", humantime::format_duration(idle));
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = step {
+                return e.to_string();
+            }
+        }
+    }
+
+    async fn on_frame(
+        &mut self,
+        link: &mut Link<ServerTls>,
+        f: AgentFrame,
+        pending: &mut FuturesOrdered<Pending>,
+    ) -> Result<(), LinkError> {
+        let store = &self.home.store;
+        match f {
+            AgentFrame::Send {
+                id,
+                from,
+                to,
+                text,
+                reply_to,
+            } => {
+                if let Some(claimed) = from.filter(|f| *f != self.handle) {
+                    tracing::warn!(peer = %self.peer, handle = %self.handle, %claimed, msg_id = %id,
+                        "spoofed sender refused");
+                    return self
+                        .error(
+                            link,
+                            ErrorCode::SpoofedSender,
+                            "you may only send as yourself",
+                            Some(id),
+                        )
+                        .await;
+                }
+                let invalid = if !valid_id(&id) {
+                    Some("id must be a UUID (v7) in canonical form")
+                } else if !valid_handle(&to) {
+                    Some("recipient is not a valid handle")
+                } else if text.is_empty() || text.len() > MAX_TEXT {
+                    Some("text must be 1 to 16384 bytes")
+                } else if reply_to.as_deref().is_some_and(|r| !valid_id(r)) {
+                    Some("reply_to must be a message id")
+                } else {
+                    None
+                };
+                if let Some(why) = invalid {
+                    return self.error(link, ErrorCode::Invalid, why, Some(id)).await;
+                }
+                let msg = Message {
+                    id: id.clone(),
+                    from: self.handle.clone(),
+                    to,
+                    text,
+                    sent_at: now_ms(),
+                    reply_to,
+                };
+                let p = store.submit(move |s| {
+                    let mut fx = Effects::default();
+                    let o = s.accept_send(&msg, &mut fx)?;
+                    Ok((o, fx))
+                });
+                pending.push_back(Box::pin(async move { Done::Accepted(id, p.await) }));
+            }
+            AgentFrame::Ack { seq } => {
+                let (h, d) = (self.handle.clone(), self.device.clone());
+                let p = store.submit(move |s| {
+                    let mut fx = Effects::default();
+                    s.ack(&h, &d, seq, &mut fx)?;
+                    Ok(fx)
+                });
+                pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
+            }
+            AgentFrame::Read { id } => {
+                let h = self.handle.clone();
+                let p = store.submit(move |s| {
+                    let mut fx = Effects::default();
+                    s.mark_read(&h, &id, &mut fx)?;
+                    Ok(fx)
+                });
+                pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
+            }
+            AgentFrame::Hello { .. } => {
+                return self
+                    .error(link, ErrorCode::BadFrame, "already authenticated", None)
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, link: &mut Link<ServerTls>, d: Done) -> Result<(), LinkError> {
+        match d {
+            Done::Accepted(id, Ok((_, fx))) => {
+                tracing::debug!(handle = %self.handle, msg_id = %id, "accepted");
+                self.home.apply(fx);
+                link.send(&HomeFrame::Accepted { id }).await
+            }
+            Done::Accepted(id, Err(StoreError::Conflict(m))) => {
+                self.error(link, ErrorCode::Invalid, &m, Some(id)).await
+            }
+            Done::Accepted(id, Err(e)) => {
+                tracing::error!(msg_id = %id, "storing a message failed: {e}");
+                self.error(
+                    link,
+                    ErrorCode::Internal,
+                    "storage failure; the agent will retry",
+                    Some(id),
+                )
+                .await
+            }
+            Done::Applied(Ok(fx)) => {
+                self.home.apply(fx);
+                Ok(())
+            }
+            Done::Applied(Err(e)) => {
+                tracing::error!(handle = %self.handle, "storage failure: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    async fn error(
+        &self,
+        link: &mut Link<ServerTls>,
+        code: ErrorCode,
+        message: &str,
+        id: Option<MsgId>,
+    ) -> Result<(), LinkError> {
+        link.send(&HomeFrame::Error {
+            code,
+            message: message.to_owned(),
+            id,
+        })
+        .await
+    }
+
+    async fn on_push(&mut self, link: &mut Link<ServerTls>, p: &Push) -> Result<(), LinkError> {
+        if p.seq <= self.sent {
+            Ok(())
+        } else if p.seq == self.sent + 1 {
+            link.send_text(event_frame(p.seq, &p.event)).await?;
+            self.sent = p.seq;
+            Ok(())
+        } else {
+            // A push was dropped or overtaken: read the gap from disk.
+            self.replay(link).await
+        }
+    }
+
+    /// Sends every stored event after `sent`.
+    async fn replay(&mut self, link: &mut Link<ServerTls>) -> Result<(), LinkError> {
+        loop {
+            let (h, after) = (self.handle.clone(), self.sent);
+            let page = self
+                .home
+                .store
+                .run(move |s| s.mailbox_after(&h, after, PAGE))
+                .await
+                .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
+            let n = page.len();
+            for (seq, ev) in page {
+                link.feed_text(event_frame(seq, &ev)).await?;
+                self.sent = seq;
+            }
+            link.flush().await?;
+            if n < PAGE {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A `HomeFrame::Event` built around an event already in JSON.
+fn event_frame(seq: u64, event_json: &str) -> String {
+    format!("{{\"t\":\"event\",\"seq\":{seq},\"event\":{event_json}}}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Event, HomeFrame};
+
+    #[test]
+    fn event_frame_is_a_valid_home_frame() {
+        let ev = serde_json::to_string(&Event::Status {
+            id: "x".into(),
+            state: crate::protocol::Delivery::Delivered,
+            reason: None,
+        })
+        .unwrap();
+        let f: HomeFrame = serde_json::from_str(&event_frame(3, &ev)).unwrap();
+        assert!(matches!(f, HomeFrame::Event { seq: 3, .. }));
+    }
+}

@@ -1,0 +1,357 @@
+//! The home's view of the global directory: one long-lived mutual-TLS link
+//! to the global server, and a cache of answers.
+//!
+//! Routes are cached for `route_cache_ttl`; the global server pushes an
+//! `invalidate` when a handle moves or is removed, and the cache drops it at
+//! once. With the global server down, cached routes keep working.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::Home;
+use crate::config::{HomeConfig, Remote};
+use crate::net::{self, ClientTls, Dial, Link, LinkError, Recv};
+use crate::protocol::{
+    ErrorCode, GLOBAL_PATH, GlobalReply, GlobalRequest, PROTOCOL_VERSION, Route,
+};
+use crate::task::{Backoff, sleep_or_shutdown};
+
+/// How long a caller waits for the global server.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Directory errors.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirError {
+    #[error("global server unavailable: {0}")]
+    Unavailable(String),
+    #[error("global server refused: {1}")]
+    Refused(ErrorCode, String),
+}
+
+/// A request, without its number.
+#[derive(Debug, Clone)]
+enum Ask {
+    Lookup(String),
+    LookupHome(String),
+    Register(String),
+    Unregister(String),
+}
+
+impl Ask {
+    fn frame(&self, req: u64) -> GlobalRequest {
+        match self.clone() {
+            Ask::Lookup(handle) => GlobalRequest::Lookup { req, handle },
+            Ask::LookupHome(home) => GlobalRequest::LookupHome { req, home },
+            Ask::Register(handle) => GlobalRequest::Register { req, handle },
+            Ask::Unregister(handle) => GlobalRequest::Unregister { req, handle },
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<GlobalReply, DirError>>;
+
+/// Route cache plus the queue of questions for the global server.
+pub struct Directory {
+    ttl: Duration,
+    routes: Mutex<HashMap<String, (Route, Instant)>>,
+    homes: Mutex<HashMap<String, String>>,
+    tx: mpsc::Sender<(Ask, Reply)>,
+    rx: Mutex<Option<mpsc::Receiver<(Ask, Reply)>>>,
+    dial: Dial,
+    /// Questions sent to the global server, for logs and tests.
+    pub asked: AtomicU64,
+}
+
+impl Directory {
+    pub fn new(cfg: &HomeConfig, tls: Arc<rustls::ClientConfig>) -> Self {
+        let (tx, rx) = mpsc::channel(1024);
+        Directory {
+            ttl: cfg.route_ttl,
+            routes: Mutex::default(),
+            homes: Mutex::default(),
+            tx,
+            rx: Mutex::new(Some(rx)),
+            dial: global_dial(&cfg.global, tls),
+            asked: AtomicU64::new(0),
+        }
+    }
+
+    async fn ask(&self, a: Ask) -> Result<GlobalReply, DirError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((a, tx))
+            .await
+            .map_err(|_| DirError::Unavailable("directory stopped".into()))?;
+        match tokio::time::timeout(ASK_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(DirError::Unavailable("link dropped".into())),
+            Err(_) => Err(DirError::Unavailable("no answer in time".into())),
+        }
+    }
+
+    /// Where `handle` lives: from the cache, else from the global server.
+    pub async fn lookup(&self, handle: &str) -> Result<Option<Route>, DirError> {
+        {
+            let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((r, at)) = routes.get(handle) {
+                if at.elapsed() < self.ttl {
+                    return Ok(Some(r.clone()));
+                }
+            }
+        }
+        match self.ask(Ask::Lookup(handle.to_owned())).await? {
+            GlobalReply::Route { route, .. } => {
+                if let Some(r) = &route {
+                    self.learn(handle, r);
+                }
+                Ok(route)
+            }
+            GlobalReply::Error { code, message, .. } => Err(DirError::Refused(code, message)),
+            other => Err(DirError::Unavailable(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Where home `home` is reached.
+    pub async fn home_address(&self, home: &str) -> Result<Option<String>, DirError> {
+        if let Some(a) = self
+            .homes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(home)
+        {
+            return Ok(Some(a.clone()));
+        }
+        match self.ask(Ask::LookupHome(home.to_owned())).await? {
+            GlobalReply::Route { route: Some(r), .. } => {
+                self.homes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(r.home.clone(), r.address.clone());
+                Ok(Some(r.address))
+            }
+            GlobalReply::Route { route: None, .. } => Ok(None),
+            GlobalReply::Error { code, message, .. } => Err(DirError::Refused(code, message)),
+            other => Err(DirError::Unavailable(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Claims `handle` for this home.
+    pub async fn register(&self, handle: &str) -> Result<(), DirError> {
+        expect_done(self.ask(Ask::Register(handle.to_owned())).await?)
+    }
+
+    fn learn(&self, handle: &str, r: &Route) {
+        self.homes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(r.home.clone(), r.address.clone());
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(handle.to_owned(), (r.clone(), Instant::now()));
+    }
+
+    /// Forgets the cached route of `handle`.
+    pub fn invalidate(&self, handle: &str) {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(handle);
+    }
+}
+
+fn expect_done(r: GlobalReply) -> Result<(), DirError> {
+    match r {
+        GlobalReply::Done { .. } => Ok(()),
+        GlobalReply::Error { code, message, .. } => Err(DirError::Refused(code, message)),
+        other => Err(DirError::Unavailable(format!(
+            "unexpected answer {other:?}"
+        ))),
+    }
+}
+
+fn global_dial(g: &Remote, tls: Arc<rustls::ClientConfig>) -> Dial {
+    Dial {
+        address: g.address.clone(),
+        name: g.name.clone(),
+        path: GLOBAL_PATH,
+        tls,
+        proxy: None,
+    }
+}
+
+/// Opens a link to the global server and introduces this home.
+async fn connect(dial: &Dial, cfg: &HomeConfig) -> Result<Link<ClientTls>, LinkError> {
+    let mut link = net::dial(dial).await?;
+    link.send(&GlobalRequest::Hello {
+        v: PROTOCOL_VERSION,
+        home: cfg.name.clone(),
+        address: cfg.public_address.clone(),
+    })
+    .await?;
+    match link.recv::<GlobalReply>().await? {
+        Recv::Frame(GlobalReply::Welcome { .. }) => Ok(link),
+        Recv::Frame(GlobalReply::Error { message, .. }) => Err(LinkError::Proxy(message)),
+        other => Err(LinkError::Proxy(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// One question on a fresh link, for admin commands run beside the daemon.
+pub async fn ask_once(cfg: &HomeConfig, register: bool, handle: &str) -> Result<(), DirError> {
+    let tls = crate::net::tls::client_config(cfg.ca.clone(), Some(&cfg.identity))
+        .map_err(|e| DirError::Unavailable(e.to_string()))?;
+    let dial = global_dial(&cfg.global, tls);
+    let mut link = connect(&dial, cfg).await.map_err(|e| {
+        DirError::Unavailable(format!("{} ({}): {e}", cfg.global.name, cfg.global.address))
+    })?;
+    let a = if register {
+        Ask::Register(handle.to_owned())
+    } else {
+        Ask::Unregister(handle.to_owned())
+    };
+    let io = |e: LinkError| DirError::Unavailable(e.to_string());
+    link.send(&a.frame(1)).await.map_err(io)?;
+    loop {
+        match link.recv::<GlobalReply>().await.map_err(io)? {
+            Recv::Frame(GlobalReply::Invalidate { .. }) | Recv::Alive => continue,
+            Recv::Frame(r) => {
+                link.close().await;
+                return expect_done(r);
+            }
+            other => {
+                return Err(DirError::Unavailable(format!(
+                    "unexpected answer {other:?}"
+                )));
+            }
+        }
+    }
+}
+
+/// Keeps the link to the global server up and answers the home's questions.
+pub async fn run(home: Arc<Home>) {
+    let Some(mut rx) = home.dir.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        return;
+    };
+    let shutdown = home.shutdown.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let link = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = connect(&home.dir.dial, &home.cfg) => r,
+        };
+        match link {
+            Ok(link) => {
+                backoff.reset();
+                tracing::info!(global = %home.dir.dial.name, "linked to the global server");
+                let why = serve(&home, link, &mut rx).await;
+                tracing::warn!(global = %home.dir.dial.name, "global server link lost: {why}");
+            }
+            Err(e) => {
+                tracing::warn!(global = %home.dir.dial.name, address = %home.dir.dial.address,
+                    "cannot reach the global server: {e}");
+            }
+        }
+        // While down, answer at once: callers fall back to their cache.
+        let wait = tokio::time::sleep(backoff.next_delay());
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut wait => break,
+                Some((_, reply)) = rx.recv() => {
+                    let _ = reply.send(Err(DirError::Unavailable("not linked".into())));
+                }
+            }
+        }
+        if sleep_or_shutdown(Duration::ZERO, &shutdown).await {
+            return;
+        }
+    }
+}
+
+async fn serve(
+    home: &Arc<Home>,
+    mut link: Link<ClientTls>,
+    rx: &mut mpsc::Receiver<(Ask, Reply)>,
+) -> String {
+    let mut pending: HashMap<u64, Reply> = HashMap::new();
+    let mut next_req = 1u64;
+    // Claim every local handle again, in case the directory lost them.
+    let handles = home
+        .store
+        .run(|s| s.all_handles())
+        .await
+        .unwrap_or_default();
+    for h in handles {
+        let req = next_req;
+        next_req += 1;
+        if let Err(e) = link.feed(&Ask::Register(h).frame(req)).await {
+            return e.to_string();
+        }
+    }
+    if let Err(e) = link.flush().await {
+        return e.to_string();
+    }
+    let registering = next_req;
+    let mut ping = tokio::time::interval(Duration::from_secs(20));
+    let why = loop {
+        tokio::select! {
+            _ = home.shutdown.cancelled() => break "shutting down".to_string(),
+            Some((ask, reply)) = rx.recv() => {
+                let req = next_req;
+                next_req += 1;
+                home.dir.asked.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(?ask, "asking the global server");
+                if let Err(e) = link.send(&ask.frame(req)).await {
+                    let _ = reply.send(Err(DirError::Unavailable(e.to_string())));
+                    break e.to_string();
+                }
+                pending.insert(req, reply);
+            }
+            r = link.recv::<GlobalReply>() => match r {
+                Ok(Recv::Frame(GlobalReply::Invalidate { handle })) => {
+                    tracing::debug!(%handle, "route invalidated");
+                    home.dir.invalidate(&handle);
+                }
+                Ok(Recv::Frame(f)) => {
+                    let req = match &f {
+                        GlobalReply::Done { req } | GlobalReply::Route { req, .. } => Some(*req),
+                        GlobalReply::Error { req, .. } => *req,
+                        _ => None,
+                    };
+                    match req.and_then(|r| pending.remove(&r)) {
+                        Some(reply) => { let _ = reply.send(Ok(f)); }
+                        None if req.is_some_and(|r| r < registering) => {
+                            if let GlobalReply::Error { message, .. } = f {
+                                tracing::error!("the global server refused a handle of this home: {message}");
+                            }
+                        }
+                        None => tracing::debug!(?f, "unsolicited answer from the global server"),
+                    }
+                }
+                Ok(Recv::Bad(e)) => tracing::warn!("bad frame from the global server: {e}"),
+                Ok(Recv::Alive) => {}
+                Ok(Recv::Closed) => break "closed".into(),
+                Err(e) => break e.to_string(),
+            },
+            _ = ping.tick() => {
+                if let Err(e) = link.ping().await {
+                    break e.to_string();
+                }
+            }
+        }
+    };
+    for (_, reply) in pending {
+        let _ = reply.send(Err(DirError::Unavailable(why.clone())));
+    }
+    why
+}

@@ -1,0 +1,142 @@
+//! The home server: its users' accounts and devices, who is online, the
+//! durable mailboxes and forward queue, and a cache of where other users
+//! live.
+//!
+//! - [`agents`]: one actor per back connection, and the registry that
+//!   routes mailbox events to the online devices of a user.
+//! - [`peers`]: links to other homes, and the router that finds where
+//!   queued items go.
+//! - [`directory`]: the link to the global server, with the route cache.
+//! - [`admin`]: `popupd user ...` commands, run beside a live home.
+
+pub mod admin;
+pub mod agents;
+pub mod directory;
+pub mod peers;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::config::HomeConfig;
+use crate::net::{self, tls};
+use crate::protocol::{AGENT_PATH, PEER_PATH};
+use crate::storage::Batcher;
+use crate::storage::home::{Effects, HomeStore, SqliteHome};
+use crate::task::Shutdown;
+
+/// The home's store handle.
+pub type Store = Batcher<Box<dyn HomeStore>>;
+
+/// Shared state of one running home.
+pub struct Home {
+    pub cfg: HomeConfig,
+    pub store: Store,
+    /// Online devices, by handle.
+    pub registry: agents::Registry,
+    /// Route cache and global server link.
+    pub dir: directory::Directory,
+    /// Links to other homes.
+    pub peers: peers::Peers,
+    /// Wakes the router when unrouted items are queued.
+    route_kick: Notify,
+    pub shutdown: Shutdown,
+}
+
+impl Home {
+    /// Acts on what a committed write caused: pushes events to online
+    /// devices and wakes whoever forwards queued items.
+    pub fn apply(self: &Arc<Self>, fx: Effects) {
+        for p in fx.pushes {
+            self.registry.push(p);
+        }
+        for (_, dest) in fx.queued {
+            match dest {
+                Some(home) => peers::kick(self, &home),
+                None => self.route_kick.notify_one(),
+            }
+        }
+    }
+}
+
+/// Opens the store of a home.
+pub fn open_store(cfg: &HomeConfig) -> anyhow::Result<Store> {
+    let path = cfg.data_dir.join("home.sqlite");
+    let s = SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Batcher::spawn(
+        &cfg.name,
+        Box::new(s) as Box<dyn HomeStore>,
+    )?)
+}
+
+/// Runs a home until `shutdown`. Calls `ready` once it is listening.
+pub async fn run(cfg: HomeConfig, shutdown: Shutdown, ready: impl FnOnce()) -> anyhow::Result<()> {
+    let store = open_store(&cfg)?;
+    let server_tls = tls::server_config(&cfg.identity, cfg.ca.clone(), tls::ClientAuth::Optional)?;
+    let client_tls = tls::client_config(cfg.ca.clone(), Some(&cfg.identity))?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("home {}: cannot listen on {}", cfg.name, cfg.listen))?;
+    let home = Arc::new(Home {
+        dir: directory::Directory::new(&cfg, client_tls.clone()),
+        peers: peers::Peers::new(client_tls),
+        registry: agents::Registry::default(),
+        route_kick: Notify::new(),
+        store,
+        shutdown: shutdown.clone(),
+        cfg,
+    });
+    tracing::info!(home = %home.cfg.name, listen = %home.cfg.listen, "home listening");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(directory::run(home.clone()));
+    tasks.spawn(peers::route(home.clone()));
+    tasks.spawn(peers::resume_queued(home.clone()));
+    ready();
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
+    let slots = Arc::new(Semaphore::new(home.cfg.max_connections));
+    let mut errors = 0u32;
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => p?,
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => { errors = 0; x }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    errors = (errors + 1).min(10);
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10 << errors)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let home = home.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match net::accept(tcp, &acceptor, &[AGENT_PATH, PEER_PATH]).await {
+                Ok((link, AGENT_PATH)) => agents::serve(home, link, peer).await,
+                Ok((link, _)) => peers::serve_inbound(home, link, peer).await,
+                Err(e) => tracing::debug!(%peer, "handshake failed: {e}"),
+            }
+        });
+    }
+    tracing::info!(home = %home.cfg.name, "home stopping");
+    // Let connections send their goodbyes and in-flight commits finish.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while slots.available_permits() < home.cfg.max_connections {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    tasks.shutdown().await;
+    Ok(())
+}

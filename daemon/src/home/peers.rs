@@ -1,0 +1,505 @@
+//! Links to other homes, and the router that decides where queued items go.
+//!
+//! A link is mutual TLS under the network CA: the dialing home names itself
+//! in `hello` and its certificate must be valid for that name. Either home may
+//! dial; whichever link exists between two homes carries items both ways, so
+//! one link serves a pair of homes and is reused for every message. Each side
+//! keeps its items in its durable forward queue until the other side acks
+//! them, so a link (or a home) can die at any moment without losing one; the
+//! receiver drops duplicates by message id.
+//!
+//! **Architecture Invariant:** a message from `alice` is accepted from a peer
+//! only if the directory says `alice` lives on that peer.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+
+use super::Home;
+use crate::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls, tls};
+use crate::protocol::{ErrorCode, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal, valid_handle};
+use crate::storage::StoreError;
+use crate::storage::home::{Effects, OutItem};
+use crate::task::{Backoff, sleep_or_shutdown};
+
+/// A peer link silent this long is dead.
+const PEER_IDLE: Duration = Duration::from_secs(60);
+/// Ping interval on peer links.
+const PEER_PING: Duration = Duration::from_secs(15);
+
+#[derive(Default)]
+struct Slot {
+    kick: Arc<Notify>,
+    /// Link actors and dialers running for this peer.
+    tasks: usize,
+}
+
+/// The links to other homes, by home name.
+pub struct Peers {
+    tls: Arc<rustls::ClientConfig>,
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+impl Peers {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        Peers {
+            tls,
+            slots: Mutex::default(),
+        }
+    }
+
+    /// Number of peer homes with a live link or dialer.
+    pub fn active(&self) -> usize {
+        let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        s.values().filter(|s| s.tasks > 0).count()
+    }
+}
+
+/// There are items for `dest`: wake its link, or start dialing it.
+pub fn kick(home: &Arc<Home>, dest: &str) {
+    let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
+    let slot = slots.entry(dest.to_owned()).or_default();
+    slot.kick.notify_one();
+    if slot.tasks == 0 {
+        slot.tasks += 1;
+        tokio::spawn(dialer(home.clone(), dest.to_owned()));
+    }
+}
+
+/// Registers a task for `peer`; returns its kick.
+fn enter(home: &Home, peer: &str) -> Arc<Notify> {
+    let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
+    let slot = slots.entry(peer.to_owned()).or_default();
+    slot.tasks += 1;
+    slot.kick.clone()
+}
+
+/// A task for `peer` ends; if items still wait and none is left, dial.
+async fn leave(home: &Arc<Home>, peer: &str) {
+    {
+        let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slots.get_mut(peer) {
+            s.tasks = s.tasks.saturating_sub(1);
+        }
+    }
+    if home.shutdown.is_cancelled() {
+        return;
+    }
+    let p = peer.to_owned();
+    let waiting = home.store.run(move |s| s.outq(Some(&p))).await;
+    if waiting.is_ok_and(|w| !w.is_empty()) {
+        kick(home, peer);
+    }
+}
+
+/// Dials `dest` until a link is up, serves it, and redials while items wait.
+async fn dialer(home: Arc<Home>, dest: String) {
+    let shutdown = home.shutdown.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    let kick = {
+        let slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.get(&dest).map(|s| s.kick.clone()).unwrap_or_default()
+    };
+    loop {
+        match connect(&home, &dest).await {
+            Ok(mut link) => {
+                backoff.reset();
+                tracing::info!(peer = %dest, "peer link up (dialed)");
+                let why = serve_link(&home, &mut link, &dest, &kick).await;
+                tracing::info!(peer = %dest, "peer link down: {why}");
+                link.close().await;
+            }
+            Err(e) => tracing::warn!(peer = %dest, "cannot link to home: {e}"),
+        }
+        if sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+            break;
+        }
+        let d = dest.clone();
+        match home.store.run(move |s| s.outq(Some(&d))).await {
+            Ok(w) if w.is_empty() => break,
+            _ => {}
+        }
+    }
+    leave(&home, &dest).await;
+}
+
+async fn connect(home: &Arc<Home>, dest: &str) -> Result<Link<net::ClientTls>, String> {
+    let address = home
+        .dir
+        .home_address(dest)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("the global server knows no home {dest}"))?;
+    let dial = Dial {
+        address,
+        name: dest.to_owned(),
+        path: PEER_PATH,
+        tls: home.peers.tls.clone(),
+        proxy: None,
+    };
+    let mut link = net::dial(&dial).await.map_err(|e| e.to_string())?;
+    link.send(&PeerFrame::Hello {
+        v: PROTOCOL_VERSION,
+        home: home.cfg.name.clone(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    match link.recv::<PeerFrame>().await {
+        Ok(Recv::Frame(PeerFrame::Welcome { home: h, .. })) if h == dest => Ok(link),
+        Ok(Recv::Frame(PeerFrame::Error { message, .. })) => Err(format!("refused: {message}")),
+        other => Err(format!("unexpected answer: {other:?}")),
+    }
+}
+
+/// Serves a link another home dialed.
+pub async fn serve_inbound(home: Arc<Home>, mut link: Link<ServerTls>, addr: SocketAddr) {
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, link.recv::<PeerFrame>()).await;
+    let Ok(Ok(Recv::Frame(PeerFrame::Hello { v, home: name }))) = first else {
+        let _ = link
+            .send(&PeerFrame::Error {
+                code: ErrorCode::NotAuthenticated,
+                message: "send hello first".into(),
+            })
+            .await;
+        return link.close().await;
+    };
+    let leaf = link
+        .stream()
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first().cloned());
+    let verified = leaf.is_some_and(|c| tls::cert_is_for(&c, &name));
+    if !verified || v != PROTOCOL_VERSION || name == home.cfg.name {
+        tracing::warn!(%addr, claimed = %name, "peer home refused: certificate does not match its name");
+        let _ = link
+            .send(&PeerFrame::Error {
+                code: if verified {
+                    ErrorCode::UnsupportedVersion
+                } else {
+                    ErrorCode::AuthFailed
+                },
+                message: "present a certificate from the network CA issued for the name you claim"
+                    .into(),
+            })
+            .await;
+        return link.close().await;
+    }
+    if link
+        .send(&PeerFrame::Welcome {
+            v: PROTOCOL_VERSION,
+            home: home.cfg.name.clone(),
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let kick = enter(&home, &name);
+    tracing::info!(peer = %name, %addr, "peer link up (accepted)");
+    let why = serve_link(&home, &mut link, &name, &kick).await;
+    tracing::info!(peer = %name, "peer link down: {why}");
+    link.close().await;
+    leave(&home, &name).await;
+}
+
+enum Done {
+    /// Stored (or refused for good): answer the peer.
+    Ack(u64, Result<Effects, StoreError>),
+    /// Our own bookkeeping.
+    Applied(Result<Effects, StoreError>),
+}
+type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// Runs one link both ways until it drops.
+async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
+    home: &Arc<Home>,
+    link: &mut Link<S>,
+    peer: &str,
+    kick: &Notify,
+) -> String {
+    let mut inflight: HashSet<u64> = HashSet::new();
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut ping = tokio::time::interval(PEER_PING);
+    let mut last_heard = Instant::now();
+    if let Err(e) = send_queued(home, link, peer, &mut inflight).await {
+        return e.to_string();
+    }
+    loop {
+        let step: Result<(), LinkError> = tokio::select! {
+            _ = home.shutdown.cancelled() => return "shutting down".into(),
+            _ = kick.notified() => send_queued(home, link, peer, &mut inflight).await,
+            Some(d) = pending.next(), if !pending.is_empty() => match d {
+                Done::Ack(n, Ok(fx)) => {
+                    home.apply(fx);
+                    link.send(&PeerFrame::Ack { n, refused: None }).await
+                }
+                Done::Ack(n, Err(StoreError::NotFound(m))) => {
+                    link.send(&PeerFrame::Ack { n, refused: Some(Refusal {
+                        code: ErrorCode::NoSuchUser, message: m,
+                    })}).await
+                }
+                Done::Ack(_, Err(e)) | Done::Applied(Err(e)) => {
+                    // Not acked: the peer sends it again on the next link.
+                    tracing::error!(peer, "storage failure: {e}");
+                    Err(LinkError::Io(std::io::Error::other(e)))
+                }
+                Done::Applied(Ok(fx)) => { home.apply(fx); Ok(()) }
+            },
+            r = link.recv::<PeerFrame>() => {
+                last_heard = Instant::now();
+                match r {
+                    Ok(Recv::Frame(f)) => on_frame(home, link, peer, f, &mut pending, &mut inflight).await,
+                    Ok(Recv::Bad(e)) => {
+                        tracing::warn!(peer, "malformed frame from peer: {e}");
+                        link.send(&PeerFrame::Error { code: ErrorCode::BadFrame, message: e }).await
+                    }
+                    Ok(Recv::Alive) => Ok(()),
+                    Ok(Recv::Closed) => return "closed by peer".into(),
+                    Err(e) => Err(e),
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > PEER_IDLE {
+                    return "peer silent".into();
+                }
+                link.ping().await
+            }
+        };
+        if let Err(e) = step {
+            return e.to_string();
+        }
+    }
+}
+
+async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    home: &Arc<Home>,
+    link: &mut Link<S>,
+    peer: &str,
+    f: PeerFrame,
+    pending: &mut FuturesOrdered<Pending>,
+    inflight: &mut HashSet<u64>,
+) -> Result<(), LinkError> {
+    let store = &home.store;
+    match f {
+        PeerFrame::Deliver { n, msg } => {
+            if !valid_handle(&msg.from) || !valid_handle(&msg.to) {
+                return refuse(link, n, ErrorCode::Invalid, "bad handle").await;
+            }
+            // The sender must live on the home this link belongs to.
+            match home.dir.lookup(&msg.from).await {
+                Ok(Some(r)) if r.home == peer => {}
+                Ok(_) => {
+                    tracing::warn!(peer, claimed = %msg.from, msg_id = %msg.id,
+                        "spoofed sender refused: the directory does not place this user on that home");
+                    return refuse(
+                        link,
+                        n,
+                        ErrorCode::SpoofedSender,
+                        "sender does not live on your home",
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    return Err(LinkError::Io(std::io::Error::other(format!(
+                        "cannot check the sender's home: {e}"
+                    ))));
+                }
+            }
+            let from = peer.to_owned();
+            let p = store.submit(move |s| {
+                let mut fx = Effects::default();
+                s.accept_remote(&from, &msg, &mut fx)?;
+                Ok(fx)
+            });
+            pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
+        }
+        PeerFrame::Receipt {
+            n,
+            id,
+            to,
+            state,
+            reason,
+        } => {
+            let p = store.submit(move |s| {
+                let mut fx = Effects::default();
+                s.apply_receipt(&id, &to, state, reason.as_deref(), &mut fx)?;
+                Ok(fx)
+            });
+            pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
+        }
+        PeerFrame::Ack { n, refused } => {
+            inflight.remove(&n);
+            let p = match refused {
+                None => store.submit(move |s| {
+                    s.outq_done(n)?;
+                    Ok(Effects::default())
+                }),
+                Some(r) => {
+                    tracing::warn!(peer, n, "peer refused an item: {}", r.message);
+                    let reason = match r.code {
+                        ErrorCode::NoSuchUser => "no such user".to_string(),
+                        _ => r.message,
+                    };
+                    store.submit(move |s| {
+                        let mut fx = Effects::default();
+                        s.outq_fail(n, &reason, &mut fx)?;
+                        Ok(fx)
+                    })
+                }
+            };
+            pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
+        }
+        PeerFrame::Error { code, message } => {
+            tracing::warn!(peer, ?code, "peer reports: {message}");
+        }
+        PeerFrame::Hello { .. } | PeerFrame::Welcome { .. } => {
+            link.send(&PeerFrame::Error {
+                code: ErrorCode::BadFrame,
+                message: "already introduced".into(),
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    link: &mut Link<S>,
+    n: u64,
+    code: ErrorCode,
+    message: &str,
+) -> Result<(), LinkError> {
+    link.send(&PeerFrame::Ack {
+        n,
+        refused: Some(Refusal {
+            code,
+            message: message.to_owned(),
+        }),
+    })
+    .await
+}
+
+/// Sends every queued item for `peer` not already on this link.
+async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
+    home: &Arc<Home>,
+    link: &mut Link<S>,
+    peer: &str,
+    inflight: &mut HashSet<u64>,
+) -> Result<(), LinkError> {
+    let p = peer.to_owned();
+    let items = home
+        .store
+        .run(move |s| s.outq(Some(&p)))
+        .await
+        .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
+    let mut any = false;
+    for (n, item) in items {
+        if !inflight.insert(n) {
+            continue;
+        }
+        any = true;
+        let frame = match item {
+            OutItem::Deliver(msg) => PeerFrame::Deliver { n, msg },
+            OutItem::Receipt {
+                id,
+                to,
+                state,
+                reason,
+            } => PeerFrame::Receipt {
+                n,
+                id,
+                to,
+                state,
+                reason,
+            },
+        };
+        link.feed(&frame).await?;
+    }
+    if any {
+        link.flush().await?;
+    }
+    Ok(())
+}
+
+/// Routes items whose destination home is not known yet.
+pub async fn route(home: Arc<Home>) {
+    let mut retry: Option<Duration> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        if let Some(d) = retry.take() {
+            tokio::select! {
+                _ = home.shutdown.cancelled() => return,
+                _ = home.route_kick.notified() => {}
+                _ = tokio::time::sleep(d) => {}
+            }
+        }
+        let items = match home.store.run(|s| s.outq(None)).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!("router: {e}");
+                retry = Some(backoff.next_delay());
+                continue;
+            }
+        };
+        for (n, item) in items {
+            let handle = item.dest_handle().to_owned();
+            match home.dir.lookup(&handle).await {
+                Ok(Some(r)) if r.home != home.cfg.name => {
+                    let dest = r.home.clone();
+                    if let Err(e) = home.store.run(move |s| s.outq_route(n, &dest)).await {
+                        tracing::error!("router: {e}");
+                    }
+                    kick(&home, &r.home);
+                }
+                Ok(_) => {
+                    tracing::info!(%handle, "no such user in the network");
+                    let r = home
+                        .store
+                        .run(move |s| {
+                            let mut fx = Effects::default();
+                            s.outq_fail(n, "no such user", &mut fx)?;
+                            Ok(fx)
+                        })
+                        .await;
+                    match r {
+                        Ok(fx) => home.apply(fx),
+                        Err(e) => tracing::error!("router: {e}"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%handle, "cannot route yet: {e}");
+                    retry = Some(backoff.next_delay());
+                    break;
+                }
+            }
+        }
+        if retry.is_none() {
+            backoff.reset();
+            tokio::select! {
+                _ = home.shutdown.cancelled() => return,
+                _ = home.route_kick.notified() => {}
+            }
+        }
+    }
+}
+
+/// At start: wake the links of every home with items still queued.
+pub async fn resume_queued(home: Arc<Home>) {
+    match home.store.run(|s| s.outq_dests()).await {
+        Ok(dests) => {
+            for d in dests {
+                kick(&home, &d);
+            }
+        }
+        Err(e) => tracing::error!("reading the forward queue: {e}"),
+    }
+}

@@ -1,0 +1,409 @@
+//! `popupd`: the daemon (`popupd run`) and its admin commands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use popupd::config::Config;
+use popupd::home::admin;
+use popupd::task::Shutdown;
+
+mod demo;
+
+/// Immediate popup messaging for Linux desktops: agent, home and global
+/// server in one daemon, chosen by the config.
+#[derive(Parser)]
+#[command(name = "popupd", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the roles the config names, until SIGTERM.
+    Run {
+        /// Config file.
+        #[arg(
+            short,
+            long,
+            env = "POPUPD_CONFIG",
+            default_value = "/etc/popupd/popupd.yaml"
+        )]
+        config: PathBuf,
+    },
+    /// Check a config file and exit: 0 if it is good, 1 with the reason if not.
+    CheckConfig {
+        /// Config file.
+        file: PathBuf,
+    },
+    /// Manage the network's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Manage the accounts of a home.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Manage the devices of an account.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Bring up a whole network on loopback (CA, global, two homes, agents
+    /// for alice and bob) and print what to type to use it.
+    Demo {
+        /// Work in this directory instead of a fresh temporary one (kept).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Make a new CA: ca.crt (give to every server and agent) and ca.key (keep secret).
+    Init {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Issue a certificate for a home or the global server: NAME.crt and NAME.key.
+    Issue {
+        /// DNS name of the server, e.g. home-a.example.org.
+        name: String,
+        /// Directory of the CA.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Where to write the certificate and key (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct HomeArgs {
+    /// The home's config file.
+    #[arg(
+        short,
+        long,
+        env = "POPUPD_CONFIG",
+        default_value = "/etc/popupd/popupd.yaml"
+    )]
+    config: PathBuf,
+    /// Which home, if the config runs several.
+    #[arg(long)]
+    home: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct NewDeviceArgs {
+    /// Name of the device.
+    #[arg(long, default_value = "desktop")]
+    device: String,
+    /// Write the agent config here (mode 0600) instead of printing it.
+    #[arg(long)]
+    agent_config: Option<PathBuf>,
+    /// CA certificate path to put in the agent config (default: the home's).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create an account with one device, and print its agent config.
+    Add {
+        handle: String,
+        #[command(flatten)]
+        home: HomeArgs,
+        #[command(flatten)]
+        dev: NewDeviceArgs,
+    },
+    /// List accounts and their devices.
+    List {
+        #[command(flatten)]
+        home: HomeArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an account, its devices and queued messages.
+    Remove {
+        handle: String,
+        #[command(flatten)]
+        home: HomeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Add a device to an account, and print its agent config.
+    Add {
+        handle: String,
+        #[command(flatten)]
+        home: HomeArgs,
+        #[command(flatten)]
+        dev: NewDeviceArgs,
+    },
+    /// Revoke a device: its agent is refused from its next connection on.
+    Revoke {
+        handle: String,
+        device: String,
+        #[command(flatten)]
+        home: HomeArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    popupd::net::tls::install_default_provider();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("popupd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("popupd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Run { config } => run(&config).await,
+        Cmd::CheckConfig { file } => {
+            let cfg = Config::load(&file)?;
+            let roles: Vec<String> = cfg
+                .roles()
+                .iter()
+                .map(|r| format!("{r:?}").to_lowercase())
+                .collect();
+            println!("{}: ok ({})", file.display(), roles.join(", "));
+            Ok(())
+        }
+        Cmd::Ca(CaCmd::Init { dir }) => {
+            let (crt, key) = popupd::ca::init(&dir)?;
+            println!(
+                "CA certificate: {}\nCA key:         {} (keep it secret)",
+                crt.display(),
+                key.display()
+            );
+            Ok(())
+        }
+        Cmd::Ca(CaCmd::Issue { name, dir, out }) => {
+            let out = out.unwrap_or_else(|| dir.clone());
+            let (crt, key) = popupd::ca::issue(&dir, &name, &out)?;
+            println!(
+                "certificate: {}\nkey:         {}",
+                crt.display(),
+                key.display()
+            );
+            Ok(())
+        }
+        Cmd::User(UserCmd::Add { handle, home, dev }) => {
+            let cfg = Config::load(&home.config)?;
+            let h = admin::select_home(&cfg, home.home.as_deref())?;
+            let ca = dev.ca.clone().unwrap_or_else(|| h.ca_path.clone());
+            let nd = admin::add_user(h, &handle, &dev.device, &ca).await?;
+            output_device(&nd, dev.agent_config.as_deref())
+        }
+        Cmd::Device(DeviceCmd::Add { handle, home, dev }) => {
+            let cfg = Config::load(&home.config)?;
+            let h = admin::select_home(&cfg, home.home.as_deref())?;
+            let ca = dev.ca.clone().unwrap_or_else(|| h.ca_path.clone());
+            let nd = admin::add_device(h, &handle, &dev.device, &ca)?;
+            output_device(&nd, dev.agent_config.as_deref())
+        }
+        Cmd::User(UserCmd::List { home, json }) => {
+            let cfg = Config::load(&home.config)?;
+            let h = admin::select_home(&cfg, home.home.as_deref())?;
+            let users = admin::list_users(h)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&users)?);
+            } else {
+                println!("{:<24} DEVICES", "HANDLE");
+                for u in users {
+                    println!("{:<24} {}", u.handle, u.devices.join(", "));
+                }
+            }
+            Ok(())
+        }
+        Cmd::User(UserCmd::Remove { handle, home }) => {
+            let cfg = Config::load(&home.config)?;
+            let h = admin::select_home(&cfg, home.home.as_deref())?;
+            admin::remove_user(h, &handle).await?;
+            println!("removed {handle} from {}", h.name);
+            Ok(())
+        }
+        Cmd::Device(DeviceCmd::Revoke {
+            handle,
+            device,
+            home,
+        }) => {
+            let cfg = Config::load(&home.config)?;
+            let h = admin::select_home(&cfg, home.home.as_deref())?;
+            admin::revoke_device(h, &handle, &device)?;
+            println!("revoked device {device} of {handle}");
+            Ok(())
+        }
+        Cmd::Demo { dir } => demo::run(dir).await,
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "popupd", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+fn output_device(nd: &admin::NewDevice, path: Option<&Path>) -> anyhow::Result<()> {
+    match path {
+        Some(p) => {
+            admin::write_private(p, &nd.agent_yaml)?;
+            eprintln!(
+                "created {} (device {}); agent config written to {}",
+                nd.handle,
+                nd.device,
+                p.display()
+            );
+        }
+        None => {
+            eprintln!(
+                "created {} (device {}); agent config follows",
+                nd.handle, nd.device
+            );
+            print!("{}", nd.agent_yaml);
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(level: &str) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},zbus=warn,tungstenite=warn"))
+    });
+    // Under systemd (stderr is the journal), log natively with fields.
+    let journald = std::env::var_os("JOURNAL_STREAM")
+        .is_some()
+        .then(|| tracing_journald::layer().ok())
+        .flatten();
+    let reg = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(j) => reg.with(j).init(),
+        None => reg
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false),
+            )
+            .init(),
+    }
+}
+
+async fn run(path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    init_logging(&cfg.log.level);
+    let shutdown = Shutdown::new();
+    {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => tracing::warn!(
+                        "SIGHUP: live reload is not supported yet; restart the service to apply config changes"),
+                }
+            }
+            tracing::info!("stopping");
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            s.cancel();
+        });
+    }
+
+    let roles = cfg.roles().len();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut set = tokio::task::JoinSet::new();
+    if let Some(g) = cfg.global {
+        let (s, r) = (shutdown.child_token(), ready_tx.clone());
+        set.spawn(async move {
+            popupd::global::run(g, s, move || {
+                let _ = r.send(());
+            })
+            .await
+            .context("global")
+        });
+    }
+    for h in cfg.homes {
+        let (s, r) = (shutdown.child_token(), ready_tx.clone());
+        let name = h.name.clone();
+        set.spawn(async move {
+            popupd::home::run(h, s, move || {
+                let _ = r.send(());
+            })
+            .await
+            .with_context(|| format!("home {name}"))
+        });
+    }
+    if let Some(a) = cfg.agent {
+        let (s, r) = (shutdown.child_token(), ready_tx.clone());
+        set.spawn(async move {
+            popupd::agent::run(a, s, move || {
+                let _ = r.send(());
+            })
+            .await
+            .context("agent")
+        });
+    }
+    drop(ready_tx);
+
+    let mut ready = 0;
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            Some(()) = ready_rx.recv() => {
+                ready += 1;
+                if ready == roles {
+                    let _ = sd_notify::notify(&[
+                        sd_notify::NotifyState::Ready,
+                        sd_notify::NotifyState::Status("running"),
+                    ]);
+                    tracing::info!("ready");
+                }
+            }
+            done = set.join_next() => match done {
+                None => break,
+                Some(r) => {
+                    let r = r.map_err(anyhow::Error::from).and_then(|r| r);
+                    if !shutdown.is_cancelled() {
+                        // A role stopped on its own: stop the others too.
+                        if let Err(e) = &r {
+                            tracing::error!("{e:#}");
+                        }
+                        shutdown.cancel();
+                    }
+                    if result.is_ok() {
+                        result = r;
+                    }
+                }
+            },
+        }
+    }
+    result
+}

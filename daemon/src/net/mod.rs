@@ -1,0 +1,231 @@
+//! Links: JSON frames over WebSocket over TLS 1.3, dialed (optionally through
+//! an HTTP CONNECT proxy) or accepted.
+
+pub mod proxy;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage, protocol::WebSocketConfig};
+
+use crate::protocol::MAX_FRAME;
+
+/// TLS stream a server accepted.
+pub type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+/// TLS stream a client dialed.
+pub type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// How long a TLS + WebSocket handshake may take, either side.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors on a link.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    #[error("frame larger than {MAX_FRAME} bytes")]
+    TooLarge,
+    #[error("connection closed")]
+    Closed,
+    #[error("websocket: {0}")]
+    Ws(tungstenite::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("proxy: {0}")]
+    Proxy(String),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+impl From<tungstenite::Error> for LinkError {
+    fn from(e: tungstenite::Error) -> Self {
+        use tungstenite::Error as E;
+        match e {
+            E::Capacity(_) => LinkError::TooLarge,
+            E::ConnectionClosed | E::AlreadyClosed => LinkError::Closed,
+            E::Io(io) => LinkError::Io(io),
+            other => LinkError::Ws(other),
+        }
+    }
+}
+
+/// WebSocket settings for every link. The read buffer is small because a
+/// home holds thousands of mostly idle connections; tungstenite's default
+/// (128 KiB, allocated up front) would cost that much per connection.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(2048)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * MAX_FRAME)
+        .max_message_size(Some(MAX_FRAME))
+        .max_frame_size(Some(MAX_FRAME))
+}
+
+/// What [`Link::recv`] got.
+#[derive(Debug)]
+pub enum Recv<T> {
+    /// A frame that decoded.
+    Frame(T),
+    /// A text frame that is not a valid frame: answer with an error frame.
+    Bad(String),
+    /// A ping, pong or other control traffic: the link is alive.
+    Alive,
+    /// The other side closed.
+    Closed,
+}
+
+/// A WebSocket carrying JSON frames.
+pub struct Link<S> {
+    ws: WebSocketStream<S>,
+}
+
+impl<S> Link<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    pub fn new(ws: WebSocketStream<S>) -> Self {
+        Link { ws }
+    }
+
+    /// Queues a frame without flushing; call [`Link::flush`] after a batch.
+    pub async fn feed<T: Serialize>(&mut self, frame: &T) -> Result<(), LinkError> {
+        let text = serde_json::to_string(frame).map_err(std::io::Error::other)?;
+        self.ws.feed(WsMessage::text(text)).await?;
+        Ok(())
+    }
+
+    /// Sends one frame now.
+    pub async fn send<T: Serialize>(&mut self, frame: &T) -> Result<(), LinkError> {
+        self.feed(frame).await?;
+        self.flush().await
+    }
+
+    pub async fn flush(&mut self) -> Result<(), LinkError> {
+        self.ws.flush().await?;
+        Ok(())
+    }
+
+    /// Queues a frame already in JSON.
+    pub async fn feed_text(&mut self, text: String) -> Result<(), LinkError> {
+        self.ws.feed(WsMessage::text(text)).await?;
+        Ok(())
+    }
+
+    /// Sends a frame already in JSON (or raw text, in tests of bad input).
+    pub async fn send_text(&mut self, text: String) -> Result<(), LinkError> {
+        self.ws.send(WsMessage::text(text)).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&mut self) -> Result<(), LinkError> {
+        self.ws.send(WsMessage::Ping(Default::default())).await?;
+        Ok(())
+    }
+
+    /// Receives the next frame. Cancel-safe: nothing is lost if the future is
+    /// dropped before it completes.
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Recv<T>, LinkError> {
+        match self.ws.next().await {
+            None => Ok(Recv::Closed),
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok(WsMessage::Text(t))) => Ok(match serde_json::from_str::<T>(t.as_str()) {
+                Ok(f) => Recv::Frame(f),
+                Err(e) => Recv::Bad(e.to_string()),
+            }),
+            Some(Ok(WsMessage::Binary(_))) => Ok(Recv::Bad(
+                "binary frames are not used; send JSON text frames".into(),
+            )),
+            Some(Ok(WsMessage::Close(_))) => Ok(Recv::Closed),
+            Some(Ok(_)) => Ok(Recv::Alive),
+        }
+    }
+
+    /// Closes the WebSocket cleanly (best effort, bounded in time).
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+    }
+
+    /// The underlying stream (for TLS details such as peer certificates).
+    pub fn stream(&self) -> &S {
+        self.ws.get_ref()
+    }
+}
+
+/// Accepts TLS then a WebSocket upgrade on one of `paths`. Returns the link
+/// and the path the client asked for.
+pub async fn accept(
+    tcp: TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    paths: &'static [&'static str],
+) -> Result<(Link<ServerTls>, &'static str), LinkError> {
+    let work = async {
+        let tls = acceptor.accept(tcp).await?;
+        let mut chosen: Option<&'static str> = None;
+        let cb = |req: &tungstenite::handshake::server::Request,
+                  resp: tungstenite::handshake::server::Response| {
+            match paths.iter().find(|p| **p == req.uri().path()) {
+                Some(p) => {
+                    chosen = Some(p);
+                    Ok(resp)
+                }
+                None => {
+                    let mut r = tungstenite::handshake::server::ErrorResponse::new(Some(
+                        "unknown path; popupd serves /v1/agent, /v1/peer and /v1/global".into(),
+                    ));
+                    *r.status_mut() = tungstenite::http::StatusCode::NOT_FOUND;
+                    Err(r)
+                }
+            }
+        };
+        let ws =
+            tokio_tungstenite::accept_hdr_async_with_config(tls, cb, Some(ws_config())).await?;
+        let path = chosen.ok_or(LinkError::Closed)?;
+        Ok::<_, LinkError>((Link::new(ws), path))
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| LinkError::Timeout)?
+}
+
+/// Where and how to dial.
+#[derive(Clone, Debug)]
+pub struct Dial {
+    /// `host:port` to connect to.
+    pub address: String,
+    /// The server's name, checked against its certificate.
+    pub name: String,
+    /// WebSocket path.
+    pub path: &'static str,
+    pub tls: Arc<rustls::ClientConfig>,
+    /// HTTP proxy to tunnel through, if any.
+    pub proxy: Option<proxy::Proxy>,
+}
+
+/// Dials TCP (through the proxy if set), TLS and the WebSocket upgrade.
+pub async fn dial(d: &Dial) -> Result<Link<ClientTls>, LinkError> {
+    let work = async {
+        let tcp = match &d.proxy {
+            Some(p) => p.connect(&d.address).await?,
+            None => TcpStream::connect(&d.address).await?,
+        };
+        tcp.set_nodelay(true)?;
+        let name = tls::server_name(&d.name)?;
+        let tls = tokio_rustls::TlsConnector::from(d.tls.clone())
+            .connect(name, tcp)
+            .await?;
+        let url = format!("wss://{}{}", d.name, d.path);
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(url, tls, Some(ws_config())).await?;
+        Ok::<_, LinkError>(Link::new(ws))
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| LinkError::Timeout)?
+}

@@ -1,0 +1,720 @@
+//! The home's store: accounts, devices, mailboxes, and the forward queue.
+//!
+//! Each user has a **mailbox**: a numbered sequence of events (messages for
+//! them, status news about messages they sent). Each device remembers the
+//! highest number it has stored (`acked_seq`); on connect it gets everything
+//! after that, so nothing is lost across drops and restarts, and the agent
+//! drops duplicates by message id. Events every device has are deleted.
+//!
+//! The **forward queue** (`outq`) holds what must go to another home:
+//! messages and receipts. An item stays until that home acks it; an item
+//! whose destination is not known yet has `dest` NULL until the router asks
+//! the global server.
+
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use super::{StoreError, open_sqlite, sqlite_batchable};
+use crate::protocol::{Delivery, Event, Message, MsgId, now_ms};
+
+/// An item of the forward queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OutItem {
+    /// A message from one of our users.
+    Deliver(Message),
+    /// News about message `id` for `to`, who lives elsewhere.
+    Receipt {
+        id: MsgId,
+        to: String,
+        state: Delivery,
+        reason: Option<String>,
+    },
+}
+
+impl OutItem {
+    /// The handle whose home this item goes to.
+    pub fn dest_handle(&self) -> &str {
+        match self {
+            OutItem::Deliver(m) => &m.to,
+            OutItem::Receipt { to, .. } => to,
+        }
+    }
+}
+
+/// A new mailbox event to push to a user's connected devices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Push {
+    pub handle: String,
+    pub seq: u64,
+    /// The event as JSON (the `event` field of a `HomeFrame::Event`).
+    pub event: String,
+}
+
+/// What a write caused, for the caller to act on after commit.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Effects {
+    /// Events to push down back connections.
+    pub pushes: Vec<Push>,
+    /// New forward-queue items: (n, known destination home).
+    pub queued: Vec<(u64, Option<String>)>,
+}
+
+/// Result of a `Send`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendOutcome {
+    /// Stored now.
+    Accepted,
+    /// Already stored by an earlier try.
+    Duplicate,
+}
+
+/// A user, as `popupd user list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UserInfo {
+    pub handle: String,
+    pub devices: Vec<String>,
+    pub created_at: i64,
+}
+
+/// The storage interface of a home. Methods run inside the batcher's
+/// transaction; they must not commit.
+pub trait HomeStore: super::Batchable {
+    fn user_exists(&mut self, handle: &str) -> Result<bool, StoreError>;
+    fn add_user(&mut self, handle: &str) -> Result<(), StoreError>;
+    fn remove_user(&mut self, handle: &str) -> Result<bool, StoreError>;
+    fn list_users(&mut self) -> Result<Vec<UserInfo>, StoreError>;
+    fn all_handles(&mut self) -> Result<Vec<String>, StoreError>;
+    fn add_device(
+        &mut self,
+        handle: &str,
+        device: &str,
+        secret_hash: &str,
+    ) -> Result<(), StoreError>;
+    fn revoke_device(&mut self, handle: &str, device: &str) -> Result<bool, StoreError>;
+    /// The device's acked sequence number if the credential matches.
+    fn check_device(
+        &mut self,
+        handle: &str,
+        device: &str,
+        secret_hash: &str,
+    ) -> Result<Option<u64>, StoreError>;
+    /// Mailbox events after `after`, oldest first.
+    fn mailbox_after(
+        &mut self,
+        handle: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StoreError>;
+    /// Stores a message from a local sender: into the recipient's mailbox if
+    /// local, else into the forward queue.
+    fn accept_send(&mut self, msg: &Message, fx: &mut Effects) -> Result<SendOutcome, StoreError>;
+    /// A device stored everything up to `seq`.
+    fn ack(
+        &mut self,
+        handle: &str,
+        device: &str,
+        seq: u64,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError>;
+    /// `handle` read message `id`.
+    fn mark_read(&mut self, handle: &str, id: &str, fx: &mut Effects) -> Result<(), StoreError>;
+    /// A message from `from_home` for a local user. `NotFound` if no such user.
+    fn accept_remote(
+        &mut self,
+        from_home: &str,
+        msg: &Message,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError>;
+    /// News about a message a local user sent.
+    fn apply_receipt(
+        &mut self,
+        id: &str,
+        sender: &str,
+        state: Delivery,
+        reason: Option<&str>,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError>;
+    /// Forward-queue items for `dest` (None: not yet routed), oldest first.
+    fn outq(&mut self, dest: Option<&str>) -> Result<Vec<(u64, OutItem)>, StoreError>;
+    fn outq_route(&mut self, n: u64, dest: &str) -> Result<(), StoreError>;
+    /// Homes that have items waiting.
+    fn outq_dests(&mut self) -> Result<Vec<String>, StoreError>;
+    fn outq_done(&mut self, n: u64) -> Result<(), StoreError>;
+    /// Drops item `n` for good; a message becomes `failed` for its sender.
+    fn outq_fail(&mut self, n: u64, reason: &str, fx: &mut Effects) -> Result<(), StoreError>;
+}
+
+/// [`HomeStore`] on SQLite.
+pub struct SqliteHome {
+    conn: rusqlite::Connection,
+}
+sqlite_batchable!(SqliteHome);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS users(
+    handle TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    next_seq INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS devices(
+    handle TEXT NOT NULL REFERENCES users(handle) ON DELETE CASCADE,
+    device TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    acked_seq INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY(handle, device)
+);
+CREATE TABLE IF NOT EXISTS mailbox(
+    handle TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    msg_id TEXT,
+    event TEXT NOT NULL,
+    PRIMARY KEY(handle, seq)
+) WITHOUT ROWID;
+-- Messages our users sent: dedup of retries, and their status.
+CREATE TABLE IF NOT EXISTS sent(
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at INTEGER NOT NULL
+) WITHOUT ROWID;
+-- Messages our users received: dedup, and receipts back to the sender.
+CREATE TABLE IF NOT EXISTS received(
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    from_home TEXT,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    read INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outq(
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    dest TEXT,
+    item TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outq_dest ON outq(dest, n);
+";
+
+impl SqliteHome {
+    pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
+        let conn = open_sqlite(path)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteHome { conn })
+    }
+
+    fn push_event(
+        &mut self,
+        handle: &str,
+        msg_id: Option<&str>,
+        ev: &Event,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let seq: i64 = self.conn.query_row(
+            "UPDATE users SET next_seq = next_seq + 1 WHERE handle = ?1 RETURNING next_seq - 1",
+            [handle],
+            |r| r.get(0),
+        )?;
+        let json = serde_json::to_string(ev).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO mailbox(handle, seq, msg_id, event) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![handle, seq, msg_id, json])?;
+        fx.pushes.push(Push {
+            handle: handle.to_owned(),
+            seq: seq as u64,
+            event: json,
+        });
+        Ok(())
+    }
+
+    fn enqueue(
+        &mut self,
+        dest: Option<&str>,
+        item: &OutItem,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(item).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.conn
+            .prepare_cached("INSERT INTO outq(dest, item) VALUES (?1, ?2)")?
+            .execute(params![dest, json])?;
+        fx.queued.push((
+            self.conn.last_insert_rowid() as u64,
+            dest.map(str::to_owned),
+        ));
+        Ok(())
+    }
+
+    /// Tells `sender` (local or not) about message `id`.
+    fn receipt(
+        &mut self,
+        id: &str,
+        sender: &str,
+        from_home: Option<&str>,
+        state: Delivery,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        match from_home {
+            None => self.apply_receipt(id, sender, state, None, fx),
+            Some(home) => self.enqueue(
+                Some(home),
+                &OutItem::Receipt {
+                    id: id.to_owned(),
+                    to: sender.to_owned(),
+                    state,
+                    reason: None,
+                },
+                fx,
+            ),
+        }
+    }
+
+    fn store_incoming(
+        &mut self,
+        from_home: Option<&str>,
+        msg: &Message,
+        fx: &mut Effects,
+    ) -> Result<bool, StoreError> {
+        let inserted = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO received(id, sender, recipient, from_home) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![msg.id, msg.from, msg.to, from_home])?;
+        if inserted == 1 {
+            self.push_event(&msg.to, Some(&msg.id), &Event::Message(msg.clone()), fx)?;
+        }
+        Ok(inserted == 1)
+    }
+}
+
+impl HomeStore for SqliteHome {
+    fn user_exists(&mut self, handle: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM users WHERE handle = ?1")?
+            .exists([handle])?)
+    }
+
+    fn add_user(&mut self, handle: &str) -> Result<(), StoreError> {
+        if self.user_exists(handle)? {
+            return Err(StoreError::Conflict(format!(
+                "user {handle} already exists on this home"
+            )));
+        }
+        self.conn.execute(
+            "INSERT INTO users(handle, created_at) VALUES (?1, ?2)",
+            params![handle, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn remove_user(&mut self, handle: &str) -> Result<bool, StoreError> {
+        self.conn
+            .execute("DELETE FROM mailbox WHERE handle = ?1", [handle])?;
+        Ok(self
+            .conn
+            .execute("DELETE FROM users WHERE handle = ?1", [handle])?
+            == 1)
+    }
+
+    fn list_users(&mut self) -> Result<Vec<UserInfo>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT u.handle, u.created_at, group_concat(d.device, ' ')
+             FROM users u LEFT JOIN devices d ON d.handle = u.handle
+             GROUP BY u.handle ORDER BY u.handle",
+        )?;
+        let rows = st.query_map([], |r| {
+            let devs: Option<String> = r.get(2)?;
+            Ok(UserInfo {
+                handle: r.get(0)?,
+                created_at: r.get(1)?,
+                devices: devs
+                    .map(|d| d.split(' ').map(str::to_owned).collect())
+                    .unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn all_handles(&mut self) -> Result<Vec<String>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT handle FROM users ORDER BY handle")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn add_device(
+        &mut self,
+        handle: &str,
+        device: &str,
+        secret_hash: &str,
+    ) -> Result<(), StoreError> {
+        let next: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT next_seq FROM users WHERE handle = ?1",
+                [handle],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(next) = next else {
+            return Err(StoreError::NotFound(format!(
+                "no user {handle} on this home"
+            )));
+        };
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO devices(handle, device, secret_hash, acked_seq, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![handle, device, secret_hash, next - 1, now_ms()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!(
+                "{handle} already has a device {device}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn revoke_device(&mut self, handle: &str, device: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM devices WHERE handle = ?1 AND device = ?2",
+            params![handle, device],
+        )? == 1)
+    }
+
+    fn check_device(
+        &mut self,
+        handle: &str,
+        device: &str,
+        secret_hash: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let row: Option<(String, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT secret_hash, acked_seq FROM devices WHERE handle = ?1 AND device = ?2",
+            )?
+            .query_row(params![handle, device], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(match row {
+            // Both sides are hex digests of the same length; comparing them
+            // leaks nothing about the secret itself.
+            Some((h, acked)) if h == secret_hash => Some(acked as u64),
+            _ => None,
+        })
+    }
+
+    fn mailbox_after(
+        &mut self,
+        handle: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, event FROM mailbox WHERE handle = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = st.query_map(params![handle, after as i64, limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn accept_send(&mut self, msg: &Message, fx: &mut Effects) -> Result<SendOutcome, StoreError> {
+        let prior: Option<String> = self
+            .conn
+            .prepare_cached("SELECT sender FROM sent WHERE id = ?1")?
+            .query_row([&msg.id], |r| r.get(0))
+            .optional()?;
+        match prior {
+            Some(s) if s == msg.from => return Ok(SendOutcome::Duplicate),
+            Some(_) => {
+                return Err(StoreError::Conflict(format!(
+                    "message id {} is already used; choose a fresh UUIDv7",
+                    msg.id
+                )));
+            }
+            None => {}
+        }
+        self.conn
+            .prepare_cached("INSERT INTO sent(id, sender, recipient, state, at) VALUES (?1, ?2, ?3, 'accepted', ?4)")?
+            .execute(params![msg.id, msg.from, msg.to, now_ms()])?;
+        if self.user_exists(&msg.to)? {
+            self.store_incoming(None, msg, fx)?;
+        } else {
+            self.enqueue(None, &OutItem::Deliver(msg.clone()), fx)?;
+        }
+        Ok(SendOutcome::Accepted)
+    }
+
+    fn ack(
+        &mut self,
+        handle: &str,
+        device: &str,
+        seq: u64,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let old: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT acked_seq FROM devices WHERE handle = ?1 AND device = ?2")?
+            .query_row(params![handle, device], |r| r.get(0))
+            .optional()?;
+        let Some(old) = old else { return Ok(()) };
+        let next: i64 = self.conn.query_row(
+            "SELECT next_seq FROM users WHERE handle = ?1",
+            [handle],
+            |r| r.get(0),
+        )?;
+        let new = (seq as i64).min(next - 1);
+        if new <= old {
+            return Ok(());
+        }
+        self.conn
+            .prepare_cached("UPDATE devices SET acked_seq = ?3 WHERE handle = ?1 AND device = ?2")?
+            .execute(params![handle, device, new])?;
+        // First device to store a message makes it "delivered" for the sender.
+        let newly: Vec<(String, String, Option<String>)> = {
+            let mut st = self.conn.prepare_cached(
+                "UPDATE received SET delivered = 1
+                 WHERE delivered = 0 AND id IN (
+                    SELECT msg_id FROM mailbox
+                    WHERE handle = ?1 AND seq > ?2 AND seq <= ?3 AND msg_id IS NOT NULL)
+                 RETURNING id, sender, from_home",
+            )?;
+            let rows = st.query_map(params![handle, old, new], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (id, sender, home) in newly {
+            self.receipt(&id, &sender, home.as_deref(), Delivery::Delivered, fx)?;
+        }
+        self.conn
+            .prepare_cached(
+                "DELETE FROM mailbox WHERE handle = ?1
+                 AND seq <= (SELECT min(acked_seq) FROM devices WHERE handle = ?1)",
+            )?
+            .execute([handle])?;
+        Ok(())
+    }
+
+    fn mark_read(&mut self, handle: &str, id: &str, fx: &mut Effects) -> Result<(), StoreError> {
+        let row: Option<(String, Option<String>)> = self
+            .conn
+            .prepare_cached(
+                "UPDATE received SET read = 1, delivered = 1
+                 WHERE id = ?1 AND recipient = ?2 AND read = 0 RETURNING sender, from_home",
+            )?
+            .query_row(params![id, handle], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((sender, home)) = row {
+            self.receipt(id, &sender, home.as_deref(), Delivery::Read, fx)?;
+        }
+        Ok(())
+    }
+
+    fn accept_remote(
+        &mut self,
+        from_home: &str,
+        msg: &Message,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        if !self.user_exists(&msg.to)? {
+            return Err(StoreError::NotFound(format!(
+                "no user {} on this home",
+                msg.to
+            )));
+        }
+        self.store_incoming(Some(from_home), msg, fx)?;
+        Ok(())
+    }
+
+    fn apply_receipt(
+        &mut self,
+        id: &str,
+        sender: &str,
+        state: Delivery,
+        reason: Option<&str>,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let cur: Option<String> = self
+            .conn
+            .prepare_cached("SELECT state FROM sent WHERE id = ?1 AND sender = ?2")?
+            .query_row(params![id, sender], |r| r.get(0))
+            .optional()?;
+        let Some(cur) = cur.and_then(|c| Delivery::parse(&c)) else {
+            return Ok(());
+        };
+        if state <= cur || cur == Delivery::Failed {
+            return Ok(());
+        }
+        self.conn
+            .prepare_cached("UPDATE sent SET state = ?2 WHERE id = ?1")?
+            .execute(params![id, state.as_str()])?;
+        if self.user_exists(sender)? {
+            let ev = Event::Status {
+                id: id.to_owned(),
+                state,
+                reason: reason.map(str::to_owned),
+            };
+            self.push_event(sender, None, &ev, fx)?;
+        }
+        Ok(())
+    }
+
+    fn outq(&mut self, dest: Option<&str>) -> Result<Vec<(u64, OutItem)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT n, item FROM outq WHERE dest IS ?1 ORDER BY n")?;
+        let rows = st.query_map([dest], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (n, json) = row?;
+            match serde_json::from_str(&json) {
+                Ok(item) => out.push((n, item)),
+                Err(e) => tracing::error!(n, "unreadable forward-queue item skipped: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn outq_route(&mut self, n: u64, dest: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE outq SET dest = ?2 WHERE n = ?1")?
+            .execute(params![n as i64, dest])?;
+        Ok(())
+    }
+
+    fn outq_dests(&mut self) -> Result<Vec<String>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT DISTINCT dest FROM outq WHERE dest IS NOT NULL")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn outq_done(&mut self, n: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM outq WHERE n = ?1")?
+            .execute([n as i64])?;
+        Ok(())
+    }
+
+    fn outq_fail(&mut self, n: u64, reason: &str, fx: &mut Effects) -> Result<(), StoreError> {
+        let item: Option<String> = self
+            .conn
+            .query_row(
+                "DELETE FROM outq WHERE n = ?1 RETURNING item",
+                [n as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(Ok(OutItem::Deliver(m))) = item.map(|j| serde_json::from_str(&j)) {
+            self.apply_receipt(&m.id, &m.from, Delivery::Failed, Some(reason), fx)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Batchable;
+
+    fn store(name: &str) -> (SqliteHome, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("popupd-home-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = SqliteHome::open(&dir.join("home.sqlite")).unwrap();
+        (s, dir)
+    }
+
+    fn msg(id: &str, from: &str, to: &str) -> Message {
+        Message {
+            id: id.into(),
+            from: from.into(),
+            to: to.into(),
+            text: "hi".into(),
+            sent_at: 1,
+            reply_to: None,
+        }
+    }
+
+    #[test]
+    fn local_message_flows_to_mailbox_then_delivered_then_read() {
+        let (mut s, dir) = store("flow");
+        s.begin().unwrap();
+        for u in ["alice", "bob"] {
+            s.add_user(u).unwrap();
+            s.add_device(u, "d1", "h").unwrap();
+        }
+        let mut fx = Effects::default();
+        assert_eq!(
+            s.accept_send(&msg("m1", "alice", "bob"), &mut fx).unwrap(),
+            SendOutcome::Accepted
+        );
+        assert_eq!(
+            s.accept_send(&msg("m1", "alice", "bob"), &mut fx).unwrap(),
+            SendOutcome::Duplicate
+        );
+        assert!(s.accept_send(&msg("m1", "bob", "alice"), &mut fx).is_err());
+        assert_eq!(fx.pushes.len(), 1);
+        assert_eq!(fx.pushes[0].handle, "bob");
+        assert_eq!(s.mailbox_after("bob", 0, 10).unwrap().len(), 1);
+
+        let mut fx = Effects::default();
+        s.ack("bob", "d1", 1, &mut fx).unwrap();
+        assert_eq!(fx.pushes.len(), 1, "alice gets 'delivered'");
+        assert_eq!(fx.pushes[0].handle, "alice");
+        assert!(fx.pushes[0].event.contains("delivered"));
+        assert!(
+            s.mailbox_after("bob", 0, 10).unwrap().is_empty(),
+            "acked events are pruned"
+        );
+
+        let mut fx = Effects::default();
+        s.mark_read("bob", "m1", &mut fx).unwrap();
+        s.mark_read("bob", "m1", &mut fx).unwrap();
+        assert_eq!(fx.pushes.len(), 1, "read once");
+        assert!(fx.pushes[0].event.contains("read"));
+        s.commit().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn remote_recipient_goes_to_forward_queue_and_failure_reaches_sender() {
+        let (mut s, dir) = store("fwd");
+        s.begin().unwrap();
+        s.add_user("alice").unwrap();
+        s.add_device("alice", "d", "h").unwrap();
+        let mut fx = Effects::default();
+        s.accept_send(&msg("m2", "alice", "zed"), &mut fx).unwrap();
+        assert_eq!(fx.queued.len(), 1);
+        let q = s.outq(None).unwrap();
+        assert_eq!(q.len(), 1);
+        let mut fx = Effects::default();
+        s.outq_fail(q[0].0, "no such user", &mut fx).unwrap();
+        assert!(s.outq(None).unwrap().is_empty());
+        assert!(fx.pushes[0].event.contains("failed"));
+        assert!(fx.pushes[0].event.contains("no such user"));
+        s.commit().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn device_credentials() {
+        let (mut s, dir) = store("dev");
+        s.begin().unwrap();
+        s.add_user("alice").unwrap();
+        s.add_device("alice", "d", "good").unwrap();
+        assert_eq!(s.check_device("alice", "d", "good").unwrap(), Some(0));
+        assert_eq!(s.check_device("alice", "d", "bad").unwrap(), None);
+        assert!(s.revoke_device("alice", "d").unwrap());
+        assert_eq!(s.check_device("alice", "d", "good").unwrap(), None);
+        s.commit().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

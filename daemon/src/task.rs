@@ -1,0 +1,69 @@
+//! Tasks, shutdown and retries.
+//!
+//! **Architecture Invariant:** every spawned task has an owner. One
+//! [`Shutdown`] token is created from SIGTERM/SIGINT in `main`; each role
+//! gets a child token and hands children of it to its tasks, so cancelling
+//! the root stops everything, and a role's supervisor cancels its own
+//! subtree when a critical task exits.
+
+use std::time::Duration;
+
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+/// Capped exponential backoff with jitter, for reconnects.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    cur: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff { cur: min, min, max }
+    }
+
+    /// The next delay: uniformly random in [d/2, d], then d doubles up to
+    /// the cap. Jitter spreads a crowd of agents reconnecting after a
+    /// home restart.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.cur;
+        self.cur = (self.cur * 2).min(self.max);
+        let half = d / 2;
+        half + Duration::from_micros(fastrand::u64(0..=half.as_micros() as u64))
+    }
+
+    /// After a success.
+    pub fn reset(&mut self) {
+        self.cur = self.min;
+    }
+}
+
+/// Waits `d`, or less if `shutdown` fires; true if shut down.
+pub async fn sleep_or_shutdown(d: Duration, shutdown: &Shutdown) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            last = b.next_delay();
+            assert!(last <= Duration::from_secs(5));
+        }
+        assert!(
+            last >= Duration::from_millis(2500),
+            "reaches the cap's half at least"
+        );
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,313 @@
+//! `popupctl`: the person's command line for popupd. Only a D-Bus client of
+//! the agent (`org.popupd.Agent1`); it keeps no state of its own.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use popupd_ipc::{Agent1Proxy, HistoryEntry, exit};
+use serde_json::json;
+
+/// Send and receive popup messages through the local popupd agent.
+///
+/// Exit codes: 0 done; 1 refused by the agent (bad argument, unknown id) or
+/// not connected (status); 2 bad command line; 3 no agent on the bus;
+/// 4 --wait: failed or timed out.
+#[derive(Parser)]
+#[command(name = "popupctl", version, about)]
+struct Cli {
+    /// Print JSON (one object per line for `watch`).
+    #[arg(long, global = true)]
+    json: bool,
+    /// D-Bus address of the agent's bus (default: the session bus).
+    #[arg(long, global = true, env = "POPUPCTL_BUS")]
+    bus: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send a message; prints its id.
+    Send {
+        to: String,
+        /// The text (several words are joined with spaces).
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+        /// Wait until the message is accepted, delivered or read.
+        #[arg(long, value_parser = ["accepted", "delivered", "read"])]
+        wait: Option<String>,
+        /// How long --wait waits.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Answer a received message; prints the reply's id.
+    Reply {
+        id: String,
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Mark a received message read (its sender is told).
+    Read { id: String },
+    /// Print messages and status changes as they happen, until Ctrl-C.
+    Watch,
+    /// Print recent messages, oldest first.
+    History {
+        /// Only messages with this handle.
+        peer: Option<String>,
+        #[arg(short = 'n', long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Is the agent connected to its home, and since when?
+    Status,
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Completions { shell } = &cli.cmd {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "popupctl",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("popupctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            let (code, msg) = explain(&e);
+            eprintln!("popupctl: {msg}");
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn explain(e: &anyhow::Error) -> (i32, String) {
+    if let Some(zbus::Error::MethodError(name, msg, _)) = e.downcast_ref::<zbus::Error>() {
+        let name = name.as_str();
+        if name == "org.freedesktop.DBus.Error.ServiceUnknown"
+            || name == "org.freedesktop.DBus.Error.NameHasNoOwner"
+        {
+            return (
+                exit::NO_AGENT,
+                "no popupd agent on this bus; start it with `systemctl --user start popupd-agent` (or check --bus / DBUS_SESSION_BUS_ADDRESS)".into(),
+            );
+        }
+        let short = name.rsplit('.').next().unwrap_or(name);
+        return (
+            exit::REFUSED,
+            format!("{short}: {}", msg.as_deref().unwrap_or("")),
+        );
+    }
+    if e.downcast_ref::<zbus::Error>().is_some() {
+        return (
+            exit::NO_AGENT,
+            format!("cannot reach the session bus: {e:#}"),
+        );
+    }
+    (exit::REFUSED, format!("{e:#}"))
+}
+
+async fn connect(bus: Option<&str>) -> anyhow::Result<zbus::Connection> {
+    Ok(match bus {
+        Some(a) => zbus::connection::Builder::address(a).build().await?,
+        None => zbus::Connection::session().await?,
+    })
+}
+
+fn time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let conn = connect(cli.bus.as_deref()).await?;
+    let agent = Agent1Proxy::new(&conn).await?;
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Send {
+            to,
+            text,
+            wait,
+            timeout,
+        } => {
+            // Subscribe before sending so no status change is missed.
+            let mut changes = agent.receive_message_status_changed().await?;
+            let id = agent.send(&to, &text.join(" ")).await?;
+            if json {
+                println!("{}", json!({ "id": id }));
+            } else {
+                println!("{id}");
+            }
+            let Some(want) = wait else {
+                return Ok(exit::OK);
+            };
+            let rank = |s: &str| {
+                ["queued", "accepted", "delivered", "read"]
+                    .iter()
+                    .position(|x| *x == s)
+            };
+            let want_rank = rank(&want);
+            let waited = tokio::time::timeout(timeout, async {
+                while let Some(sig) = changes.next().await {
+                    let Ok(a) = sig.args() else { continue };
+                    if a.id != id {
+                        continue;
+                    }
+                    if a.status == "failed" {
+                        eprintln!("popupctl: {id} failed: {}", a.reason);
+                        return exit::NOT_DELIVERED;
+                    }
+                    if rank(a.status) >= want_rank {
+                        return exit::OK;
+                    }
+                }
+                exit::NOT_DELIVERED
+            })
+            .await;
+            Ok(waited.unwrap_or_else(|_| {
+                eprintln!(
+                    "popupctl: {id} not {want} within {}",
+                    humantime::format_duration(timeout)
+                );
+                exit::NOT_DELIVERED
+            }))
+        }
+        Cmd::Reply { id, text } => {
+            let new = agent.reply(&id, &text.join(" ")).await?;
+            if json {
+                println!("{}", json!({ "id": new }));
+            } else {
+                println!("{new}");
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Read { id } => {
+            agent.mark_read(&id).await?;
+            Ok(exit::OK)
+        }
+        Cmd::Watch => watch(&agent, json).await,
+        Cmd::History { peer, limit } => {
+            let entries = agent.history(peer.as_deref().unwrap_or(""), limit).await?;
+            for e in entries {
+                print_entry(&e, json);
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Status => {
+            let (connected, home, since) = agent.status().await?;
+            let handle = agent.handle().await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({ "handle": handle, "connected": connected, "home": home, "since": since })
+                );
+            } else {
+                let state = if connected {
+                    "connected to"
+                } else {
+                    "not connected to"
+                };
+                let when = if since > 0 {
+                    format!(" since {}", time(since))
+                } else {
+                    String::new()
+                };
+                println!("{handle}: {state} {home}{when}");
+            }
+            Ok(if connected { exit::OK } else { exit::REFUSED })
+        }
+        Cmd::Completions { .. } => Ok(exit::OK),
+    }
+}
+
+fn print_entry(e: &HistoryEntry, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(e).unwrap_or_default());
+        return;
+    }
+    let arrow = if e.direction == "in" {
+        format!("{} →", e.from)
+    } else {
+        format!("→ {}", e.to)
+    };
+    let reason = if e.reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", e.reason)
+    };
+    println!(
+        "{} {arrow} {}  [{}{reason}] {}",
+        time(e.sent_at),
+        e.text,
+        e.status,
+        e.id
+    );
+}
+
+async fn watch(agent: &Agent1Proxy<'_>, json: bool) -> anyhow::Result<i32> {
+    let mut received = agent.receive_message_received().await?;
+    let mut status = agent.receive_message_status_changed().await?;
+    let mut conn = agent.receive_connection_changed().await?;
+    if !json {
+        let (c, home, _) = agent.status().await?;
+        eprintln!(
+            "watching {} ({} {home}); Ctrl-C to stop",
+            agent.handle().await?,
+            if c {
+                "connected to"
+            } else {
+                "not connected to"
+            }
+        );
+    }
+    use std::io::Write;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(exit::OK),
+            Some(s) = received.next() => {
+                let Ok(a) = s.args() else { continue };
+                if json {
+                    println!("{}", json!({"event": "message", "id": a.id, "from": a.from, "text": a.text,
+                        "sent_at": a.sent_at, "reply_to": a.reply_to}));
+                } else {
+                    println!("{} {}: {}  ({})", time(a.sent_at), a.from, a.text, a.id);
+                }
+            }
+            Some(s) = status.next() => {
+                let Ok(a) = s.args() else { continue };
+                if json {
+                    println!("{}", json!({"event": "status", "id": a.id, "status": a.status, "reason": a.reason}));
+                } else {
+                    let reason = if a.reason.is_empty() { String::new() } else { format!(": {}", a.reason) };
+                    println!("  {} is {}{reason}", a.id, a.status);
+                }
+            }
+            Some(s) = conn.next() => {
+                let Ok(a) = s.args() else { continue };
+                if json {
+                    println!("{}", json!({"event": "connection", "connected": a.connected, "home": a.home}));
+                } else {
+                    println!("  {} {}", if a.connected { "connected to" } else { "disconnected from" }, a.home);
+                }
+            }
+            else => return Ok(exit::OK),
+        }
+        let _ = std::io::stdout().flush();
+    }
+}
