@@ -1,1 +1,506 @@
+//! Helpers for end-to-end tests: real `popupd` processes (a global server
+//! and two homes, each its own process), a private `dbus-daemon` per agent,
+//! and D-Bus / `popupctl` as the user's hands.
+//!
+//! Binaries come from the workspace's target directory: run
+//! `cargo build --workspace` before `cargo test` (the README's test command
+//! does).
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt;
+use popupd_ipc::Agent1Proxy;
+
+/// Path of a workspace binary.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/e2e-HASH -> target/debug/NAME
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        p.display()
+    );
+    p
+}
+
+/// Whether a program is on PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A scratch directory, removed when the test passes and kept (with its
+/// logs printed) when it fails.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let path = std::env::temp_dir()
+            .join("popupd-e2e")
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create test dir");
+        TestDir { path }
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed; files kept in {}", self.path.display());
+            if let Ok(rd) = std::fs::read_dir(&self.path) {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    if p.extension().is_some_and(|x| x == "log") {
+                        let text = std::fs::read_to_string(&p).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                        eprintln!("==== {} (last lines)", p.display());
+                        for l in tail.iter().rev() {
+                            eprintln!("{l}");
+                        }
+                    }
+                }
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A child process, killed when dropped; its stderr goes to a log file.
+pub struct Proc {
+    child: Option<Child>,
+    argv: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(argv: &[String], log: &Path) -> anyhow::Result<Proc> {
+        let mut p = Proc {
+            child: None,
+            argv: argv.to_vec(),
+            log: log.to_path_buf(),
+        };
+        p.start()?;
+        Ok(p)
+    }
+
+    fn start(&mut self) -> anyhow::Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .env("RUST_LOG", "info,popupd=debug,zbus=warn")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {:?}", self.argv))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again with the same command line.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.start()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `popupd ARGS` to completion.
+pub fn popupd(args: &[&str]) -> Output {
+    Command::new(bin("popupd"))
+        .args(args)
+        .output()
+        .expect("run popupd")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Waits until something accepts TCP on `addr`.
+pub async fn wait_port(addr: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("nothing listens on {addr}")
+}
+
+/// Home names of the test network.
+pub const HOME_A: &str = "home-a.test";
+pub const HOME_B: &str = "home-b.test";
+
+/// A global server and two homes, each its own process.
+pub struct Network {
+    pub dir: PathBuf,
+    pub global: Proc,
+    /// Home A, then home B.
+    pub homes: Vec<Proc>,
+    pub global_addr: String,
+    pub home_addrs: Vec<String>,
+}
+
+impl Network {
+    pub async fn start(dir: &Path) -> anyhow::Result<Network> {
+        let pki = dir.join("pki");
+        let pki_s = pki.to_str().context("utf-8 path")?;
+        let out = popupd(&["ca", "init", "--dir", pki_s]);
+        anyhow::ensure!(
+            out.status.success(),
+            "ca init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for n in ["global.test", HOME_A, HOME_B] {
+            let out = popupd(&["ca", "issue", n, "--dir", pki_s]);
+            anyhow::ensure!(
+                out.status.success(),
+                "ca issue: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let global_addr = format!("127.0.0.1:{}", free_port());
+        std::fs::write(
+            dir.join("global.yaml"),
+            format!(
+                "global:\n  name: global.test\n  listen: {global_addr}\n  cert: pki/global.test.crt\n  key: pki/global.test.key\n  ca: pki/ca.crt\n  data_dir: data/global\n"
+            ),
+        )?;
+        let global = Proc::spawn(
+            &[
+                bin("popupd").display().to_string(),
+                "run".into(),
+                "-c".into(),
+                dir.join("global.yaml").display().to_string(),
+            ],
+            &dir.join("global.log"),
+        )?;
+        wait_port(&global_addr).await?;
+        let mut homes = Vec::new();
+        let mut home_addrs = Vec::new();
+        for (i, name) in [HOME_A, HOME_B].iter().enumerate() {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let file = dir.join(format!("home{i}.yaml"));
+            std::fs::write(
+                &file,
+                format!(
+                    "home:\n  name: {name}\n  listen: {addr}\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: data/{name}\n  idle_timeout: 10s\n  global:\n    name: global.test\n    address: \"{global_addr}\"\n"
+                ),
+            )?;
+            homes.push(Proc::spawn(
+                &[
+                    bin("popupd").display().to_string(),
+                    "run".into(),
+                    "-c".into(),
+                    file.display().to_string(),
+                ],
+                &dir.join(format!("home{i}.log")),
+            )?);
+            wait_port(&addr).await?;
+            home_addrs.push(addr);
+        }
+        Ok(Network {
+            dir: dir.to_path_buf(),
+            global,
+            homes,
+            global_addr,
+            home_addrs,
+        })
+    }
+
+    pub fn home_config(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("home{i}.yaml"))
+    }
+
+    /// `popupd user add HANDLE` on home `i`; returns the agent config path.
+    pub fn add_user(&self, i: usize, handle: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(format!("{handle}.agent.yaml"));
+        let out = popupd(&[
+            "user",
+            "add",
+            handle,
+            "-c",
+            self.home_config(i).to_str().context("path")?,
+            "--agent-config",
+            path.to_str().context("path")?,
+        ]);
+        anyhow::ensure!(
+            out.status.success(),
+            "user add {handle}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(path)
+    }
+}
+
+/// A private session bus.
+pub struct Bus {
+    _proc: Proc,
+    pub address: String,
+}
+
+impl Bus {
+    pub async fn start(dir: &Path, name: &str) -> anyhow::Result<Bus> {
+        let sock = dir.join(format!("{name}.bus"));
+        let address = format!("unix:path={}", sock.display());
+        let p = Proc::spawn(
+            &[
+                "dbus-daemon".into(),
+                "--session".into(),
+                "--nofork".into(),
+                format!("--address={address}"),
+            ],
+            &dir.join(format!("{name}-dbus.log")),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            anyhow::ensure!(Instant::now() < deadline, "dbus-daemon did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Bus { _proc: p, address })
+    }
+}
+
+/// What an agent emitted, as seen by a D-Bus client.
+#[derive(Default)]
+pub struct Seen {
+    /// MessageReceived: (id, from, text), in order.
+    pub received: Vec<(String, String, String)>,
+    /// MessageStatusChanged: id -> statuses in order.
+    pub status: HashMap<String, Vec<String>>,
+}
+
+/// A running agent on its own private bus.
+pub struct Agent {
+    pub handle: String,
+    pub proc: Proc,
+    pub bus: Bus,
+    pub conn: zbus::Connection,
+    pub seen: Arc<Mutex<Seen>>,
+    pub config: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent of `config` (from `Network::add_user`), appending
+    /// `extra` YAML lines to its section; `prefix` wraps the command (e.g.
+    /// `ip netns exec NS`).
+    pub async fn start(
+        dir: &Path,
+        handle: &str,
+        config: &Path,
+        extra: &str,
+        prefix: &[&str],
+    ) -> anyhow::Result<Agent> {
+        let bus = Bus::start(dir, handle).await?;
+        let mut yaml = std::fs::read_to_string(config)?;
+        yaml.push_str(&format!(
+            "  bus: \"{}\"\n  data_dir: {}\n  keepalive: 1s\n{extra}",
+            bus.address,
+            dir.join("data").join(handle).display()
+        ));
+        let file = dir.join(format!("{handle}.run.yaml"));
+        std::fs::write(&file, yaml)?;
+        let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        argv.extend([
+            bin("popupd").display().to_string(),
+            "run".into(),
+            "-c".into(),
+            file.display().to_string(),
+        ]);
+        let proc = Proc::spawn(&argv, &dir.join(format!("{handle}.log")))?;
+        let conn = connect_bus(&bus.address).await?;
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let a = Agent {
+            handle: handle.into(),
+            proc,
+            bus,
+            conn,
+            seen,
+            config: file,
+        };
+        a.wait_name().await?;
+        a.record().await?;
+        Ok(a)
+    }
+
+    async fn wait_name(&self) -> anyhow::Result<()> {
+        let dbus = zbus::fdo::DBusProxy::new(&self.conn).await?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let name = zbus::names::BusName::try_from(popupd_ipc::BUS_NAME)?;
+            if dbus.name_has_owner(name).await? {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}'s agent never owned its bus name",
+                self.handle
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Records every signal the agent emits into `seen`.
+    async fn record(&self) -> anyhow::Result<()> {
+        let p = self.proxy().await?;
+        let mut rx = p.receive_message_received().await?;
+        let mut st = p.receive_message_status_changed().await?;
+        let seen = self.seen.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(s) = rx.next() => if let Ok(a) = s.args() {
+                        seen.lock().unwrap().received.push((a.id.to_string(), a.from.to_string(), a.text.to_string()));
+                    },
+                    Some(s) = st.next() => if let Ok(a) = s.args() {
+                        seen.lock().unwrap().status.entry(a.id.to_string()).or_default().push(a.status.to_string());
+                    },
+                    else => break,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    pub async fn proxy(&self) -> anyhow::Result<Agent1Proxy<'static>> {
+        Ok(Agent1Proxy::new(&self.conn).await?)
+    }
+
+    /// Restarts the agent process (same bus, same data).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.restart()?;
+        self.wait_name().await
+    }
+
+    /// Waits until `Status()` says connected (or not).
+    pub async fn wait_connected(&self, want: bool, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(p) = self.proxy().await {
+                if let Ok((c, _, _)) = p.status().await {
+                    if c == want {
+                        return Ok(());
+                    }
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}: connected != {want} after {within:?}",
+                self.handle
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until `pred(seen)` holds.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&Seen) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if pred(&self.seen.lock().unwrap()) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for {what}",
+                self.handle
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs `popupctl --bus BUS ARGS`.
+    pub fn popupctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("popupctl"))
+            .arg("--bus")
+            .arg(&self.bus.address)
+            .args(args)
+            .output()
+            .expect("run popupctl")
+    }
+}
+
+/// Connects to a bus by address.
+pub async fn connect_bus(address: &str) -> anyhow::Result<zbus::Connection> {
+    Ok(zbus::connection::Builder::address(address).build().await?)
+}
+
+/// Says why a test is skipped, in the form the README documents.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("skipped: {test}: {why}");
+    println!("skipped: {test}: {why}");
+}
+
+/// Whether we run as root (network namespaces need it).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}

@@ -1,0 +1,330 @@
+//! Bad input gets a clear error and breaks nothing: wrong credentials, a
+//! certificate from another CA, garbage and oversized frames, a spoofed
+//! sender, a config with an unknown key.
+
+use std::time::Duration;
+
+use popupd::net::{self, Dial, Link, Recv, tls};
+use popupd::protocol::{
+    AGENT_PATH, AgentFrame, ErrorCode, HomeFrame, Message, PEER_PATH, PROTOCOL_VERSION, PeerFrame,
+    new_id,
+};
+use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, popupd};
+
+const T: Duration = Duration::from_secs(20);
+
+fn agent_dial(net: &Network, ca: &std::path::Path) -> Dial {
+    Dial {
+        address: net.home_addrs[0].clone(),
+        name: HOME_A.into(),
+        path: AGENT_PATH,
+        tls: tls::client_config(tls::roots_from(ca).unwrap(), None).unwrap(),
+        proxy: None,
+    }
+}
+
+async fn next_home(link: &mut Link<net::ClientTls>) -> HomeFrame {
+    loop {
+        match tokio::time::timeout(T, link.recv::<HomeFrame>())
+            .await
+            .expect("answer in time")
+            .unwrap()
+        {
+            Recv::Frame(f) => return f,
+            Recv::Alive => continue,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+/// The secret of an agent config written by `popupd user add`.
+fn secret_of(cfg: &std::path::Path) -> String {
+    let y = std::fs::read_to_string(cfg).unwrap();
+    y.lines()
+        .find_map(|l| l.trim().strip_prefix("secret: "))
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_clearly_and_breaks_nothing() {
+    popupd::net::tls::install_default_provider();
+    let dir = TestDir::new("refusals");
+    let net = Network::start(&dir.path).await.unwrap();
+    let ca = dir.path.join("pki/ca.crt");
+    let a_cfg = net.add_user(0, "alice").unwrap();
+    let b_cfg = net.add_user(1, "bob").unwrap();
+
+    // A handle is unique in the network.
+    let o = popupd(&[
+        "user",
+        "add",
+        "alice",
+        "-c",
+        net.home_config(1).to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("belongs to home home-a.test"), "{e}");
+
+    // 1. Wrong device credential.
+    let mut link = net::dial(&agent_dial(&net, &ca)).await.unwrap();
+    link.send(&AgentFrame::Hello {
+        v: PROTOCOL_VERSION,
+        handle: "alice".into(),
+        device: "desktop".into(),
+        secret: "wrong".into(),
+    })
+    .await
+    .unwrap();
+    match next_home(&mut link).await {
+        HomeFrame::Error {
+            code: ErrorCode::AuthFailed,
+            message,
+            ..
+        } => assert!(message.contains("popupd user add"), "{message}"),
+        f => panic!("expected auth_failed, got {f:?}"),
+    }
+
+    // 2. Garbage and a spoofed sender on an authenticated link: error frames, link stays up.
+    let mut link = net::dial(&agent_dial(&net, &ca)).await.unwrap();
+    link.send(&AgentFrame::Hello {
+        v: PROTOCOL_VERSION,
+        handle: "alice".into(),
+        device: "desktop".into(),
+        secret: secret_of(&a_cfg),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        next_home(&mut link).await,
+        HomeFrame::Welcome { .. }
+    ));
+    link.send_text("{this is not json".into()).await.unwrap();
+    assert!(matches!(
+        next_home(&mut link).await,
+        HomeFrame::Error {
+            code: ErrorCode::BadFrame,
+            ..
+        }
+    ));
+    link.send_text(r#"{"t":"launch_missiles"}"#.into())
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_home(&mut link).await,
+        HomeFrame::Error {
+            code: ErrorCode::BadFrame,
+            ..
+        }
+    ));
+    let spoof = new_id();
+    link.send(&AgentFrame::Send {
+        id: spoof.clone(),
+        from: Some("bob".into()),
+        to: "bob".into(),
+        text: "I am bob".into(),
+        reply_to: None,
+    })
+    .await
+    .unwrap();
+    match next_home(&mut link).await {
+        HomeFrame::Error {
+            code: ErrorCode::SpoofedSender,
+            id,
+            ..
+        } => assert_eq!(id.as_deref(), Some(spoof.as_str())),
+        f => panic!("expected spoofed_sender, got {f:?}"),
+    }
+    let ok = new_id();
+    link.send(&AgentFrame::Send {
+        id: ok.clone(),
+        from: None,
+        to: "bob".into(),
+        text: "still here".into(),
+        reply_to: None,
+    })
+    .await
+    .unwrap();
+    loop {
+        match next_home(&mut link).await {
+            HomeFrame::Accepted { id } if id == ok => break,
+            HomeFrame::Event { .. } => continue,
+            f => panic!("expected accepted, got {f:?}"),
+        }
+    }
+    // 3. An oversized frame: error frame, then the link is closed cleanly.
+    link.send_text("x".repeat(200 * 1024)).await.unwrap();
+    assert!(matches!(
+        next_home(&mut link).await,
+        HomeFrame::Error {
+            code: ErrorCode::TooLarge,
+            ..
+        }
+    ));
+
+    // 4. A certificate from another CA: the home refuses the TLS handshake.
+    let other = dir.path.join("other-ca");
+    let other_s = other.to_str().unwrap();
+    assert!(popupd(&["ca", "init", "--dir", other_s]).status.success());
+    assert!(
+        popupd(&["ca", "issue", HOME_B, "--dir", other_s])
+            .status
+            .success()
+    );
+    let rogue = tls::Identity::load(
+        &other.join(format!("{HOME_B}.crt")),
+        &other.join(format!("{HOME_B}.key")),
+    )
+    .unwrap();
+    let dial = Dial {
+        address: net.home_addrs[0].clone(),
+        name: HOME_A.into(),
+        path: PEER_PATH,
+        tls: tls::client_config(tls::roots_from(&ca).unwrap(), Some(&rogue)).unwrap(),
+        proxy: None,
+    };
+    let r = net::dial(&dial).await;
+    let refused = match r {
+        Err(_) => true,
+        Ok(mut l) => {
+            let _ = l
+                .send(&PeerFrame::Hello {
+                    v: PROTOCOL_VERSION,
+                    home: HOME_B.into(),
+                })
+                .await;
+            !matches!(
+                l.recv::<PeerFrame>().await,
+                Ok(Recv::Frame(PeerFrame::Welcome { .. }))
+            )
+        }
+    };
+    assert!(
+        refused,
+        "a home with a certificate from another CA must be refused"
+    );
+    // And an agent that trusts another CA refuses the home.
+    assert!(
+        net::dial(&agent_dial(&net, &other.join("ca.crt")))
+            .await
+            .is_err()
+    );
+
+    // 5. A real home claiming a user of another home: refused as spoofed.
+    let b_id = tls::Identity::load(
+        &dir.path.join(format!("pki/{HOME_B}.crt")),
+        &dir.path.join(format!("pki/{HOME_B}.key")),
+    )
+    .unwrap();
+    let mut peer = net::dial(&Dial {
+        address: net.home_addrs[0].clone(),
+        name: HOME_A.into(),
+        path: PEER_PATH,
+        tls: tls::client_config(tls::roots_from(&ca).unwrap(), Some(&b_id)).unwrap(),
+        proxy: None,
+    })
+    .await
+    .unwrap();
+    peer.send(&PeerFrame::Hello {
+        v: PROTOCOL_VERSION,
+        home: HOME_B.into(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        peer.recv::<PeerFrame>().await.unwrap(),
+        Recv::Frame(PeerFrame::Welcome { .. })
+    ));
+    let forged = Message {
+        id: new_id(),
+        from: "alice".into(),
+        to: "alice".into(),
+        text: "forged".into(),
+        sent_at: 0,
+        reply_to: None,
+    };
+    peer.send(&PeerFrame::Deliver { n: 1, msg: forged })
+        .await
+        .unwrap();
+    loop {
+        match peer.recv::<PeerFrame>().await.unwrap() {
+            Recv::Frame(PeerFrame::Ack {
+                n: 1,
+                refused: Some(r),
+            }) => {
+                assert_eq!(r.code, ErrorCode::SpoofedSender);
+                break;
+            }
+            Recv::Alive => continue,
+            f => panic!("expected a refusal, got {f:?}"),
+        }
+    }
+    let home_a_log = net.homes[0].log_text();
+    assert!(
+        home_a_log.contains("spoofed sender refused"),
+        "the refusal is logged"
+    );
+
+    // 6. Nothing crashed: a normal message still flows end to end.
+    let alice = Agent::start(&dir.path, "alice", &a_cfg, "", &[])
+        .await
+        .unwrap();
+    let bob = Agent::start(&dir.path, "bob", &b_cfg, "", &[])
+        .await
+        .unwrap();
+    alice.wait_connected(true, T).await.unwrap();
+    let id = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("bob", "after all that")
+        .await
+        .unwrap();
+    bob.wait_for("the message", T, |s| s.received.iter().any(|r| r.0 == id))
+        .await
+        .unwrap();
+    // The earlier "still here" came too (sent on the raw link as alice).
+    bob.wait_for("the raw-link message", T, |s| {
+        s.received.iter().any(|r| r.0 == ok)
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn config_errors_name_file_line_and_field() {
+    let dir = TestDir::new("config");
+    let f = dir.path.join("bad.yaml");
+    std::fs::write(
+        &f,
+        "global:\n  name: g.test\n  listen: 127.0.0.1:1\n  colour: blue\n",
+    )
+    .unwrap();
+    let o = popupd(&["check-config", f.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("bad.yaml:4:"), "names file and line: {e}");
+    assert!(e.contains("colour"), "names the key: {e}");
+    assert!(e.contains("hint:"), "gives a hint: {e}");
+
+    std::fs::write(&f, "home:\n  name: h.test\n  listen: nowhere\n  cert: a\n  key: b\n  ca: c\n  data_dir: d\n  global: { name: g.test, address: \"g:1\" }\n").unwrap();
+    let e =
+        String::from_utf8_lossy(&popupd(&["check-config", f.to_str().unwrap()]).stderr).to_string();
+    assert!(
+        e.contains(":3:") && e.contains("home.listen"),
+        "bad address: {e}"
+    );
+
+    std::fs::write(&f, "global:\n  name: g.test\n  listen: 127.0.0.1:1\n  cert: /nonexistent.crt\n  key: k\n  ca: c\n  data_dir: d\n").unwrap();
+    let e =
+        String::from_utf8_lossy(&popupd(&["check-config", f.to_str().unwrap()]).stderr).to_string();
+    assert!(
+        e.contains(":4:") && e.contains("global.cert") && e.contains("/nonexistent.crt"),
+        "unreadable cert: {e}"
+    );
+
+    let o = popupd(&["check-config", "/nonexistent/popupd.yaml"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/popupd.yaml"));
+}
