@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need (Debian packages) when
+# missing, builds the workspace once, and runs every test against it.
+#   scripts/test.sh            # everything
+#   scripts/test.sh -- NAME    # only tests matching NAME
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v dbus-daemon >/dev/null || need+=(dbus)
+command -v nft >/dev/null || need+=(nftables)
+command -v ip >/dev/null || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  elif command -v sudo >/dev/null; then
+    sudo apt-get update -qq
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "missing ${need[*]}: install them (apt install ${need[*]}) or run as root" >&2
+  fi
+fi
+
+# One build shared by every test: the end-to-end tests run these binaries.
+cargo build --workspace --locked
+cargo test --workspace --locked "$@"
