@@ -19,12 +19,13 @@ use popupd_ipc::Agent1Proxy;
 /// Path of a workspace binary.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/debug/deps/e2e-HASH -> target/debug/NAME
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join(name);
+    // target/debug/deps/e2e-HASH (a test) or target/release/popupd-bench (a
+    // binary) -> that profile's directory.
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
+    let p = dir.join(name);
     assert!(
         p.exists(),
         "{} is missing: run `cargo build --workspace` first",
@@ -143,6 +144,26 @@ impl Proc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// CPU time used so far (user + system), from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let Some(pid) = self.pid() else {
+            return Duration::ZERO;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at ')'.
+        let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line: 11 and 12 after ')'.
+        let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = field(11) + field(12);
+        Duration::from_millis(ticks * 10)
     }
 
     /// Starts it again with the same command line.

@@ -20,7 +20,10 @@ struct Netns {
 }
 
 fn sh(args: &[&str]) -> Result<(), String> {
-    let o = Command::new(args[0]).args(&args[1..]).output().map_err(|e| e.to_string())?;
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| e.to_string())?;
     if o.status.success() {
         Ok(())
     } else {
@@ -33,10 +36,18 @@ impl Netns {
         let name = format!("popupd-e2e-{n}");
         let veth = format!("pvh{n}");
         let peer = format!("pvn{n}");
-        let ns = Netns { name: name.clone(), veth: veth.clone() };
-        let (host, inner) = (format!("10.231.{}.1/30", n % 250), format!("10.231.{}.2/30", n % 250));
+        let ns = Netns {
+            name: name.clone(),
+            veth: veth.clone(),
+        };
+        let (host, inner) = (
+            format!("10.231.{}.1/30", n % 250),
+            format!("10.231.{}.2/30", n % 250),
+        );
         sh(&["ip", "netns", "add", &name])?;
-        sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
+        sh(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer,
+        ])?;
         sh(&["ip", "link", "set", &peer, "netns", &name])?;
         sh(&["ip", "addr", "add", &host, "dev", &veth])?;
         sh(&["ip", "link", "set", &veth, "up"])?;
@@ -47,7 +58,15 @@ impl Netns {
         let rules = "table inet fw {\n chain input {\n  type filter hook input priority 0; policy drop;\n  ct state established,related accept\n  iif lo accept\n }\n}\n";
         let f = std::env::temp_dir().join(format!("popupd-e2e-fw-{n}.nft"));
         std::fs::write(&f, rules).map_err(|e| e.to_string())?;
-        sh(&["ip", "netns", "exec", &name, "nft", "-f", f.to_str().unwrap_or_default()])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &name,
+            "nft",
+            "-f",
+            f.to_str().unwrap_or_default(),
+        ])?;
         Ok(ns)
     }
 }
@@ -63,11 +82,17 @@ impl Drop for Netns {
 async fn agent_behind_inbound_firewall_and_proxy_sends_and_receives() {
     const NAME: &str = "agent_behind_inbound_firewall_and_proxy_sends_and_receives";
     if !is_root() {
-        return skip(NAME, "needs root to create a network namespace (CI runs it as root)");
+        return skip(
+            NAME,
+            "needs root to create a network namespace (CI runs it as root)",
+        );
     }
     for tool in ["ip", "nft"] {
         if !have(tool) {
-            return skip(NAME, &format!("`{tool}` is not installed (apt install iproute2 nftables)"));
+            return skip(
+                NAME,
+                &format!("`{tool}` is not installed (apt install iproute2 nftables)"),
+            );
         }
     }
     let n = std::process::id() % 250;
@@ -77,10 +102,17 @@ async fn agent_behind_inbound_firewall_and_proxy_sends_and_receives() {
 
     let dir = TestDir::new("firewall");
     let net = Network::start(&dir.path).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let proxy_addr = format!("{host_ip}:{port}");
     let _proxy = Proc::spawn(
-        &[bin("popupd-test-proxy").display().to_string(), proxy_addr.clone()],
+        &[
+            bin("popupd-test-proxy").display().to_string(),
+            proxy_addr.clone(),
+        ],
         &dir.path.join("proxy.log"),
     )
     .unwrap();
@@ -89,10 +121,16 @@ async fn agent_behind_inbound_firewall_and_proxy_sends_and_receives() {
     // Inside the namespace, the home is unreachable except through the proxy.
     let direct = Command::new("ip")
         .args(["netns", "exec", &ns.name, "timeout", "3", "bash", "-c"])
-        .arg(format!("exec 3<>/dev/tcp/{}", net.home_addrs[0].replace(':', "/")))
+        .arg(format!(
+            "exec 3<>/dev/tcp/{}",
+            net.home_addrs[0].replace(':', "/")
+        ))
         .output()
         .unwrap();
-    assert!(!direct.status.success(), "the namespace must have no direct way to the home");
+    assert!(
+        !direct.status.success(),
+        "the namespace must have no direct way to the home"
+    );
 
     let a = net.add_user(0, "alice").unwrap();
     let b = net.add_user(1, "bob").unwrap();
@@ -111,7 +149,14 @@ async fn agent_behind_inbound_firewall_and_proxy_sends_and_receives() {
 
     // Nothing gets in: a listener inside the namespace is unreachable from outside.
     let _listener = Proc::spawn(
-        &["ip".into(), "netns".into(), "exec".into(), ns.name.clone(), bin("popupd-test-proxy").display().to_string(), format!("{inner_ip}:9")],
+        &[
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            ns.name.clone(),
+            bin("popupd-test-proxy").display().to_string(),
+            format!("{inner_ip}:9"),
+        ],
         &dir.path.join("inner-listener.log"),
     )
     .unwrap();
@@ -121,19 +166,48 @@ async fn agent_behind_inbound_firewall_and_proxy_sends_and_receives() {
         .arg(format!("exec 3<>/dev/tcp/{inner_ip}/9"))
         .status()
         .unwrap();
-    assert!(inside.success(), "control: the listener answers from inside the namespace");
-    let inbound = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(format!("{inner_ip}:9"))).await;
-    assert!(!matches!(inbound, Ok(Ok(_))), "an inbound connection into the namespace must fail");
+    assert!(
+        inside.success(),
+        "control: the listener answers from inside the namespace"
+    );
+    let inbound = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(format!("{inner_ip}:9")),
+    )
+    .await;
+    assert!(
+        !matches!(inbound, Ok(Ok(_))),
+        "an inbound connection into the namespace must fail"
+    );
 
     // Yet alice sends, bob answers, and the answer comes down her back connection.
-    let id = alice.proxy().await.unwrap().send("bob", "from behind the firewall").await.unwrap();
-    bob.wait_for("alice's message", T, |s| s.received.iter().any(|r| r.0 == id)).await.unwrap();
+    let id = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("bob", "from behind the firewall")
+        .await
+        .unwrap();
+    bob.wait_for("alice's message", T, |s| {
+        s.received.iter().any(|r| r.0 == id)
+    })
+    .await
+    .unwrap();
     let bp = bob.proxy().await.unwrap();
     bp.mark_read(&id).await.unwrap();
     let reply = bp.reply(&id, "got it").await.unwrap();
-    alice.wait_for("bob's reply", T, |s| s.received.iter().any(|r| r.0 == reply && r.2 == "got it")).await.unwrap();
     alice
-        .wait_for("delivered then read", T, |s| s.status.get(&id).is_some_and(|v| v.ends_with(&["delivered".into(), "read".into()])))
+        .wait_for("bob's reply", T, |s| {
+            s.received.iter().any(|r| r.0 == reply && r.2 == "got it")
+        })
+        .await
+        .unwrap();
+    alice
+        .wait_for("delivered then read", T, |s| {
+            s.status
+                .get(&id)
+                .is_some_and(|v| v.ends_with(&["delivered".into(), "read".into()]))
+        })
         .await
         .unwrap();
 }

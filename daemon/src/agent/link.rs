@@ -129,8 +129,26 @@ async fn session(
     link: &mut Link<ClientTls>,
     up: &mut mpsc::UnboundedReceiver<Up>,
 ) -> (String, Option<Duration>) {
-    let mut inflight: HashSet<String> = HashSet::new();
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let ended = session_loop(agent, link, up, &mut pending).await;
+    // What was committed is signalled even though the link is gone: the
+    // home redelivers it (it was not acked) and the store then says "not
+    // new", so this is the only chance to show it.
+    while let Some(d) = pending.next().await {
+        if let Done::Event(_, Ok(sig)) | Done::Status(Ok(sig)) = d {
+            emit(agent, sig).await;
+        }
+    }
+    ended
+}
+
+async fn session_loop(
+    agent: &Arc<Agent>,
+    link: &mut Link<ClientTls>,
+    up: &mut mpsc::UnboundedReceiver<Up>,
+    pending: &mut FuturesOrdered<Pending>,
+) -> (String, Option<Duration>) {
+    let mut inflight: HashSet<String> = HashSet::new();
     let keepalive = agent.cfg.keepalive;
     let mut ping = tokio::time::interval(keepalive);
     ping.tick().await;
@@ -174,7 +192,7 @@ async fn session(
                         return ("home is restarting".into(), Some(Duration::from_millis(reconnect_after_ms)));
                     }
                     Ok(Recv::Frame(f)) => {
-                        on_frame(agent, f, last_seq, &mut inflight, &mut pending);
+                        on_frame(agent, f, last_seq, &mut inflight, pending);
                         Ok(())
                     }
                     Ok(Recv::Bad(e)) => { tracing::warn!("malformed frame from home: {e}"); Ok(()) }

@@ -223,17 +223,36 @@ impl AgentConn {
     async fn run(
         &mut self,
         link: &mut Link<ServerTls>,
-        mut rx: mpsc::Receiver<Arc<Push>>,
+        rx: mpsc::Receiver<Arc<Push>>,
         lag: Arc<Notify>,
         replaced: Shutdown,
     ) -> String {
         if let Err(e) = self.replay(link).await {
             return e.to_string();
         }
+        let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+        let why = self.run_loop(link, rx, lag, replaced, &mut pending).await;
+        // Commits that finished after the link failed still have effects
+        // (pushes to recipients, forward-queue wakes): apply them.
+        while let Some(d) = pending.next().await {
+            if let Done::Accepted(_, Ok((_, fx))) | Done::Applied(Ok(fx)) = d {
+                self.home.apply(fx);
+            }
+        }
+        why
+    }
+
+    async fn run_loop(
+        &mut self,
+        link: &mut Link<ServerTls>,
+        mut rx: mpsc::Receiver<Arc<Push>>,
+        lag: Arc<Notify>,
+        replaced: Shutdown,
+        pending: &mut FuturesOrdered<Pending>,
+    ) -> String {
         let idle = self.home.cfg.idle_timeout;
         let mut check = tokio::time::interval(idle / 4);
         let mut last_heard = Instant::now();
-        let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
         let mut bad = 0u32;
         let shutdown = self.home.shutdown.clone();
         loop {
@@ -253,7 +272,7 @@ impl AgentConn {
                 r = link.recv::<AgentFrame>() => {
                     last_heard = Instant::now();
                     match r {
-                        Ok(Recv::Frame(f)) => self.on_frame(link, f, &mut pending).await,
+                        Ok(Recv::Frame(f)) => self.on_frame(link, f, pending).await,
                         Ok(Recv::Bad(e)) => {
                             bad += 1;
                             tracing::info!(peer = %self.peer, handle = %self.handle, "malformed frame: {e}");
@@ -342,9 +361,17 @@ impl AgentConn {
                     sent_at: now_ms(),
                     reply_to,
                 };
+                // With the route cached, the message is queued straight for
+                // its home; otherwise the router asks the global server.
+                let dest = self
+                    .home
+                    .dir
+                    .cached(&msg.to)
+                    .map(|r| r.home)
+                    .filter(|h| *h != self.home.cfg.name);
                 let p = store.submit(move |s| {
                     let mut fx = Effects::default();
-                    let o = s.accept_send(&msg, &mut fx)?;
+                    let o = s.accept_send(&msg, dest.as_deref(), &mut fx)?;
                     Ok((o, fx))
                 });
                 pending.push_back(Box::pin(async move { Done::Accepted(id, p.await) }));

@@ -94,15 +94,19 @@ impl Directory {
         }
     }
 
+    /// The cached route of `handle`, if fresh; never asks.
+    pub fn cached(&self, handle: &str) -> Option<Route> {
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes
+            .get(handle)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(r, _)| r.clone())
+    }
+
     /// Where `handle` lives: from the cache, else from the global server.
     pub async fn lookup(&self, handle: &str) -> Result<Option<Route>, DirError> {
-        {
-            let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((r, at)) = routes.get(handle) {
-                if at.elapsed() < self.ttl {
-                    return Ok(Some(r.clone()));
-                }
-            }
+        if let Some(r) = self.cached(handle) {
+            return Ok(Some(r));
         }
         match self.ask(Ask::Lookup(handle.to_owned())).await? {
             GlobalReply::Route { route, .. } => {

@@ -52,9 +52,9 @@ impl Home {
         for p in fx.pushes {
             self.registry.push(p);
         }
-        for (_, dest) in fx.queued {
+        for (n, dest) in fx.queued {
             match dest {
-                Some(home) => peers::kick(self, &home),
+                Some(home) => peers::kick(self, &home, Some(n)),
                 None => self.route_kick.notify_one(),
             }
         }

@@ -34,10 +34,44 @@ use crate::task::{Backoff, sleep_or_shutdown};
 const PEER_IDLE: Duration = Duration::from_secs(60);
 /// Ping interval on peer links.
 const PEER_PING: Duration = Duration::from_secs(15);
+/// How often every queued item is looked at again, whatever the wakes said.
+const SWEEP: Duration = Duration::from_secs(30);
+
+/// What a link should send next: the items it was told about, or (after a
+/// restart or reconnect) everything queued for its peer. Telling the link
+/// which items are new keeps a busy link from re-reading its whole queue.
+#[derive(Default)]
+struct Wake {
+    notify: Notify,
+    wanted: Mutex<Wanted>,
+}
+
+#[derive(Default)]
+struct Wanted {
+    all: bool,
+    ns: Vec<u64>,
+}
+
+impl Wake {
+    fn add(&self, n: Option<u64>) {
+        {
+            let mut w = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+            match n {
+                Some(n) => w.ns.push(n),
+                None => w.all = true,
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Wanted {
+        std::mem::take(&mut *self.wanted.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
 
 #[derive(Default)]
 struct Slot {
-    kick: Arc<Notify>,
+    kick: Arc<Wake>,
     /// Link actors and dialers running for this peer.
     tasks: usize,
 }
@@ -63,11 +97,12 @@ impl Peers {
     }
 }
 
-/// There are items for `dest`: wake its link, or start dialing it.
-pub fn kick(home: &Arc<Home>, dest: &str) {
+/// Item `n` (or, for `None`, every item) waits for `dest`: wake its link, or
+/// start dialing it.
+pub fn kick(home: &Arc<Home>, dest: &str, n: Option<u64>) {
     let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
     let slot = slots.entry(dest.to_owned()).or_default();
-    slot.kick.notify_one();
+    slot.kick.add(n);
     if slot.tasks == 0 {
         slot.tasks += 1;
         tokio::spawn(dialer(home.clone(), dest.to_owned()));
@@ -75,7 +110,7 @@ pub fn kick(home: &Arc<Home>, dest: &str) {
 }
 
 /// Registers a task for `peer`; returns its kick.
-fn enter(home: &Home, peer: &str) -> Arc<Notify> {
+fn enter(home: &Home, peer: &str) -> Arc<Wake> {
     let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
     let slot = slots.entry(peer.to_owned()).or_default();
     slot.tasks += 1;
@@ -96,7 +131,7 @@ async fn leave(home: &Arc<Home>, peer: &str) {
     let p = peer.to_owned();
     let waiting = home.store.run(move |s| s.outq(Some(&p))).await;
     if waiting.is_ok_and(|w| !w.is_empty()) {
-        kick(home, peer);
+        kick(home, peer, None);
     }
 }
 
@@ -224,19 +259,49 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
     home: &Arc<Home>,
     link: &mut Link<S>,
     peer: &str,
-    kick: &Notify,
+    kick: &Wake,
+) -> String {
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let why = serve_loop(home, link, peer, kick, &mut pending).await;
+    // Commits that finished after the link failed still have effects.
+    while let Some(d) = pending.next().await {
+        if let Done::Ack(_, Ok(fx)) | Done::Applied(Ok(fx)) = d {
+            home.apply(fx);
+        }
+    }
+    why
+}
+
+async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    home: &Arc<Home>,
+    link: &mut Link<S>,
+    peer: &str,
+    kick: &Wake,
+    pending: &mut FuturesOrdered<Pending>,
 ) -> String {
     let mut inflight: HashSet<u64> = HashSet::new();
-    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut ping = tokio::time::interval(PEER_PING);
     let mut last_heard = Instant::now();
-    if let Err(e) = send_queued(home, link, peer, &mut inflight).await {
+    // A new link sends everything queued; later wakes name new items.
+    kick.take();
+    if let Err(e) = send_queued(
+        home,
+        link,
+        peer,
+        &mut inflight,
+        Wanted {
+            all: true,
+            ns: Vec::new(),
+        },
+    )
+    .await
+    {
         return e.to_string();
     }
     loop {
         let step: Result<(), LinkError> = tokio::select! {
             _ = home.shutdown.cancelled() => return "shutting down".into(),
-            _ = kick.notified() => send_queued(home, link, peer, &mut inflight).await,
+            _ = kick.notify.notified() => send_queued(home, link, peer, &mut inflight, kick.take()).await,
             Some(d) = pending.next(), if !pending.is_empty() => match d {
                 Done::Ack(n, Ok(fx)) => {
                     home.apply(fx);
@@ -257,7 +322,7 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
             r = link.recv::<PeerFrame>() => {
                 last_heard = Instant::now();
                 match r {
-                    Ok(Recv::Frame(f)) => on_frame(home, link, peer, f, &mut pending, &mut inflight).await,
+                    Ok(Recv::Frame(f)) => on_frame(home, link, peer, f, pending, &mut inflight).await,
                     Ok(Recv::Bad(e)) => {
                         tracing::warn!(peer, "malformed frame from peer: {e}");
                         link.send(&PeerFrame::Error { code: ErrorCode::BadFrame, message: e }).await
@@ -349,9 +414,16 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
                         ErrorCode::NoSuchUser => "no such user".to_string(),
                         _ => r.message,
                     };
+                    let gone = r.code == ErrorCode::NoSuchUser;
+                    let h = home.clone();
                     store.submit(move |s| {
                         let mut fx = Effects::default();
-                        s.outq_fail(n, &reason, &mut fx)?;
+                        if let Some(item) = s.outq_fail(n, &reason, &mut fx)? {
+                            if gone {
+                                // The user left that home: ask the directory afresh next time.
+                                h.dir.invalidate(item.dest_handle());
+                            }
+                        }
                         Ok(fx)
                     })
                 }
@@ -388,17 +460,27 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
-/// Sends every queued item for `peer` not already on this link.
+/// Sends the wanted items for `peer` not already on this link.
 async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
     home: &Arc<Home>,
     link: &mut Link<S>,
     peer: &str,
     inflight: &mut HashSet<u64>,
+    wanted: Wanted,
 ) -> Result<(), LinkError> {
+    if !wanted.all && wanted.ns.is_empty() {
+        return Ok(());
+    }
     let p = peer.to_owned();
     let items = home
         .store
-        .run(move |s| s.outq(Some(&p)))
+        .run(move |s| {
+            if wanted.all {
+                s.outq(Some(&p))
+            } else {
+                s.outq_items(&p, &wanted.ns)
+            }
+        })
         .await
         .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
     let mut any = false;
@@ -450,35 +532,50 @@ pub async fn route(home: Arc<Home>) {
                 continue;
             }
         };
+        // Resolve every item (cache first, then the global server), then
+        // record all the routes in one commit.
+        let mut routed: Vec<(u64, String)> = Vec::new();
+        let mut unknown: Vec<u64> = Vec::new();
         for (n, item) in items {
             let handle = item.dest_handle().to_owned();
             match home.dir.lookup(&handle).await {
-                Ok(Some(r)) if r.home != home.cfg.name => {
-                    let dest = r.home.clone();
-                    if let Err(e) = home.store.run(move |s| s.outq_route(n, &dest)).await {
-                        tracing::error!("router: {e}");
-                    }
-                    kick(&home, &r.home);
-                }
+                Ok(Some(r)) if r.home != home.cfg.name => routed.push((n, r.home)),
                 Ok(_) => {
                     tracing::info!(%handle, "no such user in the network");
-                    let r = home
-                        .store
-                        .run(move |s| {
-                            let mut fx = Effects::default();
-                            s.outq_fail(n, "no such user", &mut fx)?;
-                            Ok(fx)
-                        })
-                        .await;
-                    match r {
-                        Ok(fx) => home.apply(fx),
-                        Err(e) => tracing::error!("router: {e}"),
-                    }
+                    unknown.push(n);
                 }
                 Err(e) => {
                     tracing::warn!(%handle, "cannot route yet: {e}");
                     retry = Some(backoff.next_delay());
                     break;
+                }
+            }
+        }
+        if !routed.is_empty() || !unknown.is_empty() {
+            let r2 = routed.clone();
+            let r = home
+                .store
+                .run(move |s| {
+                    let mut fx = Effects::default();
+                    for (n, dest) in &r2 {
+                        s.outq_route(*n, dest)?;
+                    }
+                    for n in unknown {
+                        s.outq_fail(n, "no such user", &mut fx)?;
+                    }
+                    Ok(fx)
+                })
+                .await;
+            match r {
+                Ok(fx) => {
+                    home.apply(fx);
+                    for (n, dest) in routed {
+                        kick(&home, &dest, Some(n));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("router: {e}");
+                    retry = Some(backoff.next_delay());
                 }
             }
         }
@@ -492,14 +589,23 @@ pub async fn route(home: Arc<Home>) {
     }
 }
 
-/// At start: wake the links of every home with items still queued.
+/// At start, and every [`SWEEP`] after: wake the links of every home with
+/// items still queued. Wakes are normally precise (each new item names its
+/// link); the sweep is the safety net that makes a lost wake cost a delay,
+/// never a message.
 pub async fn resume_queued(home: Arc<Home>) {
-    match home.store.run(|s| s.outq_dests()).await {
-        Ok(dests) => {
-            for d in dests {
-                kick(&home, &d);
+    loop {
+        match home.store.run(|s| s.outq_dests()).await {
+            Ok(dests) => {
+                for d in dests {
+                    kick(&home, &d, None);
+                }
             }
+            Err(e) => tracing::error!("reading the forward queue: {e}"),
         }
-        Err(e) => tracing::error!("reading the forward queue: {e}"),
+        home.route_kick.notify_one();
+        if sleep_or_shutdown(SWEEP, &home.shutdown).await {
+            return;
+        }
     }
 }

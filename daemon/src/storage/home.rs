@@ -107,8 +107,14 @@ pub trait HomeStore: super::Batchable {
         limit: usize,
     ) -> Result<Vec<(u64, String)>, StoreError>;
     /// Stores a message from a local sender: into the recipient's mailbox if
-    /// local, else into the forward queue.
-    fn accept_send(&mut self, msg: &Message, fx: &mut Effects) -> Result<SendOutcome, StoreError>;
+    /// local, else into the forward queue (routed to `dest` if the caller
+    /// already knows the recipient's home).
+    fn accept_send(
+        &mut self,
+        msg: &Message,
+        dest: Option<&str>,
+        fx: &mut Effects,
+    ) -> Result<SendOutcome, StoreError>;
     /// A device stored everything up to `seq`.
     fn ack(
         &mut self,
@@ -137,12 +143,19 @@ pub trait HomeStore: super::Batchable {
     ) -> Result<(), StoreError>;
     /// Forward-queue items for `dest` (None: not yet routed), oldest first.
     fn outq(&mut self, dest: Option<&str>) -> Result<Vec<(u64, OutItem)>, StoreError>;
+    /// The items `ns` that go to `dest`.
+    fn outq_items(&mut self, dest: &str, ns: &[u64]) -> Result<Vec<(u64, OutItem)>, StoreError>;
     fn outq_route(&mut self, n: u64, dest: &str) -> Result<(), StoreError>;
     /// Homes that have items waiting.
     fn outq_dests(&mut self) -> Result<Vec<String>, StoreError>;
     fn outq_done(&mut self, n: u64) -> Result<(), StoreError>;
     /// Drops item `n` for good; a message becomes `failed` for its sender.
-    fn outq_fail(&mut self, n: u64, reason: &str, fx: &mut Effects) -> Result<(), StoreError>;
+    fn outq_fail(
+        &mut self,
+        n: u64,
+        reason: &str,
+        fx: &mut Effects,
+    ) -> Result<Option<OutItem>, StoreError>;
 }
 
 /// [`HomeStore`] on SQLite.
@@ -422,7 +435,12 @@ impl HomeStore for SqliteHome {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn accept_send(&mut self, msg: &Message, fx: &mut Effects) -> Result<SendOutcome, StoreError> {
+    fn accept_send(
+        &mut self,
+        msg: &Message,
+        dest: Option<&str>,
+        fx: &mut Effects,
+    ) -> Result<SendOutcome, StoreError> {
         let prior: Option<String> = self
             .conn
             .prepare_cached("SELECT sender FROM sent WHERE id = ?1")?
@@ -444,7 +462,7 @@ impl HomeStore for SqliteHome {
         if self.user_exists(&msg.to)? {
             self.store_incoming(None, msg, fx)?;
         } else {
-            self.enqueue(None, &OutItem::Deliver(msg.clone()), fx)?;
+            self.enqueue(dest, &OutItem::Deliver(msg.clone()), fx)?;
         }
         Ok(SendOutcome::Accepted)
     }
@@ -582,6 +600,24 @@ impl HomeStore for SqliteHome {
         Ok(out)
     }
 
+    fn outq_items(&mut self, dest: &str, ns: &[u64]) -> Result<Vec<(u64, OutItem)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT item FROM outq WHERE n = ?1 AND dest = ?2")?;
+        let mut out = Vec::with_capacity(ns.len());
+        for &n in ns {
+            let json: Option<String> = st
+                .query_row(params![n as i64, dest], |r| r.get(0))
+                .optional()?;
+            match json.map(|j| serde_json::from_str(&j)) {
+                Some(Ok(item)) => out.push((n, item)),
+                Some(Err(e)) => tracing::error!(n, "unreadable forward-queue item skipped: {e}"),
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+
     fn outq_route(&mut self, n: u64, dest: &str) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("UPDATE outq SET dest = ?2 WHERE n = ?1")?
@@ -604,7 +640,12 @@ impl HomeStore for SqliteHome {
         Ok(())
     }
 
-    fn outq_fail(&mut self, n: u64, reason: &str, fx: &mut Effects) -> Result<(), StoreError> {
+    fn outq_fail(
+        &mut self,
+        n: u64,
+        reason: &str,
+        fx: &mut Effects,
+    ) -> Result<Option<OutItem>, StoreError> {
         let item: Option<String> = self
             .conn
             .query_row(
@@ -613,10 +654,11 @@ impl HomeStore for SqliteHome {
                 |r| r.get(0),
             )
             .optional()?;
-        if let Some(Ok(OutItem::Deliver(m))) = item.map(|j| serde_json::from_str(&j)) {
+        let item: Option<OutItem> = item.and_then(|j| serde_json::from_str(&j).ok());
+        if let Some(OutItem::Deliver(m)) = &item {
             self.apply_receipt(&m.id, &m.from, Delivery::Failed, Some(reason), fx)?;
         }
-        Ok(())
+        Ok(item)
     }
 }
 
@@ -653,14 +695,19 @@ mod tests {
         }
         let mut fx = Effects::default();
         assert_eq!(
-            s.accept_send(&msg("m1", "alice", "bob"), &mut fx).unwrap(),
+            s.accept_send(&msg("m1", "alice", "bob"), None, &mut fx)
+                .unwrap(),
             SendOutcome::Accepted
         );
         assert_eq!(
-            s.accept_send(&msg("m1", "alice", "bob"), &mut fx).unwrap(),
+            s.accept_send(&msg("m1", "alice", "bob"), None, &mut fx)
+                .unwrap(),
             SendOutcome::Duplicate
         );
-        assert!(s.accept_send(&msg("m1", "bob", "alice"), &mut fx).is_err());
+        assert!(
+            s.accept_send(&msg("m1", "bob", "alice"), None, &mut fx)
+                .is_err()
+        );
         assert_eq!(fx.pushes.len(), 1);
         assert_eq!(fx.pushes[0].handle, "bob");
         assert_eq!(s.mailbox_after("bob", 0, 10).unwrap().len(), 1);
@@ -691,7 +738,8 @@ mod tests {
         s.add_user("alice").unwrap();
         s.add_device("alice", "d", "h").unwrap();
         let mut fx = Effects::default();
-        s.accept_send(&msg("m2", "alice", "zed"), &mut fx).unwrap();
+        s.accept_send(&msg("m2", "alice", "zed"), None, &mut fx)
+            .unwrap();
         assert_eq!(fx.queued.len(), 1);
         let q = s.outq(None).unwrap();
         assert_eq!(q.len(), 1);

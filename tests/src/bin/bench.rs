@@ -1,0 +1,356 @@
+//! `popupd-bench`: figures for the messaging core, printed as a table.
+//!
+//! Starts a real network (global server and two homes as separate `popupd`
+//! processes, durable SQLite storage) on loopback and measures:
+//!
+//! 1. `throughput`: senders on home A, recipients on home B, speaking the
+//!    real agent protocol over TLS WebSockets (no D-Bus): messages/s
+//!    accepted and delivered end to end, server CPU per message, and
+//!    latency from send to the recipient's receipt.
+//! 2. `latency`: two real agents with private D-Bus buses; `Send` over D-Bus
+//!    at a fixed rate, timed to the recipient agent's `MessageReceived`.
+//!
+//! Every phase is bounded in count and time and stops by itself. Build
+//! with `--release`: `cargo build --release --workspace && target/release/popupd-bench`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt;
+use popupd::net::{self, Dial, Recv, tls};
+use popupd::protocol::{AGENT_PATH, AgentFrame, Event, HomeFrame, PROTOCOL_VERSION, new_id};
+use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir};
+
+struct Args {
+    senders: usize,
+    recipients: usize,
+    messages: usize,
+    rate: u64,
+    seconds: u64,
+    only: Option<String>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        senders: 10,
+        recipients: 10,
+        messages: 50_000,
+        rate: 100,
+        seconds: 10,
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().context("missing value");
+        match k.as_str() {
+            "--senders" => a.senders = v()?.parse()?,
+            "--recipients" => a.recipients = v()?.parse()?,
+            "--messages" => a.messages = v()?.parse()?,
+            "--rate" => a.rate = v()?.parse()?,
+            "--seconds" => a.seconds = v()?.parse()?,
+            "throughput" | "latency" => a.only = Some(k),
+            "-h" | "--help" => {
+                println!(
+                    "popupd-bench [throughput|latency] [--senders N] [--recipients N] [--messages N] [--rate MSG_PER_S] [--seconds S]\n\
+                     Defaults: 10 senders on home A, 10 recipients on home B, 50000 messages; latency at 100 msg/s for 10 s."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}; see --help"),
+        }
+    }
+    Ok(a)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn secret_of(cfg: &std::path::Path) -> anyhow::Result<String> {
+    let y = std::fs::read_to_string(cfg)?;
+    y.lines()
+        .find_map(|l| l.trim().strip_prefix("secret: "))
+        .map(str::to_owned)
+        .context("no secret in agent config")
+}
+
+async fn login(
+    net: &Network,
+    home: usize,
+    name: &str,
+    handle: &str,
+    secret: &str,
+    ca: &std::path::Path,
+) -> anyhow::Result<net::Link<net::ClientTls>> {
+    let mut link = net::dial(&Dial {
+        address: net.home_addrs[home].clone(),
+        name: name.into(),
+        path: AGENT_PATH,
+        tls: tls::client_config(tls::roots_from(ca)?, None)?,
+        proxy: None,
+    })
+    .await?;
+    link.send(&AgentFrame::Hello {
+        v: PROTOCOL_VERSION,
+        handle: handle.into(),
+        device: "desktop".into(),
+        secret: secret.into(),
+    })
+    .await?;
+    match link.recv::<HomeFrame>().await? {
+        Recv::Frame(HomeFrame::Welcome { .. }) => Ok(link),
+        other => bail!("login {handle}: {other:?}"),
+    }
+}
+
+async fn throughput(a: &Args) -> anyhow::Result<()> {
+    let dir = TestDir::new("bench-throughput");
+    let net = Network::start(&dir.path).await?;
+    let ca = dir.path.join("pki/ca.crt");
+    let mut senders = Vec::new();
+    for i in 0..a.senders {
+        senders.push((
+            format!("s{i}"),
+            secret_of(&net.add_user(0, &format!("s{i}"))?)?,
+        ));
+    }
+    let mut recips = Vec::new();
+    for i in 0..a.recipients {
+        recips.push((
+            format!("r{i}"),
+            secret_of(&net.add_user(1, &format!("r{i}"))?)?,
+        ));
+    }
+    let per_sender = a.messages / a.senders.max(1);
+    let total = per_sender * a.senders;
+    let base = Instant::now();
+    let deadline = Duration::from_secs(120);
+    let lat = Arc::new(Mutex::new(Vec::with_capacity(total)));
+
+    // Recipients: store nothing, ack everything, note latencies.
+    let mut rtasks = Vec::new();
+    for (h, s) in &recips {
+        let mut link = login(&net, 1, HOME_B, h, s, &ca).await?;
+        let lat = lat.clone();
+        rtasks.push(tokio::spawn(async move {
+            let mut got = 0usize;
+            while let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_secs(20), link.recv::<HomeFrame>()).await
+            {
+                if let Recv::Frame(HomeFrame::Event { seq, event }) = r {
+                    if let Event::Message(m) = event {
+                        if let Some(t) = m
+                            .text
+                            .strip_prefix("t=")
+                            .and_then(|x| x.parse::<u64>().ok())
+                        {
+                            let now = base.elapsed().as_micros() as u64;
+                            lat.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(Duration::from_micros(now.saturating_sub(t)));
+                        }
+                        got += 1;
+                    }
+                    if link.send(&AgentFrame::Ack { seq }).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            got
+        }));
+    }
+
+    let cpu0: Vec<Duration> = net.homes.iter().map(|h| h.cpu_time()).collect();
+    let t0 = Instant::now();
+    let mut stasks = Vec::new();
+    for (i, (h, s)) in senders.iter().enumerate() {
+        let mut link = login(&net, 0, HOME_A, h, s, &ca).await?;
+        let n = a.recipients.max(1);
+        stasks.push(tokio::spawn(async move {
+            let mut sent = 0usize;
+            let mut accepted = 0usize;
+            const WINDOW: usize = 512;
+            while accepted < per_sender && t0.elapsed() < deadline {
+                while sent < per_sender && sent - accepted < WINDOW {
+                    let to = format!("r{}", (i + sent) % n);
+                    let text = format!("t={}", base.elapsed().as_micros());
+                    if link
+                        .feed(&AgentFrame::Send {
+                            id: new_id(),
+                            from: None,
+                            to,
+                            text,
+                            reply_to: None,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return accepted;
+                    }
+                    sent += 1;
+                }
+                if link.flush().await.is_err() {
+                    return accepted;
+                }
+                match tokio::time::timeout(Duration::from_secs(20), link.recv::<HomeFrame>()).await
+                {
+                    Ok(Ok(Recv::Frame(HomeFrame::Accepted { .. }))) => accepted += 1,
+                    Ok(Ok(_)) => {}
+                    _ => return accepted,
+                }
+            }
+            accepted
+        }));
+    }
+    let mut accepted = 0;
+    for t in stasks {
+        accepted += t.await?;
+    }
+    let t_acc = t0.elapsed();
+    // Wait for delivery of everything accepted (bounded).
+    while lat.lock().unwrap_or_else(|e| e.into_inner()).len() < accepted && t0.elapsed() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t_del = t0.elapsed();
+    let cpu: Vec<Duration> = net
+        .homes
+        .iter()
+        .zip(&cpu0)
+        .map(|(h, c)| h.cpu_time().saturating_sub(*c))
+        .collect();
+    let mut l = lat.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let delivered = l.len();
+    l.sort();
+    for t in rtasks {
+        t.abort();
+    }
+    println!(
+        "\n## throughput: {} senders on {HOME_A} → {} recipients on {HOME_B}, 100-byte-ish messages, fsync'd group commit",
+        a.senders, a.recipients
+    );
+    println!("| figure | value |\n|---|---|");
+    println!("| messages accepted | {accepted} of {total} |");
+    println!(
+        "| accepted/s (home A, durable) | {:.0} |",
+        accepted as f64 / t_acc.as_secs_f64()
+    );
+    println!(
+        "| delivered/s end to end (A → B → recipient) | {:.0} |",
+        delivered as f64 / t_del.as_secs_f64()
+    );
+    println!(
+        "| home A CPU per message | {:.1} µs |",
+        cpu[0].as_micros() as f64 / accepted.max(1) as f64
+    );
+    println!(
+        "| home B CPU per message | {:.1} µs |",
+        cpu[1].as_micros() as f64 / delivered.max(1) as f64
+    );
+    println!(
+        "| send → receive latency p50 / p99 / max (at saturation) | {} / {} / {} |",
+        ms(pct(&l, 0.5)),
+        ms(pct(&l, 0.99)),
+        ms(pct(&l, 1.0))
+    );
+    if delivered != accepted {
+        bail!("{accepted} accepted but {delivered} delivered");
+    }
+    Ok(())
+}
+
+async fn latency(a: &Args) -> anyhow::Result<()> {
+    let dir = TestDir::new("bench-latency");
+    let net = Network::start(&dir.path).await?;
+    let alice = Agent::start(&dir.path, "alice", &net.add_user(0, "alice")?, "", &[]).await?;
+    let bob = Agent::start(&dir.path, "bob", &net.add_user(1, "bob")?, "", &[]).await?;
+    alice.wait_connected(true, Duration::from_secs(20)).await?;
+    bob.wait_connected(true, Duration::from_secs(20)).await?;
+    let got: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut rx = bob.proxy().await?.receive_message_received().await?;
+    {
+        let got = got.clone();
+        tokio::spawn(async move {
+            while let Some(s) = rx.next().await {
+                if let Ok(a) = s.args() {
+                    got.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(a.id.to_string(), Instant::now());
+                }
+            }
+        });
+    }
+    let p = alice.proxy().await?;
+    // Warm up the route and the peer link.
+    p.send("bob", "warm-up").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = (a.rate * a.seconds) as usize;
+    let mut sent = Vec::with_capacity(n);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / a.rate.max(1)));
+    for i in 0..n {
+        tick.tick().await;
+        let t = Instant::now();
+        let id = p.send("bob", &format!("ping {i}")).await?;
+        sent.push((id, t));
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while got.lock().unwrap_or_else(|e| e.into_inner()).len() < n + 1 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let g = got.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut l: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(id, t)| g.get(id).map(|r| r.duration_since(*t)))
+        .collect();
+    l.sort();
+    println!(
+        "\n## latency: D-Bus Send on alice's agent → MessageReceived on bob's agent, {} msg/s for {} s, across two homes",
+        a.rate, a.seconds
+    );
+    println!("| figure | value |\n|---|---|");
+    println!("| messages | {} sent, {} received |", n, l.len());
+    println!(
+        "| p50 / p99 / max | {} / {} / {} |",
+        ms(pct(&l, 0.5)),
+        ms(pct(&l, 0.99)),
+        ms(pct(&l, 1.0))
+    );
+    if l.len() != n {
+        bail!("{} of {n} messages arrived", l.len());
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    popupd::net::tls::install_default_provider();
+    let a = parse_args()?;
+    println!(
+        "popupd-bench on {} cores, commit {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    );
+    if a.only.as_deref() != Some("latency") {
+        throughput(&a).await?;
+    }
+    if a.only.as_deref() != Some("throughput") {
+        latency(&a).await?;
+    }
+    Ok(())
+}
