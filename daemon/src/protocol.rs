@@ -31,7 +31,8 @@
 //! Home ↔ global (path [`GLOBAL_PATH`], mutual TLS): the home sends
 //! [`GlobalRequest::Hello`] with its public address, then requests; the
 //! global server answers each with the same `req` number, and pushes
-//! [`GlobalReply::Invalidate`] when a handle moves or is removed.
+//! [`GlobalReply::Invalidate`] when a handle is released (removed from its
+//! home, so it may be claimed again elsewhere).
 
 use serde::{Deserialize, Serialize};
 
@@ -40,8 +41,9 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Largest frame any side accepts, in bytes. Larger frames are refused with
-/// [`ErrorCode::TooLarge`] and the connection is closed.
-pub const MAX_FRAME: usize = 64 * 1024;
+/// [`ErrorCode::TooLarge`] and the connection is closed. Room for a
+/// [`MAX_TEXT`] text even if every byte needs a 6-byte JSON escape.
+pub const MAX_FRAME: usize = 128 * 1024;
 
 /// Largest message text, in bytes of UTF-8.
 pub const MAX_TEXT: usize = 16 * 1024;

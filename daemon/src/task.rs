@@ -1,10 +1,11 @@
 //! Tasks, shutdown and retries.
 //!
-//! **Architecture Invariant:** every spawned task has an owner. One
-//! [`Shutdown`] token is created from SIGTERM/SIGINT in `main`; each role
-//! gets a child token and hands children of it to its tasks, so cancelling
-//! the root stops everything, and a role's supervisor cancels its own
-//! subtree when a critical task exits.
+//! **Architecture Invariant:** every task stops on shutdown. One
+//! [`Shutdown`] token is created in `main` and cancelled on SIGTERM/SIGINT;
+//! each role runs under a child token, which all its tasks watch (the
+//! role's own background tasks sit in a `JoinSet` it shuts down; connection
+//! and dialer tasks stop when they see the token). When a role ends on its
+//! own, `main` cancels the root, so one failed role stops the process.
 
 use std::time::Duration;
 

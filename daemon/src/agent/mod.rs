@@ -83,7 +83,7 @@ pub async fn run(cfg: AgentConfig, shutdown: Shutdown, ready: impl FnOnce()) -> 
         .await
         .map_err(|e| match e {
             zbus::Error::NameTaken => anyhow::anyhow!(
-                "another agent already owns {} on this bus; stop it first (systemctl --user stop popupd-agent)",
+                "another agent already owns {} on this bus; stop that agent first",
                 popupd_ipc::BUS_NAME
             ),
             e => anyhow::anyhow!(

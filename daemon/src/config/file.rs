@@ -81,7 +81,7 @@ pub struct HomeFile {
     /// How long a route learned from the global server is trusted.
     #[serde(default)]
     pub route_cache_ttl: Option<Spanned<String>>,
-    /// Most agent connections held at once.
+    /// Most connections held at once, agents and peer homes together.
     #[serde(default)]
     pub max_connections: Option<Spanned<usize>>,
 }

@@ -28,7 +28,7 @@ use crate::protocol::valid_handle;
 
 /// A configuration error, located in its file.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}{at}: {field}{message}{hint}",
+#[error("{file}{at}: {field}{message}{snippet}{hint}",
     at = match (line, column) { (0, _) => String::new(), (l, c) => format!(":{l}:{c}") },
     field = if field.is_empty() { String::new() } else { format!("field `{field}`: ") },
     hint = if hint.is_empty() { String::new() } else { format!("\n  hint: {hint}") })]
@@ -39,6 +39,8 @@ pub struct ConfigError {
     /// Dotted path of the field, e.g. `home.listen`; empty when unknown.
     pub field: String,
     pub message: String,
+    /// The offending lines, when the parser gave them (indented, one per line).
+    pub snippet: String,
     pub hint: String,
 }
 
@@ -87,7 +89,7 @@ pub struct HomeConfig {
     pub idle_timeout: Duration,
     /// How long a route learned from the global server is trusted.
     pub route_ttl: Duration,
-    /// Most agent connections held at once.
+    /// Most connections held at once (agents and peer homes together).
     pub max_connections: usize,
 }
 
@@ -143,6 +145,7 @@ impl Config {
             column: 0,
             field: String::new(),
             message: format!("cannot read: {e}"),
+            snippet: String::new(),
             hint: "give the path of a YAML config; examples are in packaging/examples/".into(),
         })?;
         Config::parse(&text, path)
@@ -157,7 +160,15 @@ impl Config {
                 .location()
                 .map(|l| (l.line(), l.column()))
                 .unwrap_or((0, 0));
-            let message = first_line(&e.to_string());
+            let full = e.to_string();
+            let mut lines = full.lines();
+            // The position is already in front of the message; drop the
+            // parser's own copy of it.
+            let message = strip_position(lines.next().unwrap_or_default());
+            let snippet = lines
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| format!("\n    {l}"))
+                .collect();
             ConfigError {
                 file: shown.clone(),
                 line,
@@ -165,6 +176,7 @@ impl Config {
                 field: String::new(),
                 hint: syntax_hint(&message),
                 message,
+                snippet,
             }
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -196,13 +208,19 @@ pub fn roles(global: bool, homes: usize, agent: bool) -> Vec<Role> {
     r
 }
 
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or_default().trim().to_owned()
+/// `error: line 4 column 3: unknown field` → `unknown field`.
+fn strip_position(s: &str) -> String {
+    let s = s.trim();
+    let s = s.strip_prefix("error: ").unwrap_or(s);
+    match s.split_once(": ") {
+        Some((pos, rest)) if pos.starts_with("line ") && pos.contains(" column ") => rest.to_owned(),
+        _ => s.to_owned(),
+    }
 }
 
 fn syntax_hint(msg: &str) -> String {
     if msg.contains("unknown field") {
-        "remove or correct the key; `popupd check-config` lists what each section accepts in popupd.yaml(5) and packaging/examples/".into()
+        "remove or correct the key; docs/config.md lists what each section accepts, packaging/examples/ has complete files".into()
     } else if msg.contains("missing field") {
         "add the field; see packaging/examples/ for a complete file".into()
     } else {
@@ -224,6 +242,7 @@ impl Cx {
             column: s.referenced.column(),
             field: field.into(),
             message,
+            snippet: String::new(),
             hint: hint.into(),
         }
     }
@@ -235,6 +254,7 @@ impl Cx {
             column: 0,
             field: String::new(),
             message: message.into(),
+            snippet: String::new(),
             hint: hint.into(),
         }
     }
@@ -515,6 +535,12 @@ pub fn default_data_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parser_position_is_not_repeated() {
+        assert_eq!(strip_position("error: line 4 column 3: unknown field `x`"), "unknown field `x`");
+        assert_eq!(strip_position("something else: y"), "something else: y");
+    }
 
     #[test]
     fn role_choice_table() {

@@ -5,6 +5,7 @@
 //! the name its certificate is valid for. It answers `register`,
 //! `unregister`, `lookup` and `lookup_home`, and pushes `invalidate` to every
 //! linked home when a handle is released, so their route caches stay true.
+//! (A user moves by being removed from one home and added to another.)
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -101,15 +102,16 @@ async fn serve(g: Arc<Global>, mut link: Link<ServerTls>, addr: SocketAddr) {
         .1
         .peer_certificates()
         .and_then(|c| c.first().cloned());
-    if !leaf.is_some_and(|c| tls::cert_is_for(&c, &home)) || v != PROTOCOL_VERSION {
-        tracing::warn!(%addr, claimed = %home, "home refused: certificate does not match its name");
-        let _ = link
-            .send(&GlobalReply::Error {
-                req: None,
-                code: ErrorCode::AuthFailed,
-                message: "your certificate is not valid for the home name you claim".into(),
-            })
-            .await;
+    let refusal = if v != PROTOCOL_VERSION {
+        Some((ErrorCode::UnsupportedVersion, format!("this global server speaks protocol {PROTOCOL_VERSION}, not {v}")))
+    } else if !leaf.is_some_and(|c| tls::cert_is_for(&c, &home)) {
+        Some((ErrorCode::AuthFailed, "your certificate is not valid for the home name you claim".to_string()))
+    } else {
+        None
+    };
+    if let Some((code, message)) = refusal {
+        tracing::warn!(%addr, claimed = %home, "home refused: {message}");
+        let _ = link.send(&GlobalReply::Error { req: None, code, message }).await;
         return link.close().await;
     }
     let (h, a) = (home.clone(), address.clone());

@@ -165,8 +165,10 @@ pub fn revoke_device(home: &HomeConfig, handle: &str, device: &str) -> anyhow::R
 fn agent_yaml(home: &HomeConfig, handle: &str, device: &str, secret: &str, ca: &Path) -> String {
     format!(
         "# popupd agent config for {handle} (device {device}) on {home_name}.\n\
-         # Keep it private: it holds the device's secret. Copy it to\n\
-         # ~/.config/popupd/agent.yaml on the desktop, with {ca} beside it.\n\
+         # Keep it private: it holds the device's secret. On the desktop, put it\n\
+         # at ~/.config/popupd/agent.yaml, copy the network CA certificate there\n\
+         # too, and point `ca:` at the copy (a relative path is read from this\n\
+         # file's folder).\n\
          agent:\n  handle: {handle}\n  device: {device}\n  secret: {secret}\n  home: {home_name}\n  address: \"{addr}\"\n  ca: {ca}\n",
         home_name = home.name,
         addr = home.public_address,

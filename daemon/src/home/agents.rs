@@ -114,12 +114,6 @@ impl Registry {
         let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         (map.len(), map.values().map(Vec::len).sum())
     }
-
-    /// Whether `handle` has a device online.
-    pub fn is_online(&self, handle: &str) -> bool {
-        let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        map.contains_key(handle)
-    }
 }
 
 enum Done {

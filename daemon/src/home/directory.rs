@@ -6,7 +6,6 @@
 //! once. With the global server down, cached routes keep working.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -63,8 +62,6 @@ pub struct Directory {
     tx: mpsc::Sender<(Ask, Reply)>,
     rx: Mutex<Option<mpsc::Receiver<(Ask, Reply)>>>,
     dial: Dial,
-    /// Questions sent to the global server, for logs and tests.
-    pub asked: AtomicU64,
 }
 
 impl Directory {
@@ -77,7 +74,6 @@ impl Directory {
             tx,
             rx: Mutex::new(Some(rx)),
             dial: global_dial(&cfg.global, tls),
-            asked: AtomicU64::new(0),
         }
     }
 
@@ -202,7 +198,10 @@ async fn connect(dial: &Dial, cfg: &HomeConfig) -> Result<Link<ClientTls>, LinkE
         address: cfg.public_address.clone(),
     })
     .await?;
-    match link.recv::<GlobalReply>().await? {
+    let answer = tokio::time::timeout(crate::net::HANDSHAKE_TIMEOUT, link.recv::<GlobalReply>())
+        .await
+        .map_err(|_| LinkError::Timeout)??;
+    match answer {
         Recv::Frame(GlobalReply::Welcome { .. }) => Ok(link),
         Recv::Frame(GlobalReply::Error { message, .. }) => Err(LinkError::Proxy(message)),
         other => Err(LinkError::Proxy(format!("unexpected answer {other:?}"))),
@@ -264,7 +263,8 @@ pub async fn run(home: Arc<Home>) {
                     "cannot reach the global server: {e}");
             }
         }
-        // While down, answer at once: callers fall back to their cache.
+        // While down, answer at once: callers use routes still fresh in
+        // their cache, and retry the rest later.
         let wait = tokio::time::sleep(backoff.next_delay());
         tokio::pin!(wait);
         loop {
@@ -307,13 +307,13 @@ async fn serve(
     }
     let registering = next_req;
     let mut ping = tokio::time::interval(Duration::from_secs(20));
+    let mut last_heard = std::time::Instant::now();
     let why = loop {
         tokio::select! {
             _ = home.shutdown.cancelled() => break "shutting down".to_string(),
             Some((ask, reply)) = rx.recv() => {
                 let req = next_req;
                 next_req += 1;
-                home.dir.asked.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(?ask, "asking the global server");
                 if let Err(e) = link.send(&ask.frame(req)).await {
                     let _ = reply.send(Err(DirError::Unavailable(e.to_string())));
@@ -321,7 +321,7 @@ async fn serve(
                 }
                 pending.insert(req, reply);
             }
-            r = link.recv::<GlobalReply>() => match r {
+            r = link.recv::<GlobalReply>() => { last_heard = std::time::Instant::now(); match r {
                 Ok(Recv::Frame(GlobalReply::Invalidate { handle })) => {
                     tracing::debug!(%handle, "route invalidated");
                     home.dir.invalidate(&handle);
@@ -346,8 +346,11 @@ async fn serve(
                 Ok(Recv::Alive) => {}
                 Ok(Recv::Closed) => break "closed".into(),
                 Err(e) => break e.to_string(),
-            },
+            }},
             _ = ping.tick() => {
+                if last_heard.elapsed() > Duration::from_secs(60) {
+                    break "global server silent for 60 s".into();
+                }
                 if let Err(e) = link.ping().await {
                     break e.to_string();
                 }

@@ -61,6 +61,26 @@ impl Home {
     }
 }
 
+/// Tells systemd (when run by it) what the home is doing, every few seconds.
+async fn report_status(home: Arc<Home>) {
+    let mut last = String::new();
+    loop {
+        let (users, devices) = home.registry.online();
+        let line = format!(
+            "home {}: {users} users online ({devices} devices), {} peer homes linked",
+            home.cfg.name,
+            home.peers.active()
+        );
+        if line != last {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+            last = line;
+        }
+        if crate::task::sleep_or_shutdown(std::time::Duration::from_secs(5), &home.shutdown).await {
+            return;
+        }
+    }
+}
+
 /// Opens the store of a home.
 pub fn open_store(cfg: &HomeConfig) -> anyhow::Result<Store> {
     let path = cfg.data_dir.join("home.sqlite");
@@ -94,6 +114,7 @@ pub async fn run(cfg: HomeConfig, shutdown: Shutdown, ready: impl FnOnce()) -> a
     tasks.spawn(directory::run(home.clone()));
     tasks.spawn(peers::route(home.clone()));
     tasks.spawn(peers::resume_queued(home.clone()));
+    tasks.spawn(report_status(home.clone()));
     ready();
 
     let acceptor = tokio_rustls::TlsAcceptor::from(server_tls);

@@ -25,7 +25,9 @@ use tokio::sync::Notify;
 
 use super::Home;
 use crate::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls, tls};
-use crate::protocol::{ErrorCode, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal, valid_handle};
+use crate::protocol::{
+    ErrorCode, MAX_TEXT, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal, valid_handle, valid_id,
+};
 use crate::storage::StoreError;
 use crate::storage::home::{Effects, OutItem};
 use crate::task::{Backoff, sleep_or_shutdown};
@@ -187,7 +189,10 @@ async fn connect(home: &Arc<Home>, dest: &str) -> Result<Link<net::ClientTls>, S
     })
     .await
     .map_err(|e| e.to_string())?;
-    match link.recv::<PeerFrame>().await {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, link.recv::<PeerFrame>())
+        .await
+        .map_err(|_| "no welcome in time".to_string())?
+    {
         Ok(Recv::Frame(PeerFrame::Welcome { home: h, .. })) if h == dest => Ok(link),
         Ok(Recv::Frame(PeerFrame::Error { message, .. })) => Err(format!("refused: {message}")),
         other => Err(format!("unexpected answer: {other:?}")),
@@ -212,20 +217,21 @@ pub async fn serve_inbound(home: Arc<Home>, mut link: Link<ServerTls>, addr: Soc
         .1
         .peer_certificates()
         .and_then(|c| c.first().cloned());
-    let verified = leaf.is_some_and(|c| tls::cert_is_for(&c, &name));
-    if !verified || v != PROTOCOL_VERSION || name == home.cfg.name {
-        tracing::warn!(%addr, claimed = %name, "peer home refused: certificate does not match its name");
-        let _ = link
-            .send(&PeerFrame::Error {
-                code: if verified {
-                    ErrorCode::UnsupportedVersion
-                } else {
-                    ErrorCode::AuthFailed
-                },
-                message: "present a certificate from the network CA issued for the name you claim"
-                    .into(),
-            })
-            .await;
+    let refusal = if v != PROTOCOL_VERSION {
+        Some((ErrorCode::UnsupportedVersion, format!("this home speaks protocol {PROTOCOL_VERSION}, not {v}")))
+    } else if !leaf.is_some_and(|c| tls::cert_is_for(&c, &name)) {
+        Some((
+            ErrorCode::AuthFailed,
+            "present a certificate from the network CA issued for the name you claim".to_string(),
+        ))
+    } else if name == home.cfg.name {
+        Some((ErrorCode::AuthFailed, "a home does not link to itself".to_string()))
+    } else {
+        None
+    };
+    if let Some((code, message)) = refusal {
+        tracing::warn!(%addr, claimed = %name, "peer home refused: {message}");
+        let _ = link.send(&PeerFrame::Error { code, message }).await;
         return link.close().await;
     }
     if link
@@ -359,6 +365,9 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             if !valid_handle(&msg.from) || !valid_handle(&msg.to) {
                 return refuse(link, n, ErrorCode::Invalid, "bad handle").await;
             }
+            if !valid_id(&msg.id) || msg.text.is_empty() || msg.text.len() > MAX_TEXT {
+                return refuse(link, n, ErrorCode::Invalid, "bad id or text length").await;
+            }
             // The sender must live on the home this link belongs to.
             match home.dir.lookup(&msg.from).await {
                 Ok(Some(r)) if r.home == peer => {}
@@ -394,9 +403,10 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             state,
             reason,
         } => {
+            let from = peer.to_owned();
             let p = store.submit(move |s| {
                 let mut fx = Effects::default();
-                s.apply_receipt(&id, &to, state, reason.as_deref(), &mut fx)?;
+                s.apply_receipt(&id, &to, Some(&from), state, reason.as_deref(), &mut fx)?;
                 Ok(fx)
             });
             pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));

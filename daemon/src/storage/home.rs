@@ -132,11 +132,13 @@ pub trait HomeStore: super::Batchable {
         msg: &Message,
         fx: &mut Effects,
     ) -> Result<(), StoreError>;
-    /// News about a message a local user sent.
+    /// News about a message a local user sent. From a peer (`from_home`),
+    /// it counts only if the message was forwarded to that home.
     fn apply_receipt(
         &mut self,
         id: &str,
         sender: &str,
+        from_home: Option<&str>,
         state: Delivery,
         reason: Option<&str>,
         fx: &mut Effects,
@@ -191,7 +193,9 @@ CREATE TABLE IF NOT EXISTS sent(
     sender TEXT NOT NULL,
     recipient TEXT NOT NULL,
     state TEXT NOT NULL,
-    at INTEGER NOT NULL
+    at INTEGER NOT NULL,
+    -- The home it was forwarded to; receipts count only from there.
+    dest_home TEXT
 ) WITHOUT ROWID;
 -- Messages our users received: dedup, and receipts back to the sender.
 CREATE TABLE IF NOT EXISTS received(
@@ -270,7 +274,7 @@ impl SqliteHome {
         fx: &mut Effects,
     ) -> Result<(), StoreError> {
         match from_home {
-            None => self.apply_receipt(id, sender, state, None, fx),
+            None => self.apply_receipt(id, sender, None, state, None, fx),
             Some(home) => self.enqueue(
                 Some(home),
                 &OutItem::Receipt {
@@ -457,8 +461,11 @@ impl HomeStore for SqliteHome {
             None => {}
         }
         self.conn
-            .prepare_cached("INSERT INTO sent(id, sender, recipient, state, at) VALUES (?1, ?2, ?3, 'accepted', ?4)")?
-            .execute(params![msg.id, msg.from, msg.to, now_ms()])?;
+            .prepare_cached(
+                "INSERT INTO sent(id, sender, recipient, state, at, dest_home)
+                 VALUES (?1, ?2, ?3, 'accepted', ?4, ?5)",
+            )?
+            .execute(params![msg.id, msg.from, msg.to, now_ms(), dest])?;
         if self.user_exists(&msg.to)? {
             self.store_incoming(None, msg, fx)?;
         } else {
@@ -553,16 +560,24 @@ impl HomeStore for SqliteHome {
         &mut self,
         id: &str,
         sender: &str,
+        from_home: Option<&str>,
         state: Delivery,
         reason: Option<&str>,
         fx: &mut Effects,
     ) -> Result<(), StoreError> {
-        let cur: Option<String> = self
+        let row: Option<(String, Option<String>)> = self
             .conn
-            .prepare_cached("SELECT state FROM sent WHERE id = ?1 AND sender = ?2")?
-            .query_row(params![id, sender], |r| r.get(0))
+            .prepare_cached("SELECT state, dest_home FROM sent WHERE id = ?1 AND sender = ?2")?
+            .query_row(params![id, sender], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let Some(cur) = cur.and_then(|c| Delivery::parse(&c)) else {
+        let Some((cur, dest_home)) = row else {
+            return Ok(());
+        };
+        if from_home.is_some() && from_home != dest_home.as_deref() {
+            tracing::warn!(msg_id = id, from = ?from_home, "receipt refused: the message did not go to that home");
+            return Ok(());
+        }
+        let Some(cur) = Delivery::parse(&cur) else {
             return Ok(());
         };
         if state <= cur || cur == Delivery::Failed {
@@ -619,9 +634,16 @@ impl HomeStore for SqliteHome {
     }
 
     fn outq_route(&mut self, n: u64, dest: &str) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached("UPDATE outq SET dest = ?2 WHERE n = ?1")?
-            .execute(params![n as i64, dest])?;
+        let item: Option<String> = self
+            .conn
+            .prepare_cached("UPDATE outq SET dest = ?2 WHERE n = ?1 RETURNING item")?
+            .query_row(params![n as i64, dest], |r| r.get(0))
+            .optional()?;
+        if let Some(Ok(OutItem::Deliver(m))) = item.map(|j| serde_json::from_str(&j)) {
+            self.conn
+                .prepare_cached("UPDATE sent SET dest_home = ?2 WHERE id = ?1")?
+                .execute(params![m.id, dest])?;
+        }
         Ok(())
     }
 
@@ -656,7 +678,7 @@ impl HomeStore for SqliteHome {
             .optional()?;
         let item: Option<OutItem> = item.and_then(|j| serde_json::from_str(&j).ok());
         if let Some(OutItem::Deliver(m)) = &item {
-            self.apply_receipt(&m.id, &m.from, Delivery::Failed, Some(reason), fx)?;
+            self.apply_receipt(&m.id, &m.from, None, Delivery::Failed, Some(reason), fx)?;
         }
         Ok(item)
     }
