@@ -8,5 +8,6 @@ if ! command -v dbus-daemon >/dev/null; then
   echo "the demo needs dbus-daemon: sudo apt install dbus" >&2
   exit 1
 fi
-cargo build --workspace --release --locked
-exec target/release/popupd demo "$@"
+# The same debug build the tests use: quick to make, fast enough for a demo.
+cargo build --workspace --locked
+exec target/debug/popupd demo "$@"

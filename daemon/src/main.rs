@@ -308,6 +308,10 @@ fn init_logging(level: &str) {
     }
 }
 
+type Ready = Box<dyn FnOnce() + Send>;
+type RoleFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+type RoleFn = Box<dyn FnOnce(Shutdown, Ready) -> RoleFuture + Send>;
+
 async fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     init_logging(&cfg.log.level);
@@ -341,36 +345,37 @@ async fn run(path: &Path) -> anyhow::Result<()> {
     let roles = cfg.roles().len();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut set = tokio::task::JoinSet::new();
-    if let Some(g) = cfg.global {
+    // Each role runs under its own child token and says when it is ready.
+    let mut start = |name: String, role: RoleFn| {
         let (s, r) = (shutdown.child_token(), ready_tx.clone());
         set.spawn(async move {
-            popupd::global::run(g, s, move || {
-                let _ = r.send(());
-            })
+            role(
+                s,
+                Box::new(move || {
+                    let _ = r.send(());
+                }),
+            )
             .await
-            .context("global")
+            .with_context(|| name)
         });
+    };
+    if let Some(g) = cfg.global {
+        start(
+            "global".into(),
+            Box::new(|s, ready| Box::pin(popupd::global::run(g, s, ready))),
+        );
     }
     for h in cfg.homes {
-        let (s, r) = (shutdown.child_token(), ready_tx.clone());
-        let name = h.name.clone();
-        set.spawn(async move {
-            popupd::home::run(h, s, move || {
-                let _ = r.send(());
-            })
-            .await
-            .with_context(|| format!("home {name}"))
-        });
+        start(
+            format!("home {}", h.name),
+            Box::new(|s, ready| Box::pin(popupd::home::run(h, s, ready))),
+        );
     }
     if let Some(a) = cfg.agent {
-        let (s, r) = (shutdown.child_token(), ready_tx.clone());
-        set.spawn(async move {
-            popupd::agent::run(a, s, move || {
-                let _ = r.send(());
-            })
-            .await
-            .context("agent")
-        });
+        start(
+            "agent".into(),
+            Box::new(|s, ready| Box::pin(popupd::agent::run(a, s, ready))),
+        );
     }
     drop(ready_tx);
 

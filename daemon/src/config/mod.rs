@@ -213,7 +213,9 @@ fn strip_position(s: &str) -> String {
     let s = s.trim();
     let s = s.strip_prefix("error: ").unwrap_or(s);
     match s.split_once(": ") {
-        Some((pos, rest)) if pos.starts_with("line ") && pos.contains(" column ") => rest.to_owned(),
+        Some((pos, rest)) if pos.starts_with("line ") && pos.contains(" column ") => {
+            rest.to_owned()
+        }
         _ => s.to_owned(),
     }
 }
@@ -538,7 +540,10 @@ mod tests {
 
     #[test]
     fn parser_position_is_not_repeated() {
-        assert_eq!(strip_position("error: line 4 column 3: unknown field `x`"), "unknown field `x`");
+        assert_eq!(
+            strip_position("error: line 4 column 3: unknown field `x`"),
+            "unknown field `x`"
+        );
         assert_eq!(strip_position("something else: y"), "something else: y");
     }
 

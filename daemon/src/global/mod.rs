@@ -96,22 +96,16 @@ async fn serve(g: Arc<Global>, mut link: Link<ServerTls>, addr: SocketAddr) {
             .await;
         return link.close().await;
     };
-    let leaf = link
-        .stream()
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first().cloned());
-    let refusal = if v != PROTOCOL_VERSION {
-        Some((ErrorCode::UnsupportedVersion, format!("this global server speaks protocol {PROTOCOL_VERSION}, not {v}")))
-    } else if !leaf.is_some_and(|c| tls::cert_is_for(&c, &home)) {
-        Some((ErrorCode::AuthFailed, "your certificate is not valid for the home name you claim".to_string()))
-    } else {
-        None
-    };
+    let refusal = net::check_dialer(&link, v, &home).err();
     if let Some((code, message)) = refusal {
         tracing::warn!(%addr, claimed = %home, "home refused: {message}");
-        let _ = link.send(&GlobalReply::Error { req: None, code, message }).await;
+        let _ = link
+            .send(&GlobalReply::Error {
+                req: None,
+                code,
+                message,
+            })
+            .await;
         return link.close().await;
     }
     let (h, a) = (home.clone(), address.clone());

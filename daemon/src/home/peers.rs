@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
 use super::Home;
-use crate::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls, tls};
+use crate::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
 use crate::protocol::{
     ErrorCode, MAX_TEXT, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal, valid_handle, valid_id,
 };
@@ -211,23 +211,13 @@ pub async fn serve_inbound(home: Arc<Home>, mut link: Link<ServerTls>, addr: Soc
             .await;
         return link.close().await;
     };
-    let leaf = link
-        .stream()
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first().cloned());
-    let refusal = if v != PROTOCOL_VERSION {
-        Some((ErrorCode::UnsupportedVersion, format!("this home speaks protocol {PROTOCOL_VERSION}, not {v}")))
-    } else if !leaf.is_some_and(|c| tls::cert_is_for(&c, &name)) {
-        Some((
+    let refusal = match net::check_dialer(&link, v, &name) {
+        Err(r) => Some(r),
+        Ok(()) if name == home.cfg.name => Some((
             ErrorCode::AuthFailed,
-            "present a certificate from the network CA issued for the name you claim".to_string(),
-        ))
-    } else if name == home.cfg.name {
-        Some((ErrorCode::AuthFailed, "a home does not link to itself".to_string()))
-    } else {
-        None
+            "a home does not link to itself".to_string(),
+        )),
+        Ok(()) => None,
     };
     if let Some((code, message)) = refusal {
         tracing::warn!(%addr, claimed = %name, "peer home refused: {message}");

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, protocol::WebSocketConfig};
 
-use crate::protocol::MAX_FRAME;
+use crate::protocol::{ErrorCode, MAX_FRAME};
 
 /// TLS stream a server accepted.
 pub type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
@@ -192,6 +192,36 @@ pub async fn accept(
     tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
         .await
         .map_err(|_| LinkError::Timeout)?
+}
+
+/// Checks the `hello` of a server that dialed us (a home, on a peer or
+/// global link): the protocol version, and a client certificate (verified
+/// under the network CA during the handshake) valid for the name it claims.
+pub fn check_dialer(
+    link: &Link<ServerTls>,
+    v: u32,
+    claimed: &str,
+) -> Result<(), (ErrorCode, String)> {
+    use crate::protocol::PROTOCOL_VERSION;
+    if v != PROTOCOL_VERSION {
+        return Err((
+            ErrorCode::UnsupportedVersion,
+            format!("this server speaks protocol {PROTOCOL_VERSION}, not {v}; upgrade popupd"),
+        ));
+    }
+    let leaf = link
+        .stream()
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first());
+    if !leaf.is_some_and(|c| tls::cert_is_for(c, claimed)) {
+        return Err((
+            ErrorCode::AuthFailed,
+            "present a certificate from the network CA issued for the name you claim".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Where and how to dial.
