@@ -284,12 +284,20 @@ fn output_device(nd: &admin::NewDevice, path: Option<&Path>) -> anyhow::Result<(
     Ok(())
 }
 
-fn init_logging(level: &str) {
-    use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+type LogHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+fn filter(level: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("{level},zbus=warn,tungstenite=warn"))
-    });
-    // Under systemd (stderr is the journal), log natively with fields.
+    })
+}
+
+/// Logs to the journal (natively, with fields) when stderr is the journal,
+/// else as text to stderr. Returns a handle to change the level on reload.
+fn init_logging(level: &str) -> LogHandle {
+    use tracing_subscriber::prelude::*;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter(level));
     let journald = std::env::var_os("JOURNAL_STREAM")
         .is_some()
         .then(|| tracing_journald::layer().ok())
@@ -306,47 +314,100 @@ fn init_logging(level: &str) {
             )
             .init(),
     }
+    handle
 }
 
 type Ready = Box<dyn FnOnce() + Send>;
 type RoleFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
-type RoleFn = Box<dyn FnOnce(Shutdown, Ready) -> RoleFuture + Send>;
+
+/// Where a reloaded config goes.
+#[derive(Default)]
+struct Reloaders {
+    global: Option<tokio::sync::watch::Sender<popupd::config::GlobalConfig>>,
+    homes:
+        std::collections::HashMap<String, tokio::sync::watch::Sender<popupd::config::HomeConfig>>,
+}
+
+/// SIGHUP: read the config again; refuse a bad one and keep running with
+/// the old; hand a good one to the roles (they apply what they can live).
+fn reload(path: &Path, log: &LogHandle, to: &Reloaders) {
+    use sd_notify::NotifyState;
+    let mut reloading = vec![NotifyState::Reloading];
+    if let Ok(t) = NotifyState::monotonic_usec_now() {
+        reloading.push(t);
+    }
+    let _ = sd_notify::notify(&reloading);
+    match Config::load(path) {
+        Err(e) => {
+            tracing::error!("reload refused, the running config stays: {e}");
+            let _ = sd_notify::notify(&[
+                NotifyState::Ready,
+                NotifyState::Status("reload refused: bad config (see the journal)"),
+            ]);
+            return;
+        }
+        Ok(new) => {
+            if let Err(e) = log.reload(filter(&new.log.level)) {
+                tracing::warn!("reload: log level: {e}");
+            }
+            match (new.global, &to.global) {
+                (Some(g), Some(tx)) => drop(tx.send(g)),
+                (None, None) => {}
+                _ => tracing::warn!(
+                    "reload: the global section was added or removed; restart to apply"
+                ),
+            }
+            for h in new.homes {
+                match to.homes.get(&h.name) {
+                    Some(tx) => drop(tx.send(h)),
+                    None => tracing::warn!("reload: home {} is new; restart to start it", h.name),
+                }
+            }
+            if new.agent.is_some() {
+                tracing::info!("reload: agent settings take effect after a restart");
+            }
+            tracing::info!("config reloaded from {}", path.display());
+        }
+    }
+    let _ = sd_notify::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status("running (config reloaded)"),
+    ]);
+}
 
 async fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
-    init_logging(&cfg.log.level);
+    let log = init_logging(&cfg.log.level);
     let shutdown = Shutdown::new();
+    let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
     {
-        let s = shutdown.clone();
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int, mut hup) = (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        );
+        // true: stop; false: reload.
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::hangup()),
-            ) else {
-                tracing::error!("cannot install signal handlers");
-                return;
-            };
             loop {
-                tokio::select! {
-                    _ = term.recv() => break,
-                    _ = int.recv() => break,
-                    _ = hup.recv() => tracing::warn!(
-                        "SIGHUP: live reload is not supported yet; restart the service to apply config changes"),
+                let stop = tokio::select! {
+                    _ = term.recv() => true,
+                    _ = int.recv() => true,
+                    _ = hup.recv() => false,
+                };
+                if sig_tx.send(stop).is_err() || stop {
+                    return;
                 }
             }
-            tracing::info!("stopping");
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-            s.cancel();
         });
     }
 
     let roles = cfg.roles().len();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut set = tokio::task::JoinSet::new();
+    let mut reloaders = Reloaders::default();
     // Each role runs under its own child token and says when it is ready.
-    let mut start = |name: String, role: RoleFn| {
+    let mut start = |name: String, role: Box<dyn FnOnce(Shutdown, Ready) -> RoleFuture + Send>| {
         let (s, r) = (shutdown.child_token(), ready_tx.clone());
         set.spawn(async move {
             role(
@@ -360,15 +421,19 @@ async fn run(path: &Path) -> anyhow::Result<()> {
         });
     };
     if let Some(g) = cfg.global {
+        let (tx, rx) = tokio::sync::watch::channel(g.clone());
+        reloaders.global = Some(tx);
         start(
             "global".into(),
-            Box::new(|s, ready| Box::pin(popupd::global::run(g, s, ready))),
+            Box::new(|s, ready| Box::pin(popupd::global::run(g, s, ready, rx))),
         );
     }
     for h in cfg.homes {
+        let (tx, rx) = tokio::sync::watch::channel(h.clone());
+        reloaders.homes.insert(h.name.clone(), tx);
         start(
             format!("home {}", h.name),
-            Box::new(|s, ready| Box::pin(popupd::home::run(h, s, ready))),
+            Box::new(|s, ready| Box::pin(popupd::home::run(h, s, ready, rx))),
         );
     }
     if let Some(a) = cfg.agent {
@@ -379,6 +444,9 @@ async fn run(path: &Path) -> anyhow::Result<()> {
     }
     drop(ready_tx);
 
+    // Watchdog pings come from this loop, so a wedged runtime stops them.
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut dog = tokio::time::interval(watchdog.unwrap_or(std::time::Duration::from_secs(3600)));
     let mut ready = 0;
     let mut result = Ok(());
     loop {
@@ -392,6 +460,18 @@ async fn run(path: &Path) -> anyhow::Result<()> {
                     ]);
                     tracing::info!("ready");
                 }
+            }
+            Some(stop) = sig_rx.recv() => {
+                if stop {
+                    tracing::info!("stopping");
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                    shutdown.cancel();
+                } else {
+                    reload(path, &log, &reloaders);
+                }
+            }
+            _ = dog.tick(), if watchdog.is_some() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
             done = set.join_next() => match done {
                 None => break,

@@ -35,11 +35,13 @@ struct Global {
     shutdown: Shutdown,
 }
 
-/// Runs the global server until `shutdown`. Calls `ready` once listening.
+/// Runs the global server until `shutdown`. Calls `ready` once listening;
+/// a config sent on `reload` replaces its certificates for new connections.
 pub async fn run(
     cfg: GlobalConfig,
     shutdown: Shutdown,
     ready: impl FnOnce(),
+    mut reload: tokio::sync::watch::Receiver<GlobalConfig>,
 ) -> anyhow::Result<()> {
     let path = cfg.data_dir.join("global.sqlite");
     let store = GlobalStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
@@ -56,10 +58,24 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     ready();
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
+    let mut acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
     loop {
         let (tcp, addr) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Ok(()) = reload.changed() => {
+                let new = reload.borrow_and_update().clone();
+                match tls::server_config(&new.identity, new.ca.clone(), tls::ClientAuth::Required) {
+                    Ok(t) => {
+                        acceptor = tokio_rustls::TlsAcceptor::from(t);
+                        tracing::info!("reloaded certificates and CA");
+                    }
+                    Err(e) => tracing::error!("reload: keeping the old certificates: {e}"),
+                }
+                if new.listen != cfg.listen || new.data_dir != cfg.data_dir || new.name != cfg.name {
+                    tracing::warn!("reload: name, listen or data_dir changed; restart the service to apply");
+                }
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {

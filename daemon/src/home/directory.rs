@@ -61,11 +61,11 @@ pub struct Directory {
     homes: Mutex<HashMap<String, String>>,
     tx: mpsc::Sender<(Ask, Reply)>,
     rx: Mutex<Option<mpsc::Receiver<(Ask, Reply)>>>,
-    dial: Dial,
+    global: Remote,
 }
 
 impl Directory {
-    pub fn new(cfg: &HomeConfig, tls: Arc<rustls::ClientConfig>) -> Self {
+    pub fn new(cfg: &HomeConfig) -> Self {
         let (tx, rx) = mpsc::channel(1024);
         Directory {
             ttl: cfg.route_ttl,
@@ -73,7 +73,7 @@ impl Directory {
             homes: Mutex::default(),
             tx,
             rx: Mutex::new(Some(rx)),
-            dial: global_dial(&cfg.global, tls),
+            global: cfg.global.clone(),
         }
     }
 
@@ -247,19 +247,20 @@ pub async fn run(home: Arc<Home>) {
     let shutdown = home.shutdown.clone();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
+        let dial = global_dial(&home.dir.global, home.client_tls.load());
         let link = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = connect(&home.dir.dial, &home.cfg) => r,
+            r = connect(&dial, &home.cfg) => r,
         };
         match link {
             Ok(link) => {
                 backoff.reset();
-                tracing::info!(global = %home.dir.dial.name, "linked to the global server");
+                tracing::info!(global = %dial.name, "linked to the global server");
                 let why = serve(&home, link, &mut rx).await;
-                tracing::warn!(global = %home.dir.dial.name, "global server link lost: {why}");
+                tracing::warn!(global = %dial.name, "global server link lost: {why}");
             }
             Err(e) => {
-                tracing::warn!(global = %home.dir.dial.name, address = %home.dir.dial.address,
+                tracing::warn!(global = %dial.name, address = %dial.address,
                     "cannot reach the global server: {e}");
             }
         }

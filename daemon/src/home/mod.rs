@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::HomeConfig;
 use crate::net::{self, tls};
@@ -40,6 +40,10 @@ pub struct Home {
     pub dir: directory::Directory,
     /// Links to other homes.
     pub peers: peers::Peers,
+    /// TLS for connections we accept; a reload swaps it.
+    pub server_tls: tls::Swap<rustls::ServerConfig>,
+    /// TLS (with our client certificate) for links we dial.
+    pub client_tls: tls::Swap<rustls::ClientConfig>,
     /// Wakes the router when unrouted items are queued.
     route_kick: Notify,
     pub shutdown: Shutdown,
@@ -91,17 +95,71 @@ pub fn open_store(cfg: &HomeConfig) -> anyhow::Result<Store> {
     )?)
 }
 
-/// Runs a home until `shutdown`. Calls `ready` once it is listening.
-pub async fn run(cfg: HomeConfig, shutdown: Shutdown, ready: impl FnOnce()) -> anyhow::Result<()> {
+fn tls_configs(
+    cfg: &HomeConfig,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>), tls::TlsError> {
+    Ok((
+        tls::server_config(&cfg.identity, cfg.ca.clone(), tls::ClientAuth::Optional)?,
+        tls::client_config(cfg.ca.clone(), Some(&cfg.identity))?,
+    ))
+}
+
+/// Applies reloaded configs: certificates and CA take effect for new
+/// connections at once (live ones keep theirs); other changes are named as
+/// needing a restart.
+async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>) {
+    while reload.changed().await.is_ok() {
+        let new = reload.borrow_and_update().clone();
+        match tls_configs(&new) {
+            Ok((server, client)) => {
+                home.server_tls.store(server);
+                home.client_tls.store(client);
+                tracing::info!(home = %home.cfg.name, "reloaded certificates and CA");
+            }
+            Err(e) => {
+                tracing::error!(home = %home.cfg.name, "reload: keeping the old certificates: {e}")
+            }
+        }
+        let old = &home.cfg;
+        let changed = [
+            ("listen", old.listen != new.listen),
+            ("public_address", old.public_address != new.public_address),
+            ("data_dir", old.data_dir != new.data_dir),
+            (
+                "global",
+                old.global.name != new.global.name || old.global.address != new.global.address,
+            ),
+            ("idle_timeout", old.idle_timeout != new.idle_timeout),
+            ("route_cache_ttl", old.route_ttl != new.route_ttl),
+            (
+                "max_connections",
+                old.max_connections != new.max_connections,
+            ),
+        ];
+        for (field, _) in changed.iter().filter(|c| c.1) {
+            tracing::warn!(home = %home.cfg.name, "reload: `{field}` changed; restart the service to apply it");
+        }
+    }
+}
+
+/// Runs a home until `shutdown`. Calls `ready` once it is listening; applies
+/// what `reload` sends.
+pub async fn run(
+    cfg: HomeConfig,
+    shutdown: Shutdown,
+    ready: impl FnOnce(),
+    reload: watch::Receiver<HomeConfig>,
+) -> anyhow::Result<()> {
     let store = open_store(&cfg)?;
-    let server_tls = tls::server_config(&cfg.identity, cfg.ca.clone(), tls::ClientAuth::Optional)?;
-    let client_tls = tls::client_config(cfg.ca.clone(), Some(&cfg.identity))?;
+    let (server_tls, client_tls) = tls_configs(&cfg)?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("home {}: cannot listen on {}", cfg.name, cfg.listen))?;
     let home = Arc::new(Home {
-        dir: directory::Directory::new(&cfg, client_tls.clone()),
-        peers: peers::Peers::new(client_tls),
+        dir: directory::Directory::new(&cfg),
+        peers: peers::Peers::default(),
+        server_tls: tls::Swap::new(server_tls),
+        client_tls: tls::Swap::new(client_tls),
         registry: agents::Registry::default(),
         route_kick: Notify::new(),
         store,
@@ -115,9 +173,9 @@ pub async fn run(cfg: HomeConfig, shutdown: Shutdown, ready: impl FnOnce()) -> a
     tasks.spawn(peers::route(home.clone()));
     tasks.spawn(peers::resume_queued(home.clone()));
     tasks.spawn(report_status(home.clone()));
+    tasks.spawn(apply_reloads(home.clone(), reload));
     ready();
 
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
     let slots = Arc::new(Semaphore::new(home.cfg.max_connections));
     let mut errors = 0u32;
     loop {
@@ -140,7 +198,7 @@ pub async fn run(cfg: HomeConfig, shutdown: Shutdown, ready: impl FnOnce()) -> a
         };
         let _ = tcp.set_nodelay(true);
         let home = home.clone();
-        let acceptor = acceptor.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(home.server_tls.load());
         tokio::spawn(async move {
             let _permit = permit;
             match net::accept(tcp, &acceptor, &[AGENT_PATH, PEER_PATH]).await {

@@ -79,19 +79,12 @@ struct Slot {
 }
 
 /// The links to other homes, by home name.
+#[derive(Default)]
 pub struct Peers {
-    tls: Arc<rustls::ClientConfig>,
     slots: Mutex<HashMap<String, Slot>>,
 }
 
 impl Peers {
-    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
-        Peers {
-            tls,
-            slots: Mutex::default(),
-        }
-    }
-
     /// Number of peer homes with a live link or dialer.
     pub fn active(&self) -> usize {
         let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -179,7 +172,7 @@ async fn connect(home: &Arc<Home>, dest: &str) -> Result<Link<net::ClientTls>, S
         address,
         name: dest.to_owned(),
         path: PEER_PATH,
-        tls: home.peers.tls.clone(),
+        tls: home.client_tls.load(),
         proxy: None,
     };
     let mut link = net::dial(&dial).await.map_err(|e| e.to_string())?;

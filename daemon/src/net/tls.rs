@@ -177,3 +177,22 @@ pub fn cert_is_for(leaf: &CertificateDer<'_>, name: &str) -> bool {
     };
     cert.verify_is_valid_for_subject_name(&sn).is_ok()
 }
+
+/// A value that a reload may replace while readers keep using the old one
+/// (TLS configs: live connections keep theirs, new ones get the new).
+#[derive(Debug)]
+pub struct Swap<T>(std::sync::RwLock<Arc<T>>);
+
+impl<T> Swap<T> {
+    pub fn new(v: Arc<T>) -> Self {
+        Swap(std::sync::RwLock::new(v))
+    }
+
+    pub fn load(&self) -> Arc<T> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn store(&self, v: Arc<T>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = v;
+    }
+}
