@@ -10,6 +10,12 @@ need=()
 command -v dbus-daemon >/dev/null || need+=(dbus)
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
+# The package installation test boots Debian 12 in a container (root only).
+if [ "$(id -u)" = 0 ]; then
+  command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+  command -v debootstrap >/dev/null || need+=(debootstrap)
+  command -v lintian >/dev/null || need+=(lintian)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing ${need[*]}"

@@ -57,6 +57,9 @@ enum Cmd {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+    /// Print the popupd(8) man page (roff), for packaging.
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(Subcommand)]
@@ -259,6 +262,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "popupd", &mut std::io::stdout());
             Ok(())
         }
+        Cmd::Manpage => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .section("8")
+                .render(&mut std::io::stdout())?;
+            Ok(())
+        }
     }
 }
 
@@ -454,10 +464,8 @@ async fn run(path: &Path) -> anyhow::Result<()> {
             Some(()) = ready_rx.recv() => {
                 ready += 1;
                 if ready == roles {
-                    let _ = sd_notify::notify(&[
-                        sd_notify::NotifyState::Ready,
-                        sd_notify::NotifyState::Status("running"),
-                    ]);
+                    // The roles write their own STATUS= lines.
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                     tracing::info!("ready");
                 }
             }

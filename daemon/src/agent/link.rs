@@ -97,6 +97,14 @@ async fn connect(agent: &Agent, dial: &Dial) -> Result<Link<ClientTls>, String> 
 }
 
 async fn set_connected(agent: &Agent, up: bool) {
+    let line = format!(
+        "{} {}: {} {}",
+        agent.cfg.handle,
+        agent.cfg.device,
+        if up { "connected to" } else { "connecting to" },
+        agent.cfg.home.name
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
     {
         let mut st = agent.link.lock().unwrap_or_else(|e| e.into_inner());
         st.connected = up;

@@ -58,6 +58,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     ready();
+    tokio::spawn(report_status(g.clone(), cfg.name.clone()));
     let mut acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -98,6 +99,21 @@ pub async fn run(
         "global server stopping"
     );
     Ok(())
+}
+
+/// Tells systemd (when run by it) what the directory is doing.
+async fn report_status(g: Arc<Global>, name: String) {
+    loop {
+        let linked = g.linked.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let line = format!(
+            "global {name}: {linked} homes linked, {} lookups answered",
+            g.lookups.load(Ordering::Relaxed)
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+        if crate::task::sleep_or_shutdown(std::time::Duration::from_secs(5), &g.shutdown).await {
+            return;
+        }
+    }
 }
 
 async fn serve(g: Arc<Global>, mut link: Link<ServerTls>, addr: SocketAddr) {

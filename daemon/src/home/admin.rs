@@ -33,7 +33,27 @@ pub fn select_home<'a>(cfg: &'a Config, name: Option<&str>) -> anyhow::Result<&'
 
 fn open(home: &HomeConfig) -> anyhow::Result<SqliteHome> {
     let path = home.data_dir.join("home.sqlite");
-    SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))
+    let s = SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    give_to_dir_owner(&home.data_dir);
+    Ok(s)
+}
+
+/// Run as root beside a service that runs as its own user (the package's
+/// `popupd`), an admin command must not leave database files the service
+/// cannot write: hand them to whoever owns the data folder.
+fn give_to_dir_owner(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    for name in ["home.sqlite", "home.sqlite-wal", "home.sqlite-shm"] {
+        let p = dir.join(name);
+        if let Ok(m) = std::fs::metadata(&p) {
+            if m.uid() != meta.uid() || m.gid() != meta.gid() {
+                let _ = std::os::unix::fs::chown(&p, Some(meta.uid()), Some(meta.gid()));
+            }
+        }
+    }
 }
 
 /// Runs `f` in one committed transaction.

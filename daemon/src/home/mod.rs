@@ -67,7 +67,6 @@ impl Home {
 
 /// Tells systemd (when run by it) what the home is doing, every few seconds.
 async fn report_status(home: Arc<Home>) {
-    let mut last = String::new();
     loop {
         let (users, devices) = home.registry.online();
         let line = format!(
@@ -75,10 +74,7 @@ async fn report_status(home: Arc<Home>) {
             home.cfg.name,
             home.peers.active()
         );
-        if line != last {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
-            last = line;
-        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
         if crate::task::sleep_or_shutdown(std::time::Duration::from_secs(5), &home.shutdown).await {
             return;
         }

@@ -63,19 +63,36 @@ enum Cmd {
     Status,
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+    /// Print the popupctl(1) man page (roff), for packaging.
+    #[command(hide = true)]
+    Manpage,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Cmd::Completions { shell } = &cli.cmd {
-        use clap::CommandFactory;
-        clap_complete::generate(
-            *shell,
-            &mut Cli::command(),
-            "popupctl",
-            &mut std::io::stdout(),
-        );
-        return ExitCode::SUCCESS;
+    match &cli.cmd {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "popupctl",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Manpage => {
+            use clap::CommandFactory;
+            let ok = clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .is_ok();
+            return if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        _ => {}
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -232,7 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(if connected { exit::OK } else { exit::REFUSED })
         }
-        Cmd::Completions { .. } => Ok(exit::OK),
+        Cmd::Completions { .. } | Cmd::Manpage => Ok(exit::OK),
     }
 }
 

@@ -1,0 +1,71 @@
+//! The Debian package, as an administrator meets it: built from the
+//! workspace, checked by lintian, installed with apt on a real Debian 12
+//! booted with systemd (systemd-nspawn), run, reloaded, used by two people
+//! through user services, removed and purged. The steps live in
+//! `tests/install/nspawn.sh`; this test runs it and says "skipped" where it
+//! cannot (not root, no nspawn or debootstrap).
+
+use std::path::Path;
+use std::process::Command;
+
+use popupd_e2e::{have, is_root, skip};
+
+#[test]
+fn package_installs_runs_reloads_and_purges_on_real_systemd() {
+    const NAME: &str = "package_installs_runs_reloads_and_purges_on_real_systemd";
+    if !is_root() {
+        return skip(NAME, "needs root to boot a container (CI runs it as root)");
+    }
+    for tool in ["systemd-nspawn", "debootstrap", "nsenter", "dpkg-deb"] {
+        if !have(tool) {
+            return skip(
+                NAME,
+                &format!("`{tool}` is not installed (apt install systemd-container debootstrap)"),
+            );
+        }
+    }
+    let top = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // Package the binaries this test run already built (no nested cargo).
+    let profile = popupd_e2e::bin("popupd")
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "debug".into());
+    let out = Command::new(top.join("packaging/build-deb.sh"))
+        .env("SKIP_BUILD", "1")
+        .env("PROFILE", &profile)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "build-deb.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = top.join(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(deb.exists(), "{} was not made", deb.display());
+
+    if have("lintian") {
+        let l = Command::new("lintian").arg(&deb).output().unwrap();
+        let report = String::from_utf8_lossy(&l.stdout);
+        println!("lintian:\n{report}");
+        assert!(
+            !report.lines().any(|l| l.starts_with("E:")),
+            "lintian reports errors:\n{report}"
+        );
+    } else {
+        println!("lintian not installed; package not linted");
+    }
+
+    let run = Command::new(top.join("tests/install/nspawn.sh"))
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "the installation test failed (see above)"
+    );
+    assert!(stdout.contains("PASS:"), "the script ran to its end");
+}
