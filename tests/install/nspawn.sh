@@ -126,6 +126,13 @@ journal_has popupd@home "reload refused" && echo "   ok: journal says why the re
 ct sh -c 'cp /root/home.good /etc/popupd/home.yaml; sed -i "/colour/d" /etc/popupd/global.yaml'
 check "journalctl -u shows the logs" journal_has popupd@home "home listening"
 
+echo "== upgrade restarts running servers"
+pid0=$(ct systemctl show -p MainPID --value popupd@home)
+ct dpkg -i "$pkg" > /dev/null 2>&1 || fail "reinstall"
+pid1=$(ct systemctl show -p MainPID --value popupd@home)
+[ "$pid0" != "$pid1" ] && [ "$pid1" != 0 ] && echo "   ok: popupd@home restarted ($pid0 → $pid1)" || fail "upgrade did not restart popupd@home"
+check "active after upgrade" ct systemctl is-active popupd@home
+
 echo "== two people, agents as user services"
 ct sh -ec '
   for u in alice bob; do

@@ -122,7 +122,7 @@ fn explain(e: &anyhow::Error) -> (i32, String) {
         {
             return (
                 exit::NO_AGENT,
-                "no popupd agent on this bus; start it with `popupd run -c ~/.config/popupd/agent.yaml` (or check --bus / DBUS_SESSION_BUS_ADDRESS)".into(),
+                "no popupd agent on this bus; start it with `systemctl --user start popupd-agent` (or `popupd run -c ~/.config/popupd/agent.yaml`) (or check --bus / DBUS_SESSION_BUS_ADDRESS)".into(),
             );
         }
         let short = name.rsplit('.').next().unwrap_or(name);
