@@ -336,6 +336,7 @@ struct Reloaders {
     global: Option<tokio::sync::watch::Sender<popupd::config::GlobalConfig>>,
     homes:
         std::collections::HashMap<String, tokio::sync::watch::Sender<popupd::config::HomeConfig>>,
+    agent: Option<tokio::sync::watch::Sender<popupd::config::AgentConfig>>,
 }
 
 /// SIGHUP: read the config again; refuse a bad one and keep running with
@@ -373,8 +374,17 @@ fn reload(path: &Path, log: &LogHandle, to: &Reloaders) {
                     None => tracing::warn!("reload: home {} is new; restart to start it", h.name),
                 }
             }
-            if new.agent.is_some() {
-                tracing::info!("reload: agent settings take effect after a restart");
+            match (new.agent, &to.agent) {
+                (Some(a), Some(tx)) => {
+                    tracing::info!(
+                        "reload: plugin settings applied; other agent settings take effect after a restart"
+                    );
+                    drop(tx.send(a));
+                }
+                (None, None) => {}
+                _ => tracing::warn!(
+                    "reload: the agent section was added or removed; restart to apply"
+                ),
             }
             tracing::info!("config reloaded from {}", path.display());
         }
@@ -447,9 +457,11 @@ async fn run(path: &Path) -> anyhow::Result<()> {
         );
     }
     if let Some(a) = cfg.agent {
+        let (tx, rx) = tokio::sync::watch::channel(a.clone());
+        reloaders.agent = Some(tx);
         start(
             "agent".into(),
-            Box::new(|s, ready| Box::pin(popupd::agent::run(a, s, ready))),
+            Box::new(|s, ready| Box::pin(popupd::agent::run(a, s, ready, rx))),
         );
     }
     drop(ready_tx);

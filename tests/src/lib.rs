@@ -381,6 +381,10 @@ impl Agent {
             bus.address,
             dir.join("data").join(handle).display()
         ));
+        if !extra.contains("plugin_dirs") {
+            // No plugins unless the test asks: the machine's own must not leak in.
+            yaml.push_str("  plugin_dirs: []\n");
+        }
         let file = dir.join(format!("{handle}.run.yaml"));
         std::fs::write(&file, yaml)?;
         let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();

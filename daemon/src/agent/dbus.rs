@@ -6,9 +6,7 @@ use std::sync::Arc;
 use popupd_ipc::HistoryEntry;
 use zbus::object_server::SignalEmitter;
 
-use super::{Agent, Up};
-use crate::protocol::{MAX_TEXT, Message, new_id, now_ms, valid_handle};
-use crate::storage::agent::IN;
+use super::{ActionError, Agent};
 
 /// Errors returned to D-Bus callers.
 #[derive(Debug, zbus::DBusError)]
@@ -24,10 +22,13 @@ pub enum AgentError {
     Failed(String),
 }
 
-impl From<crate::storage::StoreError> for AgentError {
-    fn from(e: crate::storage::StoreError) -> Self {
-        tracing::error!("storage: {e}");
-        AgentError::Failed(e.to_string())
+impl From<ActionError> for AgentError {
+    fn from(e: ActionError) -> Self {
+        match e {
+            ActionError::Invalid(m) => AgentError::Invalid(m),
+            ActionError::UnknownMessage(m) => AgentError::UnknownMessage(m),
+            ActionError::Store(e) => AgentError::Failed(e.to_string()),
+        }
     }
 }
 
@@ -40,92 +41,38 @@ impl AgentIface {
     pub fn new(agent: Arc<Agent>) -> Self {
         AgentIface { agent }
     }
-
-    async fn queue(
-        &self,
-        to: String,
-        text: String,
-        reply_to: Option<String>,
-    ) -> Result<String, AgentError> {
-        let to = to.trim().to_owned();
-        if !valid_handle(&to) {
-            return Err(AgentError::Invalid(format!(
-                "{to:?} is not a handle (1-64 lowercase letters, digits, '.', '-' or '_')"
-            )));
-        }
-        if text.trim().is_empty() {
-            return Err(AgentError::Invalid("the text is empty".into()));
-        }
-        if text.len() > MAX_TEXT {
-            return Err(AgentError::Invalid(format!(
-                "the text is {} bytes; the limit is {MAX_TEXT}",
-                text.len()
-            )));
-        }
-        let msg = Message {
-            id: new_id(),
-            from: self.agent.cfg.handle.clone(),
-            to,
-            text,
-            sent_at: now_ms(),
-            reply_to,
-        };
-        let id = msg.id.clone();
-        self.agent.store.run(move |s| s.queue(&msg)).await?;
-        self.agent.outbox.notify_one();
-        Ok(id)
-    }
 }
 
 #[zbus::interface(name = "org.popupd.Agent1")]
 impl AgentIface {
     /// Queues a message; returns its id at once.
     async fn send(&self, to: String, text: String) -> Result<String, AgentError> {
-        self.queue(to, text, None).await
+        Ok(self.agent.send(&to, text, None).await?)
     }
 
     /// Answers a received message.
     async fn reply(&self, id: String, text: String) -> Result<String, AgentError> {
-        let i = id.clone();
-        let orig = self.agent.store.run(move |s| s.get(&i)).await?;
-        match orig {
-            Some(m) if m.direction == IN => self.queue(m.from, text, Some(id)).await,
-            Some(_) => Err(AgentError::Invalid(format!(
-                "{id} is a message you sent; reply to one you received"
-            ))),
-            None => Err(AgentError::UnknownMessage(format!(
-                "no message {id} in history"
-            ))),
-        }
+        Ok(self.agent.reply(&id, text).await?)
     }
 
     /// Marks a received message read; its sender is told.
     async fn mark_read(&self, id: String) -> Result<(), AgentError> {
-        let i = id.clone();
-        let entry = self.agent.store.run(move |s| s.get(&i)).await?;
-        match entry {
-            Some(m) if m.direction == IN => {
-                let i = id.clone();
-                if self.agent.store.run(move |s| s.mark_read(&i)).await? {
-                    let _ = self.agent.up.send(Up::Read(id));
-                }
-                Ok(())
-            }
-            Some(_) => Err(AgentError::Invalid(format!("{id} is a message you sent"))),
-            None => Err(AgentError::UnknownMessage(format!(
-                "no message {id} in history"
-            ))),
-        }
+        Ok(self.agent.mark_read(&id).await?)
+    }
+
+    /// Loaded plugins: (name, version, state, file).
+    async fn plugins(&self) -> Vec<(String, String, String, String)> {
+        self.agent.plugins.list()
     }
 
     /// Newest `limit` messages with `peer` ("" for all), oldest first.
     async fn history(&self, peer: String, limit: u32) -> Result<Vec<HistoryEntry>, AgentError> {
         let limit = limit.clamp(1, 10_000);
-        Ok(self
-            .agent
+        self.agent
             .store
             .run(move |s| s.history(&peer, limit))
-            .await?)
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))
     }
 
     /// (connected, home, since ms).

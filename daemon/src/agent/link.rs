@@ -97,6 +97,12 @@ async fn connect(agent: &Agent, dial: &Dial) -> Result<Link<ClientTls>, String> 
 }
 
 async fn set_connected(agent: &Agent, up: bool) {
+    agent
+        .plugins
+        .dispatch(&super::plugins::Event::ConnectionChanged {
+            connected: up,
+            home: agent.cfg.home.name.clone(),
+        });
     let line = format!(
         "{} {}: {} {}",
         agent.cfg.handle,
@@ -305,6 +311,16 @@ async fn emit(agent: &Agent, sig: Option<Signal>) {
     let r = match sig {
         Signal::Received(m) => {
             tracing::info!(msg_id = %m.id, from = %m.from, "message received");
+            agent
+                .plugins
+                .dispatch(&super::plugins::Event::MessageReceived {
+                    id: m.id.clone(),
+                    from: m.from.clone(),
+                    text: m.text.clone(),
+                    sent_at: m.sent_at,
+                    reply_to: m.reply_to.clone(),
+                    priority: "normal".into(),
+                });
             AgentIface::message_received(
                 em,
                 &m.id,
@@ -317,6 +333,13 @@ async fn emit(agent: &Agent, sig: Option<Signal>) {
         }
         Signal::Status(id, state, reason) => {
             tracing::debug!(msg_id = %id, status = state.as_str(), "status changed");
+            agent
+                .plugins
+                .dispatch(&super::plugins::Event::MessageStatusChanged {
+                    id: id.clone(),
+                    status: state.as_str().into(),
+                    reason: reason.clone(),
+                });
             AgentIface::message_status_changed(em, &id, state.as_str(), &reason).await
         }
     };

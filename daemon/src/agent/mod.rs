@@ -12,6 +12,7 @@
 
 pub mod dbus;
 pub mod link;
+pub mod plugins;
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -20,8 +21,9 @@ use tokio::sync::{Notify, mpsc};
 use zbus::object_server::InterfaceRef;
 
 use crate::config::{AgentConfig, Bus};
-use crate::storage::Batcher;
-use crate::storage::agent::AgentStore;
+use crate::protocol::{MAX_TEXT, Message, new_id, now_ms, valid_handle};
+use crate::storage::agent::{AgentStore, IN};
+use crate::storage::{Batcher, StoreError};
 use crate::task::Shutdown;
 
 /// State of the back connection, as `Status()` reports it.
@@ -48,7 +50,20 @@ pub struct Agent {
     pub outbox: Notify,
     pub up: mpsc::UnboundedSender<Up>,
     iface: OnceLock<InterfaceRef<dbus::AgentIface>>,
+    /// Loaded plugins, and the events they get.
+    pub plugins: plugins::Plugins,
     pub shutdown: Shutdown,
+}
+
+/// Why an action (send, reply, mark read) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    UnknownMessage(String),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
 }
 
 impl Agent {
@@ -56,10 +71,89 @@ impl Agent {
     pub fn iface(&self) -> Option<&InterfaceRef<dbus::AgentIface>> {
         self.iface.get()
     }
+
+    /// Queues a message in the outbox and wakes the link; returns its id.
+    pub async fn send(
+        &self,
+        to: &str,
+        text: String,
+        reply_to: Option<String>,
+    ) -> Result<String, ActionError> {
+        let to = to.trim().to_owned();
+        if !valid_handle(&to) {
+            return Err(ActionError::Invalid(format!(
+                "{to:?} is not a handle (1-64 lowercase letters, digits, '.', '-' or '_')"
+            )));
+        }
+        if text.trim().is_empty() {
+            return Err(ActionError::Invalid("the text is empty".into()));
+        }
+        if text.len() > MAX_TEXT {
+            return Err(ActionError::Invalid(format!(
+                "the text is {} bytes; the limit is {MAX_TEXT}",
+                text.len()
+            )));
+        }
+        let msg = Message {
+            id: new_id(),
+            from: self.cfg.handle.clone(),
+            to,
+            text,
+            sent_at: now_ms(),
+            reply_to,
+        };
+        let (id, to, text) = (msg.id.clone(), msg.to.clone(), msg.text.clone());
+        self.store.run(move |s| s.queue(&msg)).await?;
+        self.outbox.notify_one();
+        self.plugins.dispatch(&plugins::Event::MessageSent {
+            id: id.clone(),
+            to,
+            text,
+        });
+        Ok(id)
+    }
+
+    /// Answers the received message `id`.
+    pub async fn reply(&self, id: &str, text: String) -> Result<String, ActionError> {
+        let i = id.to_owned();
+        match self.store.run(move |s| s.get(&i)).await? {
+            Some(m) if m.direction == IN => self.send(&m.from, text, Some(id.to_owned())).await,
+            Some(_) => Err(ActionError::Invalid(format!(
+                "{id} is a message you sent; reply to one you received"
+            ))),
+            None => Err(ActionError::UnknownMessage(format!(
+                "no message {id} in history"
+            ))),
+        }
+    }
+
+    /// Marks the received message `id` read; its sender is told.
+    pub async fn mark_read(&self, id: &str) -> Result<(), ActionError> {
+        let i = id.to_owned();
+        match self.store.run(move |s| s.get(&i)).await? {
+            Some(m) if m.direction == IN => {
+                let i = id.to_owned();
+                if self.store.run(move |s| s.mark_read(&i)).await? {
+                    let _ = self.up.send(Up::Read(id.to_owned()));
+                }
+                Ok(())
+            }
+            Some(_) => Err(ActionError::Invalid(format!("{id} is a message you sent"))),
+            None => Err(ActionError::UnknownMessage(format!(
+                "no message {id} in history"
+            ))),
+        }
+    }
 }
 
-/// Runs an agent until `shutdown`. Calls `ready` once it owns its bus name.
-pub async fn run(cfg: AgentConfig, shutdown: Shutdown, ready: impl FnOnce()) -> anyhow::Result<()> {
+/// Runs an agent until `shutdown`. Calls `ready` once it owns its bus name;
+/// a config sent on `reload` goes to the plugins.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: Shutdown,
+    ready: impl FnOnce(),
+    mut reload: tokio::sync::watch::Receiver<AgentConfig>,
+) -> anyhow::Result<()> {
     let path = cfg.data_dir.join(format!("{}.sqlite", cfg.handle));
     let store = AgentStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let (up, up_rx) = mpsc::unbounded_channel();
@@ -69,9 +163,11 @@ pub async fn run(cfg: AgentConfig, shutdown: Shutdown, ready: impl FnOnce()) -> 
         outbox: Notify::new(),
         up,
         iface: OnceLock::new(),
+        plugins: plugins::Plugins::default(),
         shutdown: shutdown.clone(),
         cfg,
     });
+    agent.plugins.load(&agent);
     let builder = match &agent.cfg.bus {
         Bus::Session => zbus::connection::Builder::session(),
         Bus::Address(a) => zbus::connection::Builder::address(a.as_str()),
@@ -98,7 +194,21 @@ pub async fn run(cfg: AgentConfig, shutdown: Shutdown, ready: impl FnOnce()) -> 
     let _ = agent.iface.set(iface);
     tracing::info!(handle = %agent.cfg.handle, home = %agent.cfg.home.name, "agent serving {}", popupd_ipc::BUS_NAME);
     ready();
-    link::run(agent.clone(), up_rx).await;
+    let reloads = {
+        let agent = agent.clone();
+        async move {
+            while reload.changed().await.is_ok() {
+                let new = reload.borrow_and_update().clone();
+                agent.plugins.reload(&new.plugins);
+            }
+            std::future::pending::<()>().await
+        }
+    };
+    tokio::select! {
+        _ = link::run(agent.clone(), up_rx) => {}
+        _ = reloads => {}
+    }
+    agent.plugins.stop();
     drop(conn);
     Ok(())
 }

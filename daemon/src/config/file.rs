@@ -127,6 +127,16 @@ pub struct AgentFile {
     /// `session` (default) or a D-Bus address to serve on.
     #[serde(default)]
     pub bus: Option<Spanned<String>>,
+    /// Folders to load plugins from (default: `/usr/lib/popupd/plugins`
+    /// and `~/.local/lib/popupd/plugins`).
+    #[serde(default)]
+    pub plugin_dirs: Option<Vec<Spanned<PathBuf>>>,
+    /// A plugin call running longer than this disables the plugin (default 5s).
+    #[serde(default)]
+    pub plugin_deadline: Option<Spanned<String>>,
+    /// Each plugin's own settings, by plugin name; `false` keeps it from loading.
+    #[serde(default)]
+    pub plugins: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// A secret that never reaches a log.

@@ -116,6 +116,12 @@ pub struct AgentConfig {
     pub keepalive: Duration,
     pub data_dir: PathBuf,
     pub bus: Bus,
+    /// Where plugins are loaded from, in order.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Longest a plugin call may take before the plugin is disabled.
+    pub plugin_deadline: Duration,
+    /// Each plugin's settings (JSON), by name; `false` disables it.
+    pub plugins: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Which D-Bus the agent serves on.
@@ -514,6 +520,20 @@ impl Cx {
             )?,
             data_dir,
             bus,
+            plugin_dirs: match &a.plugin_dirs {
+                Some(d) => d.iter().map(|p| self.path(p)).collect(),
+                None => vec![
+                    PathBuf::from("/usr/lib/popupd/plugins"),
+                    expand_home(Path::new("~/.local/lib/popupd/plugins")),
+                ],
+            },
+            plugin_deadline: self.duration(
+                &a.plugin_deadline,
+                "agent.plugin_deadline",
+                Duration::from_secs(5),
+                Duration::from_millis(100),
+            )?,
+            plugins: a.plugins,
         })
     }
 }

@@ -61,6 +61,8 @@ enum Cmd {
     },
     /// Is the agent connected to its home, and since when?
     Status,
+    /// The agent's plugins: name, version, state.
+    Plugins,
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
     /// Print the popupctl(1) man page (roff), for packaging.
@@ -248,6 +250,25 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{handle}: {state} {home}{when}");
             }
             Ok(if connected { exit::OK } else { exit::REFUSED })
+        }
+        Cmd::Plugins => {
+            let list = agent.plugins().await?;
+            if json {
+                for (name, version, state, file) in list {
+                    println!(
+                        "{}",
+                        json!({"name": name, "version": version, "state": state, "file": file})
+                    );
+                }
+            } else if list.is_empty() {
+                println!("no plugins loaded");
+            } else {
+                println!("{:<12} {:<10} {:<40} FILE", "NAME", "VERSION", "STATE");
+                for (name, version, state, file) in list {
+                    println!("{name:<12} {version:<10} {state:<40} {file}");
+                }
+            }
+            Ok(exit::OK)
         }
         Cmd::Completions { .. } | Cmd::Manpage => Ok(exit::OK),
     }
