@@ -14,9 +14,9 @@ arch=$(dpkg --print-architecture)
 if [ -n "${SKIP_BUILD:-}" ]; then
   : # the caller built target/$profile already
 elif [ "$profile" = release ]; then
-  cargo build --release --locked -p popupd -p popupd-ipc
+  cargo build --release --locked -p popupd -p popupd-ipc -p popupd-notify -p popupd-exec
 else
-  cargo build --locked -p popupd -p popupd-ipc
+  cargo build --locked -p popupd -p popupd-ipc -p popupd-notify -p popupd-exec
 fi
 bin=target/$profile
 stage=target/debian/popupd_${version}_${arch}
@@ -28,6 +28,9 @@ f "$bin/popupd" usr/bin/popupd 0755
 f "$bin/popupctl" usr/bin/popupctl 0755
 strip --strip-unneeded "$stage/usr/bin/popupd" "$stage/usr/bin/popupctl"
 d usr/lib/popupd/plugins
+f "$bin/libpopupd_notify.so" usr/lib/popupd/plugins/notify.so
+f "$bin/libpopupd_exec.so" usr/lib/popupd/plugins/exec.so
+strip --strip-unneeded "$stage/usr/lib/popupd/plugins/"*.so
 f packaging/systemd/popupd@.service lib/systemd/system/popupd@.service
 f packaging/systemd/popupd-agent.service usr/lib/systemd/user/popupd-agent.service
 f packaging/dbus/org.popupd.Agent1.service usr/share/dbus-1/services/org.popupd.Agent1.service

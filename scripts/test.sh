@@ -10,6 +10,10 @@ need=()
 command -v dbus-daemon >/dev/null || need+=(dbus)
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
+# The popup test: a real notification server under a virtual X display.
+command -v dunst >/dev/null || need+=(dunst)
+command -v Xvfb >/dev/null || need+=(xvfb)
+command -v import >/dev/null || need+=(imagemagick)
 # The package installation test boots Debian 12 in a container (root only).
 if [ "$(id -u)" = 0 ]; then
   command -v systemd-nspawn >/dev/null || need+=(systemd-container)
@@ -31,4 +35,5 @@ fi
 
 # One build shared by every test: the end-to-end tests run these binaries.
 cargo build --workspace --locked
+cargo build --workspace --locked --examples   # plugin fixtures the tests load
 cargo test --workspace --locked "$@"

@@ -1,0 +1,325 @@
+//! The popup: a real notification server (dunst under Xvfb) shows bob the
+//! message from alice with the right summary, body, actions and hints;
+//! clicking it marks it read for alice; a screenshot is kept as an
+//! artifact. And inline reply, with a small fake server that advertises
+//! `inline-reply` (no KDE Plasma runs here): the reply typed in the popup
+//! reaches alice.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use popupd_e2e::{Agent, Network, Proc, TestDir, bin, have, skip};
+use zbus::object_server::SignalEmitter;
+
+const T: Duration = Duration::from_secs(20);
+
+fn notify_plugin(dir: &Path) -> PathBuf {
+    let pd = dir.join("plugins");
+    std::fs::create_dir_all(&pd).unwrap();
+    std::fs::copy(bin("libpopupd_notify.so"), pd.join("libpopupd_notify.so")).unwrap();
+    pd
+}
+
+async fn wait_file_contains(p: &Path, what: &str) -> String {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let t = std::fs::read_to_string(p).unwrap_or_default();
+        if t.contains(what) {
+            return t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never showed {what:?}:\n{t}",
+            p.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
+    const NAME: &str = "dunst_shows_the_popup_and_a_click_marks_it_read";
+    for tool in ["Xvfb", "dunst", "dunstctl", "dbus-monitor"] {
+        if !have(tool) {
+            return skip(
+                NAME,
+                &format!("`{tool}` is not installed (apt install xvfb dunst dbus)"),
+            );
+        }
+    }
+    let dir = TestDir::new("dunst");
+    let display = format!(":{}", 50 + std::process::id() % 200);
+    let _x = Proc::spawn(
+        &[
+            "Xvfb".into(),
+            display.clone(),
+            "-screen".into(),
+            "0".into(),
+            "800x600x24".into(),
+            "-nolisten".into(),
+            "tcp".into(),
+        ],
+        &dir.path.join("xvfb.log"),
+    )
+    .unwrap();
+    let sock = PathBuf::from(format!("/tmp/.X11-unix/X{}", &display[1..]));
+    let deadline = std::time::Instant::now() + T;
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "Xvfb did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let pd = notify_plugin(&dir.path);
+    let net = Network::start(&dir.path).await.unwrap();
+    let a = net.add_user(0, "alice").unwrap();
+    let b = net.add_user(1, "bob").unwrap();
+    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
+    let bob = Agent::start(
+        &dir.path,
+        "bob",
+        &b,
+        &format!("  plugin_dirs: [{}]\n", pd.display()),
+        &[],
+    )
+    .await
+    .unwrap();
+    bob.wait_connected(true, T).await.unwrap();
+
+    // dunst answers org.freedesktop.Notifications on bob's private bus.
+    let rc = dir.path.join("dunstrc");
+    std::fs::write(&rc, "[global]\n  font = Monospace 12\n  markup = full\n  width = 400\n  offset = 20x20\n[urgency_normal]\n  timeout = 0\n").unwrap();
+    let mut dunst_cmd = vec![
+        "env".to_string(),
+        format!("DISPLAY={display}"),
+        format!("DBUS_SESSION_BUS_ADDRESS={}", bob.bus.address),
+    ];
+    dunst_cmd.extend(["dunst".into(), "-config".into(), rc.display().to_string()]);
+    let _dunst = Proc::spawn(&dunst_cmd, &dir.path.join("dunst.log")).unwrap();
+    let monitor_out = dir.path.join("monitor.txt");
+    let _monitor = Proc::spawn(
+        &[
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "exec dbus-monitor --address '{}' \"type='method_call',interface='org.freedesktop.Notifications',member='Notify'\" > {}",
+                bob.bus.address,
+                monitor_out.display()
+            ),
+        ],
+        &dir.path.join("monitor.log"),
+    )
+    .unwrap();
+    let dbus = zbus::fdo::DBusProxy::new(&bob.conn).await.unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while !dbus
+        .name_has_owner(zbus::names::BusName::try_from("org.freedesktop.Notifications").unwrap())
+        .await
+        .unwrap()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dunst never owned org.freedesktop.Notifications"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let id = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("bob", "lunch at <b>noon</b> & then?")
+        .await
+        .unwrap();
+    let call = wait_file_contains(&monitor_out, "im.received").await;
+    assert!(
+        call.contains("string \"alice\""),
+        "summary is the sender:\n{call}"
+    );
+    assert!(
+        call.contains("lunch at &lt;b&gt;noon&lt;/b&gt; &amp; then?"),
+        "body is the escaped text:\n{call}"
+    );
+    for action in ["\"default\"", "\"read\"", "\"Mark read\""] {
+        assert!(call.contains(action), "action {action}:\n{call}");
+    }
+    assert!(
+        call.contains("\"desktop-entry\"") && call.contains("\"popupd\""),
+        "desktop-entry hint:\n{call}"
+    );
+    assert!(
+        call.contains("\"urgency\"") && call.contains("byte 1"),
+        "urgency hint:\n{call}"
+    );
+
+    // It is on screen.
+    let dctl = |args: &[&str]| {
+        Command::new("dunstctl")
+            .args(args)
+            .env("DBUS_SESSION_BUS_ADDRESS", &bob.bus.address)
+            .output()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + T;
+    while String::from_utf8_lossy(&dctl(&["count", "displayed"]).stdout).trim() != "1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dunst never displayed it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if have("import") {
+        let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+        std::fs::create_dir_all(&artifacts).unwrap();
+        let shot = artifacts.join("popup-dunst.png");
+        let o = Command::new("import")
+            .args(["-display", &display, "-window", "root"])
+            .arg(&shot)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "screenshot: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        println!("screenshot of the popup: {}", shot.display());
+    } else {
+        println!("no screenshot: `import` (imagemagick) is not installed");
+    }
+
+    // A click (the default action) marks it read, and alice is told.
+    assert!(dctl(&["action", "0"]).status.success());
+    alice
+        .wait_for("read", T, |s| {
+            s.status
+                .get(&id)
+                .is_some_and(|v| v.contains(&"read".into()))
+        })
+        .await
+        .unwrap();
+}
+
+/// A notification server that types a reply into every popup, as KDE
+/// Plasma's inline reply does.
+struct InlineServer {
+    calls: Arc<Mutex<Vec<(String, String, Vec<String>)>>>,
+}
+
+#[zbus::interface(name = "org.freedesktop.Notifications")]
+impl InlineServer {
+    fn get_capabilities(&self) -> Vec<String> {
+        vec!["body".into(), "actions".into(), "inline-reply".into()]
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn notify(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        _app_name: String,
+        _replaces_id: u32,
+        _app_icon: String,
+        summary: String,
+        body: String,
+        actions: Vec<String>,
+        _hints: HashMap<String, zbus::wire::OwnedVariant>,
+        _timeout: i32,
+    ) -> u32 {
+        self.calls.lock().unwrap().push((summary, body, actions));
+        let caller = hdr.sender().map(|s| s.to_owned());
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let em = SignalEmitter::new(&conn, "/org/freedesktop/Notifications").unwrap();
+            let em = match caller {
+                Some(c) => em.set_destination(zbus::names::BusName::Unique(c.into())),
+                None => em,
+            };
+            InlineServer::notification_replied(&em, 7, "typed in the popup")
+                .await
+                .unwrap();
+        });
+        7
+    }
+
+    fn close_notification(&self, _id: u32) {}
+
+    #[zbus(signal)]
+    async fn notification_replied(
+        emitter: &SignalEmitter<'_>,
+        id: u32,
+        text: &str,
+    ) -> zbus::Result<()>;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_reply_in_the_popup_reaches_the_sender() {
+    let dir = TestDir::new("inline");
+    let pd = notify_plugin(&dir.path);
+    let net = Network::start(&dir.path).await.unwrap();
+    let a = net.add_user(0, "alice").unwrap();
+    let b = net.add_user(1, "bob").unwrap();
+    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
+    let bob = Agent::start(
+        &dir.path,
+        "bob",
+        &b,
+        &format!("  plugin_dirs: [{}]\n", pd.display()),
+        &[],
+    )
+    .await
+    .unwrap();
+    bob.wait_connected(true, T).await.unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
+        .name("org.freedesktop.Notifications")
+        .serve_at(
+            "/org/freedesktop/Notifications",
+            InlineServer {
+                calls: calls.clone(),
+            },
+        )
+        .build()
+        .await
+        .unwrap();
+
+    let id = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("bob", "coffee?")
+        .await
+        .unwrap();
+    alice
+        .wait_for("bob's inline reply", T, |s| {
+            s.received
+                .iter()
+                .any(|r| r.1 == "bob" && r.2 == "typed in the popup")
+        })
+        .await
+        .unwrap();
+    alice
+        .wait_for("read", T, |s| {
+            s.status
+                .get(&id)
+                .is_some_and(|v| v.contains(&"read".into()))
+        })
+        .await
+        .unwrap();
+    let c = calls.lock().unwrap().clone();
+    assert_eq!(c[0].0, "alice");
+    assert_eq!(c[0].1, "coffee?");
+    assert!(
+        c[0].2.contains(&"inline-reply".to_string()),
+        "offers inline reply: {:?}",
+        c[0].2
+    );
+    // The reply answers alice's message.
+    let h =
+        String::from_utf8_lossy(&alice.popupctl(&["--json", "history", "bob"]).stdout).to_string();
+    assert!(h.contains("typed in the popup"), "{h}");
+}
