@@ -14,6 +14,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v dunst >/dev/null || need+=(dunst)
 command -v Xvfb >/dev/null || need+=(xvfb)
 command -v import >/dev/null || need+=(imagemagick)
+command -v zenity >/dev/null || need+=(zenity)
+command -v xdotool >/dev/null || need+=(xdotool)
 # The package installation test boots Debian 12 in a container (root only).
 if [ "$(id -u)" = 0 ]; then
   command -v systemd-nspawn >/dev/null || need+=(systemd-container)

@@ -21,6 +21,7 @@
 //! | `History(peer, limit) → entries` | `su → a(sssssxss)` | newest last; `peer` "" for all |
 //! | `Status() → (connected, home, since_ms)` | `→ (bsx)` | the back connection |
 //! | `Plugins() → entries` | `→ a(ssss)` | loaded plugins: name, version, state, file |
+//! | `Message(id) → entry` | `s → (sssssxss)` | one message of history |
 //! | property `Handle` | `s` | whose agent this is |
 //! | property `Connected` | `b` | back connection up? (emits PropertiesChanged) |
 //! | signal `MessageReceived(id, from, text, sent_at_ms, reply_to)` | `sssxs` | a new message, once per id |
@@ -84,6 +85,8 @@ pub trait Agent1 {
     fn history(&self, peer: &str, limit: u32) -> zbus::Result<Vec<HistoryEntry>>;
     /// The back connection: connected?, home name, since (ms since epoch, 0 if never).
     fn status(&self) -> zbus::Result<(bool, String, i64)>;
+    /// One message of history.
+    fn message(&self, id: &str) -> zbus::Result<HistoryEntry>;
     /// Loaded plugins: (name, version, state, file); state is `starting`,
     /// `active`, `failed: why` or `disabled: why`.
     fn plugins(&self) -> zbus::Result<Vec<(String, String, String, String)>>;

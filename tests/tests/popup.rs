@@ -203,16 +203,22 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
         .unwrap();
 }
 
-/// A notification server that types a reply into every popup, as KDE
-/// Plasma's inline reply does.
+/// A notification server that answers every popup: with a reply typed
+/// inside it, as KDE Plasma's inline reply does (`inline`), or by pressing
+/// its Reply button.
 struct InlineServer {
     calls: Arc<Mutex<Vec<(String, String, Vec<String>)>>>,
+    inline: bool,
 }
 
 #[zbus::interface(name = "org.freedesktop.Notifications")]
 impl InlineServer {
     fn get_capabilities(&self) -> Vec<String> {
-        vec!["body".into(), "actions".into(), "inline-reply".into()]
+        let mut caps = vec!["body".to_string(), "actions".to_string()];
+        if self.inline {
+            caps.push("inline-reply".into());
+        }
+        caps
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -232,6 +238,7 @@ impl InlineServer {
         self.calls.lock().unwrap().push((summary, body, actions));
         let caller = hdr.sender().map(|s| s.to_owned());
         let conn = conn.clone();
+        let inline = self.inline;
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let em = SignalEmitter::new(&conn, "/org/freedesktop/Notifications").unwrap();
@@ -239,14 +246,25 @@ impl InlineServer {
                 Some(c) => em.set_destination(zbus::names::BusName::Unique(c.into())),
                 None => em,
             };
-            InlineServer::notification_replied(&em, 7, "typed in the popup")
-                .await
-                .unwrap();
+            if inline {
+                InlineServer::notification_replied(&em, 7, "typed in the popup")
+                    .await
+                    .unwrap();
+            } else {
+                InlineServer::action_invoked(&em, 7, "reply").await.unwrap();
+            }
         });
         7
     }
 
     fn close_notification(&self, _id: u32) {}
+
+    #[zbus(signal)]
+    async fn action_invoked(
+        emitter: &SignalEmitter<'_>,
+        id: u32,
+        action_key: &str,
+    ) -> zbus::Result<()>;
 
     #[zbus(signal)]
     async fn notification_replied(
@@ -281,6 +299,7 @@ async fn inline_reply_in_the_popup_reaches_the_sender() {
             "/org/freedesktop/Notifications",
             InlineServer {
                 calls: calls.clone(),
+                inline: true,
             },
         )
         .build()
@@ -322,4 +341,134 @@ async fn inline_reply_in_the_popup_reaches_the_sender() {
     let h =
         String::from_utf8_lossy(&alice.popupctl(&["--json", "history", "bob"]).stdout).to_string();
     assert!(h.contains("typed in the popup"), "{h}");
+}
+
+async fn start_xvfb(dir: &Path) -> (Proc, String) {
+    let display = format!(":{}", 250 + std::process::id() % 200);
+    let x = Proc::spawn(
+        &[
+            "Xvfb".into(),
+            display.clone(),
+            "-screen".into(),
+            "0".into(),
+            "800x600x24".into(),
+            "-nolisten".into(),
+            "tcp".into(),
+        ],
+        &dir.join("xvfb.log"),
+    )
+    .unwrap();
+    let sock = PathBuf::from(format!("/tmp/.X11-unix/X{}", &display[1..]));
+    let deadline = std::time::Instant::now() + T;
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "Xvfb did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (x, display)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_button_opens_the_compose_window_and_the_reply_arrives() {
+    const NAME: &str = "reply_button_opens_the_compose_window_and_the_reply_arrives";
+    for tool in ["Xvfb", "zenity", "xdotool"] {
+        if !have(tool) {
+            return skip(
+                NAME,
+                &format!("`{tool}` is not installed (apt install xvfb zenity xdotool)"),
+            );
+        }
+    }
+    let dir = TestDir::new("compose");
+    let (_x, display) = start_xvfb(&dir.path).await;
+    let pd = notify_plugin(&dir.path);
+    let net = Network::start(&dir.path).await.unwrap();
+    let a = net.add_user(0, "alice").unwrap();
+    let b = net.add_user(1, "bob").unwrap();
+    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
+    let extra = format!(
+        "  plugin_dirs: [{}]\n  plugins:\n    notify:\n      reply_command: [env, \"DISPLAY={display}\", \"{}\", compose]\n",
+        pd.display(),
+        bin("popupctl").display()
+    );
+    let bob = Agent::start(&dir.path, "bob", &b, &extra, &[])
+        .await
+        .unwrap();
+    bob.wait_connected(true, T).await.unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
+        .name("org.freedesktop.Notifications")
+        .serve_at(
+            "/org/freedesktop/Notifications",
+            InlineServer {
+                calls: calls.clone(),
+                inline: false,
+            },
+        )
+        .build()
+        .await
+        .unwrap();
+
+    let id = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("bob", "are you coming?")
+        .await
+        .unwrap();
+    // The server pressed Reply: a compose window opens on bob's display.
+    let xdo = |args: &[&str]| {
+        Command::new("xdotool")
+            .args(args)
+            .env("DISPLAY", &display)
+            .output()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + T;
+    let win = loop {
+        let o = xdo(&["search", "--name", "Reply to alice"]);
+        let w = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if !w.is_empty() {
+            break w;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no compose window appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    if have("import") {
+        let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+        std::fs::create_dir_all(&artifacts).unwrap();
+        let _ = Command::new("import")
+            .args(["-display", &display, "-window", "root"])
+            .arg(artifacts.join("compose-window.png"))
+            .output();
+    }
+    assert!(xdo(&["windowfocus", "--sync", &win]).status.success());
+    assert!(
+        xdo(&["type", "--delay", "20", "on my way"])
+            .status
+            .success()
+    );
+    assert!(xdo(&["key", "Return"]).status.success());
+    alice
+        .wait_for("bob's reply from the compose window", T, |s| {
+            s.received
+                .iter()
+                .any(|r| r.1 == "bob" && r.2 == "on my way")
+        })
+        .await
+        .unwrap();
+    let c = calls.lock().unwrap().clone();
+    assert!(
+        c[0].2.contains(&"reply".to_string()),
+        "offers Reply: {:?}",
+        c[0].2
+    );
+    let _ = id;
 }

@@ -60,6 +60,18 @@ impl AgentIface {
         Ok(self.agent.mark_read(&id).await?)
     }
 
+    /// One message of history.
+    async fn message(&self, id: String) -> Result<HistoryEntry, AgentError> {
+        let i = id.clone();
+        match self.agent.store.run(move |s| s.get(&i)).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(AgentError::UnknownMessage(format!(
+                "no message {id} in history"
+            ))),
+            Err(e) => Err(AgentError::Failed(e.to_string())),
+        }
+    }
+
     /// Loaded plugins: (name, version, state, file).
     async fn plugins(&self) -> Vec<(String, String, String, String)> {
         self.agent.plugins.list()

@@ -63,6 +63,16 @@ enum Cmd {
     Status,
     /// The agent's plugins: name, version, state.
     Plugins,
+    /// A small window to write a message or a reply (zenity); what the
+    /// popup's Reply opens. The text survives an error: the window comes
+    /// back with the reason.
+    Compose {
+        /// Recipient (asked for when missing, unless replying).
+        to: Option<String>,
+        /// Answer this received message (the popup sets POPUPD_ID).
+        #[arg(long, env = "POPUPD_ID")]
+        reply: Option<String>,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
     /// Print the popupctl(1) man page (roff), for packaging.
@@ -270,6 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(exit::OK)
         }
+        Cmd::Compose { to, reply } => compose(&agent, to, reply).await,
         Cmd::Completions { .. } | Cmd::Manpage => Ok(exit::OK),
     }
 }
@@ -347,5 +358,87 @@ async fn watch(agent: &Agent1Proxy<'_>, json: bool) -> anyhow::Result<i32> {
             else => return Ok(exit::OK),
         }
         let _ = std::io::stdout().flush();
+    }
+}
+
+/// Asks with a zenity entry window; `None` when the person cancels (Esc).
+fn ask(title: &str, prompt: &str, prefill: &str) -> anyhow::Result<Option<String>> {
+    let out = std::process::Command::new("zenity")
+        .args([
+            "--entry",
+            "--width=420",
+            "--title",
+            title,
+            "--text",
+            prompt,
+            "--entry-text",
+            prefill,
+        ])
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!("the compose window needs zenity ({e}): apt install zenity")
+        })?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    Ok(Some(
+        String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\n')
+            .to_string(),
+    ))
+}
+
+/// The compose window: zenity (GTK, in Debian) rather than a GTK binding of
+/// our own, so the agent's build stays free of GTK; it shows what is being
+/// answered, sends on Enter, cancels on Esc.
+async fn compose(
+    agent: &Agent1Proxy<'_>,
+    to: Option<String>,
+    reply: Option<String>,
+) -> anyhow::Result<i32> {
+    let original = match &reply {
+        Some(id) => Some(agent.message(id).await?),
+        None => None,
+    };
+    let to = match (&original, to) {
+        (Some(m), _) => m.from.clone(),
+        (None, Some(t)) => t,
+        (None, None) => match ask("New message — popupd", "To (handle):", "")? {
+            Some(t) if !t.trim().is_empty() => t.trim().to_string(),
+            _ => return Ok(exit::OK),
+        },
+    };
+    let title = match &original {
+        Some(m) => format!("Reply to {} — popupd", m.from),
+        None => format!("Message to {to} — popupd"),
+    };
+    let mut prompt = match &original {
+        Some(m) => format!("{}: {}", m.from, m.text),
+        None => format!("To {to}:"),
+    };
+    let mut text = String::new();
+    loop {
+        let Some(t) = ask(&title, &prompt, &text)? else {
+            return Ok(exit::OK);
+        };
+        text = t;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let sent = match &reply {
+            Some(id) => agent.reply(id, &text).await,
+            None => agent.send(&to, &text).await,
+        };
+        match sent {
+            Ok(id) => {
+                println!("{id}");
+                return Ok(exit::OK);
+            }
+            // Keep the text; show why, and let the person try again.
+            Err(e) => {
+                let (_, why) = explain(&anyhow::Error::from(e));
+                prompt = format!("Not sent: {why}\n\n{prompt}");
+            }
+        }
     }
 }

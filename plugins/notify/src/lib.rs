@@ -22,7 +22,7 @@
 //!     app_icon: mail-message-new     # icon name or file
 //!     desktop_entry: popupd           # the hint servers use to group popups
 //!     timeout_ms: -1                  # -1: the server's default
-//!     reply_command: [popupctl, compose]  # without inline reply
+//!     reply_command: [popupctl, compose]  # without inline reply (default)
 //! ```
 
 use std::collections::HashMap;
@@ -70,8 +70,12 @@ struct Config {
     desktop_entry: String,
     #[serde(default = "minus_one")]
     timeout_ms: i32,
-    #[serde(default)]
+    #[serde(default = "compose")]
     reply_command: Option<Vec<String>>,
+}
+
+fn compose() -> Option<Vec<String>> {
+    Some(vec!["popupctl".into(), "compose".into()])
 }
 
 fn icon() -> String {
@@ -251,7 +255,12 @@ async fn run(host: Host, mut cfg: Config, mut rx: mpsc::UnboundedReceiver<Work>)
                     }
                     "reply" => {
                         if let (Some(cmd), Some(last)) = (&cfg.reply_command, p.ids.last()) {
-                            let spawned = std::process::Command::new(&cmd[0])
+                            let mut c = std::process::Command::new(&cmd[0]);
+                            if let Some(bus) = host.bus_address() {
+                                // So `popupctl compose` talks to this agent.
+                                c.env("POPUPCTL_BUS", bus);
+                            }
+                            let spawned = c
                                 .args(&cmd[1..])
                                 .env("POPUPD_ID", last)
                                 .env("POPUPD_FROM", &p.from)
