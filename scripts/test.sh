@@ -36,6 +36,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # One build shared by every test: the end-to-end tests run these binaries.
-cargo build --workspace --locked
-cargo build --workspace --locked --examples   # plugin fixtures the tests load
+# --all-targets: binaries, plugins, the plugin fixtures (examples) and the
+# tests in one build with one feature set, which `cargo test` then reuses.
+cargo build --workspace --locked --all-targets
 cargo test --workspace --locked "$@"

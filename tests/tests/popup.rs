@@ -211,6 +211,95 @@ struct InlineServer {
     inline: bool,
 }
 
+/// A notification server that only records what it is asked to show.
+struct QuietServer {
+    /// (replaces_id, body) of each Notify.
+    calls: Arc<Mutex<Vec<(u32, String)>>>,
+}
+
+#[zbus::interface(name = "org.freedesktop.Notifications")]
+impl QuietServer {
+    fn get_capabilities(&self) -> Vec<String> {
+        vec!["body".into(), "actions".into()]
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn notify(
+        &self,
+        _app_name: String,
+        replaces_id: u32,
+        _app_icon: String,
+        _summary: String,
+        body: String,
+        _actions: Vec<String>,
+        _hints: HashMap<String, zbus::wire::OwnedVariant>,
+        _timeout: i32,
+    ) -> u32 {
+        let mut c = self.calls.lock().unwrap();
+        c.push((replaces_id, body));
+        if replaces_id != 0 {
+            replaces_id
+        } else {
+            40 + c.len() as u32
+        }
+    }
+    fn close_notification(&self, _id: u32) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_one_sender_updates_one_popup() {
+    let dir = TestDir::new("burst");
+    let pd = notify_plugin(&dir.path);
+    let net = Network::start(&dir.path).await.unwrap();
+    let a = net.add_user(0, "alice").unwrap();
+    let b = net.add_user(1, "bob").unwrap();
+    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
+    let bob = Agent::start(
+        &dir.path,
+        "bob",
+        &b,
+        &format!("  plugin_dirs: [{}]\n", pd.display()),
+        &[],
+    )
+    .await
+    .unwrap();
+    bob.wait_connected(true, T).await.unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
+        .name("org.freedesktop.Notifications")
+        .serve_at(
+            "/org/freedesktop/Notifications",
+            QuietServer {
+                calls: calls.clone(),
+            },
+        )
+        .build()
+        .await
+        .unwrap();
+    let p = alice.proxy().await.unwrap();
+    for i in 0..5 {
+        p.send("bob", &format!("burst {i}")).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + T;
+    while calls.lock().unwrap().len() < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "five popups were not shown: {:?}",
+            calls.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = calls.lock().unwrap().clone();
+    assert_eq!(c[0].0, 0, "the first is a new popup");
+    assert!(
+        c[1..].iter().all(|(r, _)| *r == 41),
+        "the rest replace it: {c:?}"
+    );
+    assert!(
+        c[4].1.contains("burst 4") && c[4].1.contains("(+2 earlier)"),
+        "the last shows the latest lines: {c:?}"
+    );
+}
+
 #[zbus::interface(name = "org.freedesktop.Notifications")]
 impl InlineServer {
     fn get_capabilities(&self) -> Vec<String> {

@@ -18,7 +18,7 @@
 //! executor, and gives it a [`HostApi`] to act back (send, reply, mark read,
 //! log), callable from any thread.
 //!
-//! ```ignore
+//! ```text
 //! struct Hello;
 //! impl popupd_plugin_api::Plugin for Hello {
 //!     fn init(host: Host, config: serde_json::Value) -> Result<Self, String> { Ok(Hello) }

@@ -50,10 +50,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--messages" => a.messages = v()?.parse()?,
             "--rate" => a.rate = v()?.parse()?,
             "--seconds" => a.seconds = v()?.parse()?,
-            "throughput" | "latency" => a.only = Some(k),
+            "throughput" | "latency" | "agent" => a.only = Some(k),
             "-h" | "--help" => {
                 println!(
-                    "popupd-bench [throughput|latency] [--senders N] [--recipients N] [--messages N] [--rate MSG_PER_S] [--seconds S]\n\
+                    "popupd-bench [throughput|latency|agent] [--senders N] [--recipients N] [--messages N] [--rate MSG_PER_S] [--seconds S]\n\
                      Defaults: 10 senders on home A, 10 recipients on home B, 50000 messages; latency at 100 msg/s for 10 s."
                 );
                 std::process::exit(0);
@@ -346,11 +346,139 @@ async fn main() -> anyhow::Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
-    if a.only.as_deref() != Some("latency") {
+    if a.only.is_none() || a.only.as_deref() == Some("throughput") {
         throughput(&a).await?;
     }
-    if a.only.as_deref() != Some("throughput") {
+    if a.only.is_none() || a.only.as_deref() == Some("latency") {
         latency(&a).await?;
     }
+    if a.only.is_none() || a.only.as_deref() == Some("agent") {
+        agent_cost().await?;
+    }
+    Ok(())
+}
+
+/// A notification server that notes when each popup was asked for.
+struct Stopwatch {
+    seen: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+#[zbus::interface(name = "org.freedesktop.Notifications")]
+impl Stopwatch {
+    fn get_capabilities(&self) -> Vec<String> {
+        vec!["body".into(), "actions".into()]
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn notify(
+        &self,
+        _app: String,
+        _replaces: u32,
+        _icon: String,
+        _summary: String,
+        body: String,
+        _actions: Vec<String>,
+        _hints: HashMap<String, zbus::wire::OwnedVariant>,
+        _timeout: i32,
+    ) -> u32 {
+        let now = Instant::now();
+        let last = body.lines().last().unwrap_or_default().to_string();
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(last, now);
+        1
+    }
+    fn close_notification(&self, _id: u32) {}
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// One agent with its plugins: resident memory idle, and the time from the
+/// agent's `MessageReceived` (the message is stored) to the popup's `Notify`.
+async fn agent_cost() -> anyhow::Result<()> {
+    let dir = TestDir::new("bench-agent");
+    let pd = dir.path.join("plugins");
+    std::fs::create_dir_all(&pd)?;
+    for lib in ["libpopupd_notify.so", "libpopupd_exec.so"] {
+        std::fs::copy(popupd_e2e::bin(lib), pd.join(lib))?;
+    }
+    let net = Network::start(&dir.path).await?;
+    let alice = Agent::start(&dir.path, "alice", &net.add_user(0, "alice")?, "", &[]).await?;
+    let extra = format!(
+        "  plugin_dirs: [{}]\n  keepalive: 25s\n  plugins:\n    exec: {{ rules: [ {{ from: nobody, command: [\"true\"] }} ] }}\n",
+        pd.display()
+    );
+    let bob = Agent::start(&dir.path, "bob", &net.add_user(1, "bob")?, &extra, &[]).await?;
+    bob.wait_connected(true, Duration::from_secs(20)).await?;
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
+        .name("org.freedesktop.Notifications")
+        .serve_at(
+            "/org/freedesktop/Notifications",
+            Stopwatch { seen: seen.clone() },
+        )
+        .build()
+        .await?;
+    let got: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut rx = bob.proxy().await?.receive_message_received().await?;
+    {
+        let got = got.clone();
+        tokio::spawn(async move {
+            while let Some(s) = rx.next().await {
+                if let Ok(a) = s.args() {
+                    got.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(a.text.to_string(), Instant::now());
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let pid = bob.proc.pid().context("agent pid")?;
+    let idle = rss_kib(pid);
+    let p = alice.proxy().await?;
+    let n = 200;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for i in 0..n {
+        tick.tick().await;
+        p.send("bob", &format!("m{i}")).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (g, s) = (
+        got.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        seen.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+    );
+    let mut l: Vec<Duration> = (0..n)
+        .filter_map(|i| {
+            let k = format!("m{i}");
+            Some(s.get(&k)?.saturating_duration_since(*g.get(&k)?))
+        })
+        .collect();
+    l.sort();
+    let busy = rss_kib(pid);
+    println!("\n## agent: one agent with the notify and exec plugins loaded");
+    println!("| figure | value |\n|---|---|");
+    println!(
+        "| resident memory, idle 10 s after connecting | {:.1} MiB |",
+        idle as f64 / 1024.0
+    );
+    println!(
+        "| resident memory after {n} messages | {:.1} MiB |",
+        busy as f64 / 1024.0
+    );
+    println!(
+        "| MessageReceived → Notify, p50 / p99 / max ({} of {n} measured) | {} / {} / {} |",
+        l.len(),
+        ms(pct(&l, 0.5)),
+        ms(pct(&l, 0.99)),
+        ms(pct(&l, 1.0))
+    );
     Ok(())
 }
