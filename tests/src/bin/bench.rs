@@ -412,7 +412,7 @@ async fn agent_cost() -> anyhow::Result<()> {
     let net = Network::start(&dir.path).await?;
     let alice = Agent::start(&dir.path, "alice", &net.add_user(0, "alice")?, "", &[]).await?;
     let extra = format!(
-        "  plugin_dirs: [{}]\n  keepalive: 25s\n  plugins:\n    exec: {{ rules: [ {{ from: nobody, command: [\"true\"] }} ] }}\n",
+        "  plugin_dirs: [{}]\n  plugins:\n    exec: {{ rules: [ {{ from: nobody, command: [\"true\"] }} ] }}\n",
         pd.display()
     );
     let bob = Agent::start(&dir.path, "bob", &net.add_user(1, "bob")?, &extra, &[]).await?;
