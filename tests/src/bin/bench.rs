@@ -391,13 +391,18 @@ impl Stopwatch {
     fn close_notification(&self, _id: u32) {}
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `/proc/PID/status` figure in KiB (`VmRSS`, `RssAnon`, `RssFile`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
         .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
 }
 
 /// One agent with its plugins: resident memory idle, and the time from the
@@ -443,6 +448,7 @@ async fn agent_cost() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let pid = bob.proc.pid().context("agent pid")?;
     let idle = rss_kib(pid);
+    let (anon, file) = (status_kib(pid, "RssAnon"), status_kib(pid, "RssFile"));
     let p = alice.proxy().await?;
     let n = 200;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -466,8 +472,10 @@ async fn agent_cost() -> anyhow::Result<()> {
     println!("\n## agent: one agent with the notify and exec plugins loaded");
     println!("| figure | value |\n|---|---|");
     println!(
-        "| resident memory, idle 10 s after connecting | {:.1} MiB |",
-        idle as f64 / 1024.0
+        "| resident memory, idle 10 s after connecting | {:.1} MiB ({:.1} MiB anonymous, {:.1} MiB file-backed: mapped code) |",
+        idle as f64 / 1024.0,
+        anon as f64 / 1024.0,
+        file as f64 / 1024.0
     );
     println!(
         "| resident memory after {n} messages | {:.1} MiB |",
