@@ -120,6 +120,17 @@ enum UserCmd {
         #[command(flatten)]
         dev: NewDeviceArgs,
     },
+    /// Create many accounts at once (PREFIX0, PREFIX1, ...), one device
+    /// each; prints `handle<TAB>device<TAB>secret` lines (keep them private).
+    AddMany {
+        prefix: String,
+        count: usize,
+        #[command(flatten)]
+        home: HomeArgs,
+        /// Name of each account's device.
+        #[arg(long, default_value = "desktop")]
+        device: String,
+    },
     /// List accounts and their devices.
     List {
         #[command(flatten)]
@@ -223,6 +234,29 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let ca = dev.ca.clone().unwrap_or_else(|| h.ca_path.clone());
             let nd = admin::add_device(h, &handle, &dev.device, &ca)?;
             output_device(&nd, dev.agent_config.as_deref())
+        }
+        Cmd::User(UserCmd::AddMany {
+            prefix,
+            count,
+            home,
+            device,
+        }) => {
+            let cfg = Config::load(&home.config)?;
+            let h = admin::select_home(&cfg, home.home.as_deref())?;
+            let t = std::time::Instant::now();
+            let creds = admin::add_many(h, &prefix, count, &device).await?;
+            let mut out = String::with_capacity(creds.len() * 100);
+            for (handle, secret) in &creds {
+                out.push_str(&format!("{handle}\t{device}\t{secret}\n"));
+            }
+            print!("{out}");
+            eprintln!(
+                "created {} accounts on {} in {:.1} s",
+                creds.len(),
+                h.name,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
         }
         Cmd::User(UserCmd::List { home, json }) => {
             let cfg = Config::load(&home.config)?;

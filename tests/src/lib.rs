@@ -226,6 +226,12 @@ pub struct Network {
 
 impl Network {
     pub async fn start(dir: &Path) -> anyhow::Result<Network> {
+        Network::start_with(dir, "10s").await
+    }
+
+    /// Like `start`, with the homes' `idle_timeout` (benchmarks hold idle
+    /// agents that ping at the agent's default 25 s).
+    pub async fn start_with(dir: &Path, idle_timeout: &str) -> anyhow::Result<Network> {
         let pki = dir.join("pki");
         let pki_s = pki.to_str().context("utf-8 path")?;
         let out = popupd(&["ca", "init", "--dir", pki_s]);
@@ -267,7 +273,7 @@ impl Network {
             std::fs::write(
                 &file,
                 format!(
-                    "home:\n  name: {name}\n  listen: {addr}\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: data/{name}\n  idle_timeout: 10s\n  global:\n    name: global.test\n    address: \"{global_addr}\"\n"
+                    "home:\n  name: {name}\n  listen: {addr}\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: data/{name}\n  idle_timeout: {idle_timeout}\n  global:\n    name: global.test\n    address: \"{global_addr}\"\n"
                 ),
             )?;
             homes.push(Proc::spawn(

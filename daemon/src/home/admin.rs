@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 
-use super::directory::{DirError, ask_once};
+use super::directory::{DirError, ask_many, ask_once};
 use crate::config::{Config, HomeConfig};
 use crate::protocol::{ErrorCode, valid_handle};
 use crate::storage::home::{HomeStore, SqliteHome, UserInfo};
@@ -119,6 +119,41 @@ pub async fn add_user(
         device: device.to_owned(),
         agent_yaml: agent_yaml(home, handle, device, &secret, ca_for_agent),
     })
+}
+
+/// Creates `PREFIX0` .. `PREFIX{count-1}`, one device each, in one
+/// transaction, after claiming every handle at the global server on one
+/// link; returns (handle, device, secret) lines. For load tests and bulk
+/// provisioning: 20,000 accounts take seconds.
+pub async fn add_many(
+    home: &HomeConfig,
+    prefix: &str,
+    count: usize,
+    device: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    check_device_name(device)?;
+    let handles: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
+    if let Some(bad) = handles.iter().find(|h| !valid_handle(h)) {
+        bail!(
+            "{bad:?} is not a handle: the prefix must be lowercase letters, digits, '.', '-' or '_'"
+        );
+    }
+    let mut s = open(home)?;
+    if let Some(h) = handles.iter().find(|h| s.user_exists(h).unwrap_or(false)) {
+        bail!("{h} already exists on {}", home.name);
+    }
+    ask_many(home, true, &handles)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let creds: Vec<(String, String)> = handles.into_iter().map(|h| (h, new_secret())).collect();
+    tx(&mut s, |s| {
+        for (h, secret) in &creds {
+            s.add_user(h)?;
+            s.add_device(h, device, &secret_hash(secret))?;
+        }
+        Ok(())
+    })?;
+    Ok(creds)
 }
 
 /// Adds another device to an existing user.

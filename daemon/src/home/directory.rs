@@ -210,25 +210,43 @@ async fn connect(dial: &Dial, cfg: &HomeConfig) -> Result<Link<ClientTls>, LinkE
 
 /// One question on a fresh link, for admin commands run beside the daemon.
 pub async fn ask_once(cfg: &HomeConfig, register: bool, handle: &str) -> Result<(), DirError> {
+    ask_many(cfg, register, &[handle.to_owned()]).await
+}
+
+/// Claims (or releases) many handles on one link, pipelined: for bulk
+/// account creation. Fails with the first refusal.
+pub async fn ask_many(
+    cfg: &HomeConfig,
+    register: bool,
+    handles: &[String],
+) -> Result<(), DirError> {
     let tls = crate::net::tls::client_config(cfg.ca.clone(), Some(&cfg.identity))
         .map_err(|e| DirError::Unavailable(e.to_string()))?;
     let dial = global_dial(&cfg.global, tls);
     let mut link = connect(&dial, cfg).await.map_err(|e| {
         DirError::Unavailable(format!("{} ({}): {e}", cfg.global.name, cfg.global.address))
     })?;
-    let a = if register {
-        Ask::Register(handle.to_owned())
-    } else {
-        Ask::Unregister(handle.to_owned())
-    };
     let io = |e: LinkError| DirError::Unavailable(e.to_string());
-    link.send(&a.frame(1)).await.map_err(io)?;
-    loop {
+    // Keep a bounded number of questions in flight.
+    const WINDOW: usize = 256;
+    let (mut sent, mut answered) = (0usize, 0usize);
+    while answered < handles.len() {
+        while sent < handles.len() && sent - answered < WINDOW {
+            let h = handles[sent].clone();
+            let a = if register {
+                Ask::Register(h)
+            } else {
+                Ask::Unregister(h)
+            };
+            link.feed(&a.frame(sent as u64 + 1)).await.map_err(io)?;
+            sent += 1;
+        }
+        link.flush().await.map_err(io)?;
         match link.recv::<GlobalReply>().await.map_err(io)? {
             Recv::Frame(GlobalReply::Invalidate { .. }) | Recv::Alive => continue,
             Recv::Frame(r) => {
-                link.close().await;
-                return expect_done(r);
+                expect_done(r)?;
+                answered += 1;
             }
             other => {
                 return Err(DirError::Unavailable(format!(
@@ -237,6 +255,8 @@ pub async fn ask_once(cfg: &HomeConfig, register: bool, handle: &str) -> Result<
             }
         }
     }
+    link.close().await;
+    Ok(())
 }
 
 /// Keeps the link to the global server up and answers the home's questions.

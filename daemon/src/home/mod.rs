@@ -197,9 +197,11 @@ pub async fn run(
         let acceptor = tokio_rustls::TlsAcceptor::from(home.server_tls.load());
         tokio::spawn(async move {
             let _permit = permit;
-            match net::accept(tcp, &acceptor, &[AGENT_PATH, PEER_PATH]).await {
-                Ok((link, AGENT_PATH)) => agents::serve(home, link, peer).await,
-                Ok((link, _)) => peers::serve_inbound(home, link, peer).await,
+            // Boxed, so the task of a long-lived idle connection does not
+            // keep room for the (large, finished) handshake state.
+            match Box::pin(net::accept(tcp, &acceptor, &[AGENT_PATH, PEER_PATH])).await {
+                Ok((link, AGENT_PATH)) => Box::pin(agents::serve(home, link, peer)).await,
+                Ok((link, _)) => Box::pin(peers::serve_inbound(home, link, peer)).await,
                 Err(e) => tracing::debug!(%peer, "handshake failed: {e}"),
             }
         });

@@ -245,6 +245,23 @@ pub async fn dial(d: &Dial) -> Result<Link<ClientTls>, LinkError> {
             Some(p) => p.connect(&d.address).await?,
             None => TcpStream::connect(&d.address).await?,
         };
+        handshake(tcp, d).await
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| LinkError::Timeout)?
+}
+
+/// TLS and the WebSocket upgrade over a connected socket (load generators
+/// bind their own source addresses).
+pub async fn dial_over(tcp: TcpStream, d: &Dial) -> Result<Link<ClientTls>, LinkError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, d))
+        .await
+        .map_err(|_| LinkError::Timeout)?
+}
+
+async fn handshake(tcp: TcpStream, d: &Dial) -> Result<Link<ClientTls>, LinkError> {
+    {
         tcp.set_nodelay(true)?;
         let name = tls::server_name(&d.name)?;
         let tls = tokio_rustls::TlsConnector::from(d.tls.clone())
@@ -254,8 +271,5 @@ pub async fn dial(d: &Dial) -> Result<Link<ClientTls>, LinkError> {
         let (ws, _) =
             tokio_tungstenite::client_async_with_config(url, tls, Some(ws_config())).await?;
         Ok::<_, LinkError>(Link::new(ws))
-    };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
-        .await
-        .map_err(|_| LinkError::Timeout)?
+    }
 }

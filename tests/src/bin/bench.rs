@@ -24,6 +24,8 @@ use popupd::protocol::{AGENT_PATH, AgentFrame, Event, HomeFrame, PROTOCOL_VERSIO
 use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir};
 
 struct Args {
+    /// Idle-connection sizes, cumulative.
+    sizes: Vec<usize>,
     senders: usize,
     recipients: usize,
     messages: usize,
@@ -34,6 +36,7 @@ struct Args {
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut a = Args {
+        sizes: vec![1000, 5000],
         senders: 10,
         recipients: 10,
         messages: 50_000,
@@ -50,10 +53,16 @@ fn parse_args() -> anyhow::Result<Args> {
             "--messages" => a.messages = v()?.parse()?,
             "--rate" => a.rate = v()?.parse()?,
             "--seconds" => a.seconds = v()?.parse()?,
-            "throughput" | "latency" | "agent" => a.only = Some(k),
+            "--connections" => {
+                a.sizes = v()?
+                    .split(',')
+                    .map(|x| x.trim().parse())
+                    .collect::<Result<_, _>>()?;
+            }
+            "throughput" | "latency" | "agent" | "idle" => a.only = Some(k),
             "-h" | "--help" => {
                 println!(
-                    "popupd-bench [throughput|latency|agent] [--senders N] [--recipients N] [--messages N] [--rate MSG_PER_S] [--seconds S]\n\
+                    "popupd-bench [throughput|latency|agent|idle] [--connections 1000,5000,18500] [--senders N] [--recipients N] [--messages N] [--rate MSG_PER_S] [--seconds S]\n\
                      Defaults: 10 senders on home A, 10 recipients on home B, 50000 messages; latency at 100 msg/s for 10 s."
                 );
                 std::process::exit(0);
@@ -334,6 +343,9 @@ async fn latency(a: &Args) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     popupd::net::tls::install_default_provider();
+    if std::env::args().nth(1).as_deref() == Some("worker") {
+        return worker().await;
+    }
     let a = parse_args()?;
     println!(
         "popupd-bench on {} cores, commit {}",
@@ -354,6 +366,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if a.only.is_none() || a.only.as_deref() == Some("agent") {
         agent_cost().await?;
+    }
+    if a.only.as_deref() == Some("idle") {
+        idle(&a).await?;
     }
     Ok(())
 }
@@ -488,5 +503,193 @@ async fn agent_cost() -> anyhow::Result<()> {
         ms(pct(&l, 0.99)),
         ms(pct(&l, 1.0))
     );
+    Ok(())
+}
+
+/// Most connections one load-generator process holds (the open-file limit
+/// here is 20,000 per process).
+const PER_WORKER: usize = 9000;
+
+/// `popupd-bench worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP`: holds
+/// COUNT authenticated back connections (lines FIRST.. of CREDS), pinging
+/// every 25 s like an agent, until stdin closes. Prints `ready N FAILED SECS`.
+async fn worker() -> anyhow::Result<()> {
+    let v: Vec<String> = std::env::args().skip(2).collect();
+    anyhow::ensure!(
+        v.len() == 7,
+        "worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP"
+    );
+    let (addr, name, ca) = (v[0].clone(), v[1].clone(), v[2].clone());
+    let creds: Vec<(String, String, String)> = std::fs::read_to_string(&v[3])?
+        .lines()
+        .skip(v[4].parse()?)
+        .take(v[5].parse()?)
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            Some((
+                f.next()?.to_string(),
+                f.next()?.to_string(),
+                f.next()?.to_string(),
+            ))
+        })
+        .collect();
+    let source: std::net::IpAddr = v[6].parse()?;
+    let target: std::net::SocketAddr = addr.parse()?;
+    let dial = Arc::new(Dial {
+        address: addr,
+        name,
+        path: AGENT_PATH,
+        tls: tls::client_config(tls::roots_from(std::path::Path::new(&ca))?, None)?,
+        proxy: None,
+    });
+    let gate = Arc::new(tokio::sync::Semaphore::new(128));
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let (up_tx, mut up_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    for (handle, device, secret) in creds.iter().cloned() {
+        let (dial, gate, up) = (dial.clone(), gate.clone(), up_tx.clone());
+        tasks.spawn(async move {
+            let permit = gate.acquire_owned().await;
+            let link = async {
+                let sock = tokio::net::TcpSocket::new_v4()?;
+                sock.bind(std::net::SocketAddr::new(source, 0))?;
+                let tcp = sock.connect(target).await?;
+                let mut link = net::dial_over(tcp, &dial).await?;
+                link.send(&AgentFrame::Hello { v: PROTOCOL_VERSION, handle, device, secret }).await?;
+                match link.recv::<HomeFrame>().await? {
+                    Recv::Frame(HomeFrame::Welcome { .. }) => Ok(link),
+                    other => Err(anyhow::anyhow!("{other:?}")),
+                }
+            }
+            .await;
+            drop(permit);
+            let Ok(mut link) = link else {
+                let _ = up.send(false);
+                return;
+            };
+            let _ = up.send(true);
+            loop {
+                let wait = Duration::from_millis(20_000 + fastrand_ms());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => if link.ping().await.is_err() { return },
+                    r = link.recv::<HomeFrame>() => if !matches!(r, Ok(Recv::Alive) | Ok(Recv::Frame(_))) { return },
+                }
+            }
+        });
+    }
+    drop(up_tx);
+    let (mut ok, mut failed) = (0usize, 0usize);
+    while ok + failed < creds.len() {
+        match up_rx.recv().await {
+            Some(true) => ok += 1,
+            Some(false) => failed += 1,
+            None => break,
+        }
+    }
+    println!("ready {ok} {failed} {:.3}", t0.elapsed().as_secs_f64());
+    // Hold until the driver closes stdin.
+    let mut buf = String::new();
+    let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut buf)).await;
+    tasks.abort_all();
+    Ok(())
+}
+
+fn fastrand_ms() -> u64 {
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        % 10_000) as u64
+}
+
+/// Idle back connections on one home: memory per connection, login rate,
+/// CPU while idle.
+async fn idle(a: &Args) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let dir = TestDir::new("bench-idle");
+    let net = Network::start_with(&dir.path, "90s").await?;
+    let max = a.sizes.iter().copied().max().unwrap_or(1000);
+    let t = Instant::now();
+    let out = std::process::Command::new(popupd_e2e::bin("popupd"))
+        .args(["user", "add-many", "u", &max.to_string(), "-c"])
+        .arg(net.home_config(0))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "add-many: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made = t.elapsed();
+    let creds = dir.path.join("creds.tsv");
+    std::fs::write(&creds, &out.stdout)?;
+    let ca = dir.path.join("pki/ca.crt");
+    let home = &net.homes[0];
+    let pid = home.pid().context("home pid")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let base = rss_kib(pid);
+    println!(
+        "\n## idle back connections on one home ({max} accounts made with `popupd user add-many` in {:.1} s)",
+        made.as_secs_f64()
+    );
+    println!(
+        "| connections | home RSS | bytes per connection | logins/s (TLS + auth) | home CPU idle (keepalive 25 s) |\n|---|---|---|---|---|"
+    );
+    let mut workers: Vec<tokio::process::Child> = Vec::new();
+    let mut held = 0usize;
+    for &size in &a.sizes {
+        let t0 = Instant::now();
+        let mut readers = Vec::new();
+        while held < size {
+            let n = (size - held).min(PER_WORKER);
+            let ip = format!("127.0.0.{}", 10 + workers.len());
+            let mut child = tokio::process::Command::new(std::env::current_exe()?)
+                .args(["worker", &net.home_addrs[0], HOME_A])
+                .arg(&ca)
+                .arg(&creds)
+                .args([held.to_string(), n.to_string(), ip])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stdout = child.stdout.take().context("worker stdout")?;
+            readers.push(tokio::io::BufReader::new(stdout).lines());
+            workers.push(child);
+            held += n;
+        }
+        let mut failed = 0usize;
+        for mut r in readers {
+            let line = tokio::time::timeout(Duration::from_secs(300), r.next_line())
+                .await??
+                .unwrap_or_default();
+            let f: Vec<&str> = line.split_whitespace().collect();
+            failed += f.get(2).and_then(|x| x.parse::<usize>().ok()).unwrap_or(0);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let added = size
+            - a.sizes
+                .iter()
+                .copied()
+                .filter(|s| *s < size)
+                .max()
+                .unwrap_or(0);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss = rss_kib(pid);
+        let c0 = home.cpu_time();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let cpu = home.cpu_time().saturating_sub(c0);
+        println!(
+            "| {size}{} | {:.1} MiB | {:.1} KiB | {:.0} | {:.2} % of a core |",
+            if failed > 0 {
+                format!(" ({failed} failed)")
+            } else {
+                String::new()
+            },
+            rss as f64 / 1024.0,
+            (rss.saturating_sub(base)) as f64 / size as f64,
+            added as f64 / secs,
+            cpu.as_secs_f64() / 10.0 * 100.0
+        );
+    }
+    drop(workers);
     Ok(())
 }
