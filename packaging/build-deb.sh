@@ -80,7 +80,8 @@ Architecture: $arch
 Maintainer: popupd maintainers <popupd@example.invalid>
 Installed-Size: $size
 Depends: libc6 (>= 2.34), libgcc-s1 (>= 4.2), systemd (>= 247)
-Recommends: dbus-user-session, zenity
+Recommends: dbus-user-session
+Suggests: zenity, dunst | notification-daemon
 Section: net
 Priority: optional
 Homepage: https://example.invalid/popupd
