@@ -157,7 +157,7 @@ enum DeviceCmd {
         #[command(flatten)]
         dev: NewDeviceArgs,
     },
-    /// Revoke a device: its agent is refused from its next connection on.
+    /// Revoke a device: a running home closes its connection within 10 s and refuses it after.
     Revoke {
         handle: String,
         device: String,

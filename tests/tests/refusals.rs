@@ -328,3 +328,36 @@ fn config_errors_name_file_line_and_field() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/popupd.yaml"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_cut_off_without_a_restart() {
+    let dir = TestDir::new("revoke");
+    let net = Network::start(&dir.path).await.unwrap();
+    let a = net.add_user(0, "alice").unwrap();
+    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
+    alice.wait_connected(true, T).await.unwrap();
+    let o = popupd(&[
+        "device",
+        "revoke",
+        "alice",
+        "desktop",
+        "-c",
+        net.home_config(0).to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The live connection is closed within the home's check interval, and
+    // the agent's reconnects are refused.
+    alice
+        .wait_connected(false, Duration::from_secs(30))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (connected, _, _) = alice.proxy().await.unwrap().status().await.unwrap();
+    assert!(!connected, "a revoked device stays out");
+    assert!(
+        alice
+            .proc
+            .log_text()
+            .contains("the home refused this device")
+    );
+}

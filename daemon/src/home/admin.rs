@@ -208,7 +208,8 @@ pub async fn remove_user(home: &HomeConfig, handle: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Revokes one device; its agent is refused from its next connection on.
+/// Revokes one device; a running home closes its connection within 10 s
+/// (`home::REVOKE_CHECK`) and refuses it from then on.
 pub fn revoke_device(home: &HomeConfig, handle: &str, device: &str) -> anyhow::Result<()> {
     let mut s = open(home)?;
     if !tx(&mut s, |s| Ok(s.revoke_device(handle, device)?))? {

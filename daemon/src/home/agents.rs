@@ -109,6 +109,24 @@ impl Registry {
         }
     }
 
+    /// Closes the connections of devices not in `allowed` (revoked, or
+    /// their user removed); returns how many.
+    pub fn keep_only(&self, allowed: &std::collections::HashSet<(String, String)>) -> usize {
+        let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for (handle, list) in map.iter() {
+            for c in list {
+                if !allowed.contains(&(handle.clone(), c.device.clone()))
+                    && !c.replaced.is_cancelled()
+                {
+                    c.replaced.cancel();
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     /// (users online, devices online).
     pub fn online(&self) -> (usize, usize) {
         let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
@@ -261,7 +279,7 @@ impl AgentConn {
                     }).await;
                     return "home shutting down".into();
                 }
-                _ = replaced.cancelled() => return "replaced by a newer connection".into(),
+                _ = replaced.cancelled() => return "replaced by a newer connection, or revoked".into(),
                 Some(d) = pending.next(), if !pending.is_empty() => self.finish(link, d).await,
                 r = link.recv::<AgentFrame>() => {
                     last_heard = Instant::now();

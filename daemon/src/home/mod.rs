@@ -81,6 +81,51 @@ async fn report_status(home: Arc<Home>) {
     }
 }
 
+/// How long a home remembers message ids (to drop retries and redeliveries)
+/// and who to send receipts to.
+const REMEMBER: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Forgets dedup and receipt records past [`REMEMBER`], hourly.
+async fn prune(home: Arc<Home>) {
+    loop {
+        let before = crate::protocol::now_ms() - REMEMBER.as_millis() as i64;
+        match home.store.run(move |s| s.prune(before)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "forgot message records older than 30 days"),
+            Err(e) => tracing::warn!("pruning: {e}"),
+        }
+        if crate::task::sleep_or_shutdown(std::time::Duration::from_secs(3600), &home.shutdown)
+            .await
+        {
+            return;
+        }
+    }
+}
+
+/// How often live connections are checked against the accounts, so that
+/// `popupd device revoke` and `user remove` (run beside the daemon) take
+/// effect without a restart.
+const REVOKE_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn drop_revoked(home: Arc<Home>) {
+    loop {
+        if crate::task::sleep_or_shutdown(REVOKE_CHECK, &home.shutdown).await {
+            return;
+        }
+        match home.store.run(|s| s.all_devices()).await {
+            Ok(list) => {
+                let allowed: std::collections::HashSet<(String, String)> =
+                    list.into_iter().collect();
+                let n = home.registry.keep_only(&allowed);
+                if n > 0 {
+                    tracing::info!(connections = n, "closed the connections of revoked devices");
+                }
+            }
+            Err(e) => tracing::warn!("checking devices: {e}"),
+        }
+    }
+}
+
 /// Opens the store of a home.
 pub fn open_store(cfg: &HomeConfig) -> anyhow::Result<Store> {
     let path = cfg.data_dir.join("home.sqlite");
@@ -169,6 +214,8 @@ pub async fn run(
     tasks.spawn(peers::route(home.clone()));
     tasks.spawn(peers::resume_queued(home.clone()));
     tasks.spawn(report_status(home.clone()));
+    tasks.spawn(prune(home.clone()));
+    tasks.spawn(drop_revoked(home.clone()));
     tasks.spawn(apply_reloads(home.clone(), reload));
     ready();
 

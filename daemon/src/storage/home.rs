@@ -158,6 +158,12 @@ pub trait HomeStore: super::Batchable {
         reason: &str,
         fx: &mut Effects,
     ) -> Result<Option<OutItem>, StoreError>;
+    /// Forgets dedup and receipt records older than `before` (ms since the
+    /// epoch); returns how many went. A retry or redelivery older than that
+    /// window would be taken as new.
+    fn prune(&mut self, before: i64) -> Result<usize, StoreError>;
+    /// Every (handle, device) that may log in.
+    fn all_devices(&mut self) -> Result<Vec<(String, String)>, StoreError>;
 }
 
 /// [`HomeStore`] on SQLite.
@@ -204,7 +210,8 @@ CREATE TABLE IF NOT EXISTS received(
     recipient TEXT NOT NULL,
     from_home TEXT,
     delivered INTEGER NOT NULL DEFAULT 0,
-    read INTEGER NOT NULL DEFAULT 0
+    read INTEGER NOT NULL DEFAULT 0,
+    at INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outq(
     n INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -297,9 +304,9 @@ impl SqliteHome {
         let inserted = self
             .conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO received(id, sender, recipient, from_home) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR IGNORE INTO received(id, sender, recipient, from_home, at) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![msg.id, msg.from, msg.to, from_home])?;
+            .execute(params![msg.id, msg.from, msg.to, from_home, now_ms()])?;
         if inserted == 1 {
             self.push_event(&msg.to, Some(&msg.id), &Event::Message(msg.clone()), fx)?;
         }
@@ -682,6 +689,24 @@ impl HomeStore for SqliteHome {
         }
         Ok(item)
     }
+
+    fn all_devices(&mut self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT handle, device FROM devices")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn prune(&mut self, before: i64) -> Result<usize, StoreError> {
+        let sent = self
+            .conn
+            .execute("DELETE FROM sent WHERE at < ?1", [before])?;
+        let received = self
+            .conn
+            .execute("DELETE FROM received WHERE at < ?1", [before])?;
+        Ok(sent + received)
+    }
 }
 
 #[cfg(test)]
@@ -770,6 +795,32 @@ mod tests {
         assert!(s.outq(None).unwrap().is_empty());
         assert!(fx.pushes[0].event.contains("failed"));
         assert!(fx.pushes[0].event.contains("no such user"));
+        s.commit().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn prune_forgets_old_records_only() {
+        let (mut s, dir) = store("prune");
+        s.begin().unwrap();
+        for u in ["alice", "bob"] {
+            s.add_user(u).unwrap();
+        }
+        let mut fx = Effects::default();
+        s.accept_send(&msg("old", "alice", "bob"), None, &mut fx)
+            .unwrap();
+        assert_eq!(s.prune(0).unwrap(), 0, "nothing is older than the epoch");
+        assert_eq!(
+            s.prune(now_ms() + 1).unwrap(),
+            2,
+            "the sent and the received record"
+        );
+        // After the window, a retry of that id is new again.
+        assert_eq!(
+            s.accept_send(&msg("old", "alice", "bob"), None, &mut fx)
+                .unwrap(),
+            SendOutcome::Accepted
+        );
         s.commit().unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
