@@ -24,6 +24,8 @@ use popupd::protocol::{AGENT_PATH, AgentFrame, Event, HomeFrame, PROTOCOL_VERSIO
 use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir};
 
 struct Args {
+    /// Recipients on the senders' home instead of the other one.
+    one_home: bool,
     /// Idle-connection sizes, cumulative.
     sizes: Vec<usize>,
     senders: usize,
@@ -36,6 +38,7 @@ struct Args {
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut a = Args {
+        one_home: false,
         sizes: vec![1000, 5000],
         senders: 10,
         recipients: 10,
@@ -53,6 +56,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--messages" => a.messages = v()?.parse()?,
             "--rate" => a.rate = v()?.parse()?,
             "--seconds" => a.seconds = v()?.parse()?,
+            "--one-home" => a.one_home = true,
             "--connections" => {
                 a.sizes = v()?
                     .split(',')
@@ -126,6 +130,7 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
     let dir = TestDir::new("bench-throughput");
     let net = Network::start(&dir.path).await?;
     let ca = dir.path.join("pki/ca.crt");
+    let rhome = if a.one_home { 0 } else { 1 };
     let mut senders = Vec::new();
     for i in 0..a.senders {
         senders.push((
@@ -137,7 +142,7 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
     for i in 0..a.recipients {
         recips.push((
             format!("r{i}"),
-            secret_of(&net.add_user(1, &format!("r{i}"))?)?,
+            secret_of(&net.add_user(rhome, &format!("r{i}"))?)?,
         ));
     }
     let per_sender = a.messages / a.senders.max(1);
@@ -149,7 +154,7 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
     // Recipients: store nothing, ack everything, note latencies.
     let mut rtasks = Vec::new();
     for (h, s) in &recips {
-        let mut link = login(&net, 1, HOME_B, h, s, &ca).await?;
+        let mut link = login(&net, rhome, [HOME_A, HOME_B][rhome], h, s, &ca).await?;
         let lat = lat.clone();
         rtasks.push(tokio::spawn(async move {
             let mut got = 0usize;
@@ -245,8 +250,10 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         t.abort();
     }
     println!(
-        "\n## throughput: {} senders on {HOME_A} → {} recipients on {HOME_B}, 100-byte-ish messages, fsync'd group commit",
-        a.senders, a.recipients
+        "\n## throughput: {} senders on {HOME_A} → {} recipients on {}, 100-byte-ish messages, fsync'd group commit",
+        a.senders,
+        a.recipients,
+        [HOME_A, HOME_B][rhome]
     );
     println!("| figure | value |\n|---|---|");
     println!("| messages accepted | {accepted} of {total} |");
