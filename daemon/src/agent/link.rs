@@ -168,6 +168,8 @@ async fn session_loop(
     ping.tick().await;
     let mut last_heard = Instant::now();
     let mut last_seq = agent.store.run(|s| s.last_seq()).await.unwrap_or(0);
+    let mut unacked: Option<u64> = None;
+    let mut acked = last_seq;
 
     if let Err(e) = send_outbox(agent, link, &mut inflight).await {
         return (e.to_string(), None);
@@ -177,6 +179,7 @@ async fn session_loop(
     }
     loop {
         let step: Result<(), LinkError> = tokio::select! {
+            biased;
             _ = agent.shutdown.cancelled() => return ("agent stopping".into(), None),
             _ = agent.outbox.notified() => send_outbox(agent, link, &mut inflight).await,
             Some(Up::Read(id)) = up.recv() => {
@@ -190,7 +193,17 @@ async fn session_loop(
                 Done::Event(seq, Ok(sig)) => {
                     emit(agent, sig).await;
                     last_seq = last_seq.max(seq);
-                    link.send(&AgentFrame::Ack { seq }).await
+                    // Acks are cumulative: one for a burst (sent below,
+                    // once nothing else is ready), or every 256 events in a
+                    // long one.
+                    if seq >= acked + 256 {
+                        acked = seq;
+                        unacked = None;
+                        link.send(&AgentFrame::Ack { seq }).await
+                    } else {
+                        unacked = Some(seq);
+                        Ok(())
+                    }
                 }
                 Done::Status(Ok(sig)) => { emit(agent, sig).await; Ok(()) }
                 Done::Event(_, Err(e)) | Done::Status(Err(e)) => {
@@ -221,6 +234,12 @@ async fn session_loop(
                         humantime::format_duration(keepalive * DEAD_AFTER)), None);
                 }
                 link.ping().await
+            }
+            // Last, so it runs only when nothing above is ready.
+            _ = std::future::ready(()), if unacked.is_some() => {
+                let seq = unacked.take().unwrap_or_default();
+                acked = seq;
+                link.send(&AgentFrame::Ack { seq }).await
             }
         };
         if let Err(e) = step {

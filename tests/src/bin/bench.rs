@@ -161,20 +161,30 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
             while let Ok(Ok(r)) =
                 tokio::time::timeout(Duration::from_secs(20), link.recv::<HomeFrame>()).await
             {
-                if let Recv::Frame(HomeFrame::Event { seq, event }) = r {
-                    if let Event::Message(m) = event {
-                        if let Some(t) = m
-                            .text
-                            .strip_prefix("t=")
-                            .and_then(|x| x.parse::<u64>().ok())
-                        {
-                            let now = base.elapsed().as_micros() as u64;
-                            lat.lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(Duration::from_micros(now.saturating_sub(t)));
+                // Like the agent: take what is ready, then one cumulative ack.
+                let mut next = Some(r);
+                let mut last = None;
+                while let Some(r) = next.take() {
+                    if let Recv::Frame(HomeFrame::Event { seq, event }) = r {
+                        if let Event::Message(m) = event {
+                            if let Some(t) = m
+                                .text
+                                .strip_prefix("t=")
+                                .and_then(|x| x.parse::<u64>().ok())
+                            {
+                                let now = base.elapsed().as_micros() as u64;
+                                lat.lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push(Duration::from_micros(now.saturating_sub(t)));
+                            }
+                            got += 1;
                         }
-                        got += 1;
+                        last = Some(seq);
                     }
+                    next = futures_util::FutureExt::now_or_never(link.recv::<HomeFrame>())
+                        .and_then(Result::ok);
+                }
+                if let Some(seq) = last {
                     if link.send(&AgentFrame::Ack { seq }).await.is_err() {
                         break;
                     }
