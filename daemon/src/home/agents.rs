@@ -109,14 +109,25 @@ impl Registry {
         }
     }
 
-    /// Closes the connections of devices not in `allowed` (revoked, or
-    /// their user removed); returns how many.
-    pub fn keep_only(&self, allowed: &std::collections::HashSet<(String, String)>) -> usize {
+    /// A mark to pass to [`Registry::keep_only`]: connections made after it
+    /// are left alone (their device may be newer than a list read after).
+    pub fn mark(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    /// Closes the connections (made before `mark`) of devices not in
+    /// `allowed` (revoked, or their user removed); returns how many.
+    pub fn keep_only(
+        &self,
+        mark: u64,
+        allowed: &std::collections::HashSet<(String, String)>,
+    ) -> usize {
         let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
         for (handle, list) in map.iter() {
             for c in list {
-                if !allowed.contains(&(handle.clone(), c.device.clone()))
+                if c.id < mark
+                    && !allowed.contains(&(handle.clone(), c.device.clone()))
                     && !c.replaced.is_cancelled()
                 {
                     c.replaced.cancel();

@@ -112,11 +112,12 @@ async fn drop_revoked(home: Arc<Home>) {
         if crate::task::sleep_or_shutdown(REVOKE_CHECK, &home.shutdown).await {
             return;
         }
+        let mark = home.registry.mark();
         match home.store.run(|s| s.all_devices()).await {
             Ok(list) => {
                 let allowed: std::collections::HashSet<(String, String)> =
                     list.into_iter().collect();
-                let n = home.registry.keep_only(&allowed);
+                let n = home.registry.keep_only(mark, &allowed);
                 if n > 0 {
                     tracing::info!(connections = n, "closed the connections of revoked devices");
                 }
