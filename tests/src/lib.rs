@@ -517,9 +517,43 @@ impl Agent {
     }
 }
 
-/// Connects to a bus by address.
+/// The usual cast: a network, alice on home A and bob on home B, both
+/// agents connected. `*_extra` are YAML lines added to each agent section.
+pub async fn two_people(dir: &Path, alice_extra: &str, bob_extra: &str) -> (Network, Agent, Agent) {
+    let within = Duration::from_secs(20);
+    let net = Network::start(dir).await.expect("network");
+    let a = net.add_user(0, "alice").expect("alice");
+    let b = net.add_user(1, "bob").expect("bob");
+    let alice = Agent::start(dir, "alice", &a, alice_extra, &[])
+        .await
+        .expect("alice's agent");
+    let bob = Agent::start(dir, "bob", &b, bob_extra, &[])
+        .await
+        .expect("bob's agent");
+    alice
+        .wait_connected(true, within)
+        .await
+        .expect("alice connected");
+    bob.wait_connected(true, within)
+        .await
+        .expect("bob connected");
+    (net, alice, bob)
+}
+
+/// Connects to a bus by address. A bus just started may have its socket
+/// file before it accepts, so a refusal is retried for a few seconds.
 pub async fn connect_bus(address: &str) -> anyhow::Result<zbus::Connection> {
-    Ok(zbus::connection::Builder::address(address).build().await?)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match zbus::connection::Builder::address(address).build().await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Says why a test is skipped, in the form the README documents.

@@ -4,22 +4,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use popupd_e2e::{Agent, Network, TestDir};
+use popupd_e2e::{Agent, Network, TestDir, two_people};
 
 const T: Duration = Duration::from_secs(20);
-
-async fn two_people(dir: &TestDir, alice_extra: &str) -> (Network, Agent, Agent) {
-    let net = Network::start(&dir.path).await.unwrap();
-    let a = net.add_user(0, "alice").unwrap();
-    let b = net.add_user(1, "bob").unwrap();
-    let alice = Agent::start(&dir.path, "alice", &a, alice_extra, &[])
-        .await
-        .unwrap();
-    let bob = Agent::start(&dir.path, "bob", &b, "", &[]).await.unwrap();
-    alice.wait_connected(true, T).await.unwrap();
-    bob.wait_connected(true, T).await.unwrap();
-    (net, alice, bob)
-}
 
 fn out(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
@@ -28,7 +15,7 @@ fn out(o: &std::process::Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_pops_up_across_homes_and_reply_comes_back() {
     let dir = TestDir::new("reply");
-    let (_net, alice, bob) = two_people(&dir, "").await;
+    let (_net, alice, bob) = two_people(&dir.path, "", "").await;
 
     // bob watches with popupctl, as a person would.
     let watch = std::process::Command::new(popupd_e2e::bin("popupctl"))
@@ -118,7 +105,7 @@ async fn message_pops_up_across_homes_and_reply_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_recipient_gets_everything_in_order_once() {
     let dir = TestDir::new("offline");
-    let (_net, alice, mut bob) = two_people(&dir, "").await;
+    let (_net, alice, mut bob) = two_people(&dir.path, "", "").await;
     bob.proc.stop();
     let p = alice.proxy().await.unwrap();
     let mut ids = Vec::new();
@@ -165,7 +152,7 @@ async fn offline_recipient_gets_everything_in_order_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_is_asked_once_and_cached_routes_survive_its_loss() {
     let dir = TestDir::new("global");
-    let (mut net, alice, bob) = two_people(&dir, "").await;
+    let (mut net, alice, bob) = two_people(&dir.path, "", "").await;
     let p = alice.proxy().await.unwrap();
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -204,7 +191,7 @@ async fn global_is_asked_once_and_cached_routes_survive_its_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_home_loses_nothing_and_doubles_nothing() {
     let dir = TestDir::new("crash");
-    let (mut net, alice, bob) = two_people(&dir, "").await;
+    let (mut net, alice, bob) = two_people(&dir.path, "", "").await;
     let p = alice.proxy().await.unwrap();
     let mut ids = Vec::new();
     for i in 0..2000 {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use popupd_e2e::{Agent, Network, TestDir, bin};
+use popupd_e2e::{Agent, TestDir, bin, two_people};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -40,18 +40,11 @@ async fn bad_plugins_are_refused_or_disabled_and_lose_nothing() {
         ],
     );
     std::fs::write(pd.join("junk.so"), "this is not a library").unwrap();
-    let net = Network::start(&dir.path).await.unwrap();
-    let a = net.add_user(0, "alice").unwrap();
-    let b = net.add_user(1, "bob").unwrap();
     let extra = format!(
         "  plugin_dirs: [{}]\n  plugin_deadline: 1s\n  plugins:\n    fixture-fail: {{ ok: false }}\n    exec: {{ rules: [ {{ command: [\"true\"] }} ] }}\n",
         pd.display()
     );
-    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
-    let bob = Agent::start(&dir.path, "bob", &b, &extra, &[])
-        .await
-        .unwrap();
-    bob.wait_connected(true, T).await.unwrap();
+    let (_net, alice, bob) = two_people(&dir.path, "", &extra).await;
 
     let p = alice.proxy().await.unwrap();
     let mut ids = Vec::new();
@@ -126,19 +119,12 @@ async fn exec_runs_its_command_with_the_message() {
     let dir = TestDir::new("exec");
     let pd = plugin_dir(&dir.path, &["libpopupd_exec.so"]);
     let out = dir.path.join("exec-out");
-    let net = Network::start(&dir.path).await.unwrap();
-    let a = net.add_user(0, "alice").unwrap();
-    let b = net.add_user(1, "bob").unwrap();
     let extra = format!(
         "  plugin_dirs: [{}]\n  plugins:\n    exec:\n      rules:\n        - from: alice\n          contains: deploy\n          command: [sh, -c, 'cat > {out}.json; echo \"$POPUPD_FROM:$POPUPD_TEXT\" > {out}.env']\n",
         pd.display(),
         out = out.display()
     );
-    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
-    let bob = Agent::start(&dir.path, "bob", &b, &extra, &[])
-        .await
-        .unwrap();
-    bob.wait_connected(true, T).await.unwrap();
+    let (_net, alice, _bob) = two_people(&dir.path, "", &extra).await;
     let p = alice.proxy().await.unwrap();
     p.send("bob", "no match here").await.unwrap();
     let id = p.send("bob", "please deploy now").await.unwrap();
@@ -167,15 +153,8 @@ async fn exec_runs_its_command_with_the_message() {
 async fn a_plugin_that_kills_the_agent_is_skipped_on_restart() {
     let dir = TestDir::new("abort");
     let pd = plugin_dir(&dir.path, &["examples/libfixture_abort.so"]);
-    let net = Network::start(&dir.path).await.unwrap();
-    let a = net.add_user(0, "alice").unwrap();
-    let b = net.add_user(1, "bob").unwrap();
     let extra = format!("  plugin_dirs: [{}]\n", pd.display());
-    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
-    let mut bob = Agent::start(&dir.path, "bob", &b, &extra, &[])
-        .await
-        .unwrap();
-    bob.wait_connected(true, T).await.unwrap();
+    let (_net, alice, mut bob) = two_people(&dir.path, "", &extra).await;
     let p = alice.proxy().await.unwrap();
     let id = p.send("bob", "this kills the plugin host").await.unwrap();
     // The agent dies (as systemd would see it), then restarts.

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use popupd_e2e::{Agent, Network, Proc, TestDir, bin, have, skip};
+use popupd_e2e::{Agent, Network, Proc, TestDir, bin, have, skip, two_people};
 use zbus::object_server::SignalEmitter;
 
 const T: Duration = Duration::from_secs(20);
@@ -73,20 +73,12 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
     }
 
     let pd = notify_plugin(&dir.path);
-    let net = Network::start(&dir.path).await.unwrap();
-    let a = net.add_user(0, "alice").unwrap();
-    let b = net.add_user(1, "bob").unwrap();
-    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
-    let bob = Agent::start(
+    let (_net, alice, bob) = two_people(
         &dir.path,
-        "bob",
-        &b,
+        "",
         &format!("  plugin_dirs: [{}]\n", pd.display()),
-        &[],
     )
-    .await
-    .unwrap();
-    bob.wait_connected(true, T).await.unwrap();
+    .await;
 
     // dunst answers org.freedesktop.Notifications on bob's private bus.
     let rc = dir.path.join("dunstrc");
@@ -249,20 +241,12 @@ impl QuietServer {
 async fn a_burst_from_one_sender_updates_one_popup() {
     let dir = TestDir::new("burst");
     let pd = notify_plugin(&dir.path);
-    let net = Network::start(&dir.path).await.unwrap();
-    let a = net.add_user(0, "alice").unwrap();
-    let b = net.add_user(1, "bob").unwrap();
-    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
-    let bob = Agent::start(
+    let (_net, alice, bob) = two_people(
         &dir.path,
-        "bob",
-        &b,
+        "",
         &format!("  plugin_dirs: [{}]\n", pd.display()),
-        &[],
     )
-    .await
-    .unwrap();
-    bob.wait_connected(true, T).await.unwrap();
+    .await;
     let calls = Arc::new(Mutex::new(Vec::new()));
     let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
         .name("org.freedesktop.Notifications")
@@ -367,20 +351,12 @@ impl InlineServer {
 async fn inline_reply_in_the_popup_reaches_the_sender() {
     let dir = TestDir::new("inline");
     let pd = notify_plugin(&dir.path);
-    let net = Network::start(&dir.path).await.unwrap();
-    let a = net.add_user(0, "alice").unwrap();
-    let b = net.add_user(1, "bob").unwrap();
-    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
-    let bob = Agent::start(
+    let (_net, alice, bob) = two_people(
         &dir.path,
-        "bob",
-        &b,
+        "",
         &format!("  plugin_dirs: [{}]\n", pd.display()),
-        &[],
     )
-    .await
-    .unwrap();
-    bob.wait_connected(true, T).await.unwrap();
+    .await;
     let calls = Arc::new(Mutex::new(Vec::new()));
     let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
         .name("org.freedesktop.Notifications")

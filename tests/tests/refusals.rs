@@ -271,6 +271,10 @@ async fn bad_input_is_refused_clearly_and_breaks_nothing() {
         "the refusal is logged"
     );
 
+    // The fake home-b link goes away (home A would otherwise keep sending
+    // home-b's items on it until its 60 s silence timeout).
+    peer.close().await;
+
     // 6. Nothing crashed: a normal message still flows end to end.
     let alice = Agent::start(&dir.path, "alice", &a_cfg, "", &[])
         .await
