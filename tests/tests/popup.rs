@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use popupd_e2e::{Agent, Network, Proc, TestDir, bin, have, skip, two_people};
+use popupd_e2e::{Proc, TestDir, bin, have, skip, two_people};
 use zbus::object_server::SignalEmitter;
 
 const T: Duration = Duration::from_secs(20);
@@ -21,6 +21,37 @@ fn notify_plugin(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(&pd).unwrap();
     std::fs::copy(bin("libpopupd_notify.so"), pd.join("libpopupd_notify.so")).unwrap();
     pd
+}
+
+/// Owns `org.freedesktop.Notifications` on `bus` with `server`, as a
+/// desktop's notification daemon would.
+async fn notification_server<I: zbus::object_server::Interface>(
+    bus: &str,
+    server: I,
+) -> zbus::Connection {
+    zbus::connection::Builder::address(bus)
+        .name("org.freedesktop.Notifications")
+        .serve_at("/org/freedesktop/Notifications", server)
+        .build()
+        .await
+        .expect("owning org.freedesktop.Notifications")
+}
+
+/// Screenshot of the whole display into `target/test-artifacts/NAME`.
+fn screenshot(display: &str, name: &str) -> std::io::Result<PathBuf> {
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    let shot = artifacts.join(name);
+    let o = Command::new("import")
+        .args(["-display", display, "-window", "root"])
+        .arg(&shot)
+        .output()?;
+    if !o.status.success() {
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ));
+    }
+    Ok(shot)
 }
 
 async fn wait_file_contains(p: &Path, what: &str) -> String {
@@ -51,26 +82,7 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
         }
     }
     let dir = TestDir::new("dunst");
-    let display = format!(":{}", 50 + std::process::id() % 200);
-    let _x = Proc::spawn(
-        &[
-            "Xvfb".into(),
-            display.clone(),
-            "-screen".into(),
-            "0".into(),
-            "800x600x24".into(),
-            "-nolisten".into(),
-            "tcp".into(),
-        ],
-        &dir.path.join("xvfb.log"),
-    )
-    .unwrap();
-    let sock = PathBuf::from(format!("/tmp/.X11-unix/X{}", &display[1..]));
-    let deadline = std::time::Instant::now() + T;
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "Xvfb did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_x, display) = start_xvfb(&dir.path, 50).await;
 
     let pd = notify_plugin(&dir.path);
     let (_net, alice, bob) = two_people(
@@ -165,19 +177,7 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     if have("import") {
-        let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
-        std::fs::create_dir_all(&artifacts).unwrap();
-        let shot = artifacts.join("popup-dunst.png");
-        let o = Command::new("import")
-            .args(["-display", &display, "-window", "root"])
-            .arg(&shot)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "screenshot: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let shot = screenshot(&display, "popup-dunst.png").expect("screenshot");
         println!("screenshot of the popup: {}", shot.display());
     } else {
         println!("no screenshot: `import` (imagemagick) is not installed");
@@ -248,17 +248,13 @@ async fn a_burst_from_one_sender_updates_one_popup() {
     )
     .await;
     let calls = Arc::new(Mutex::new(Vec::new()));
-    let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
-        .name("org.freedesktop.Notifications")
-        .serve_at(
-            "/org/freedesktop/Notifications",
-            QuietServer {
-                calls: calls.clone(),
-            },
-        )
-        .build()
-        .await
-        .unwrap();
+    let _server = notification_server(
+        &bob.bus.address,
+        QuietServer {
+            calls: calls.clone(),
+        },
+    )
+    .await;
     let p = alice.proxy().await.unwrap();
     for i in 0..5 {
         p.send("bob", &format!("burst {i}")).await.unwrap();
@@ -358,18 +354,14 @@ async fn inline_reply_in_the_popup_reaches_the_sender() {
     )
     .await;
     let calls = Arc::new(Mutex::new(Vec::new()));
-    let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
-        .name("org.freedesktop.Notifications")
-        .serve_at(
-            "/org/freedesktop/Notifications",
-            InlineServer {
-                calls: calls.clone(),
-                inline: true,
-            },
-        )
-        .build()
-        .await
-        .unwrap();
+    let _server = notification_server(
+        &bob.bus.address,
+        InlineServer {
+            calls: calls.clone(),
+            inline: true,
+        },
+    )
+    .await;
 
     let id = alice
         .proxy()
@@ -408,8 +400,10 @@ async fn inline_reply_in_the_popup_reaches_the_sender() {
     assert!(h.contains("typed in the popup"), "{h}");
 }
 
-async fn start_xvfb(dir: &Path) -> (Proc, String) {
-    let display = format!(":{}", 250 + std::process::id() % 200);
+/// A virtual X display, `:BASE+n` (each test its own base, as they run at
+/// once); returns it once it accepts clients.
+async fn start_xvfb(dir: &Path, base: u32) -> (Proc, String) {
+    let display = format!(":{}", base + std::process::id() % 200);
     let x = Proc::spawn(
         &[
             "Xvfb".into(),
@@ -444,34 +438,23 @@ async fn reply_button_opens_the_compose_window_and_the_reply_arrives() {
         }
     }
     let dir = TestDir::new("compose");
-    let (_x, display) = start_xvfb(&dir.path).await;
+    let (_x, display) = start_xvfb(&dir.path, 250).await;
     let pd = notify_plugin(&dir.path);
-    let net = Network::start(&dir.path).await.unwrap();
-    let a = net.add_user(0, "alice").unwrap();
-    let b = net.add_user(1, "bob").unwrap();
-    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
     let extra = format!(
         "  plugin_dirs: [{}]\n  plugins:\n    notify:\n      reply_command: [env, \"DISPLAY={display}\", \"{}\", compose]\n",
         pd.display(),
         bin("popupctl").display()
     );
-    let bob = Agent::start(&dir.path, "bob", &b, &extra, &[])
-        .await
-        .unwrap();
-    bob.wait_connected(true, T).await.unwrap();
+    let (_net, alice, bob) = two_people(&dir.path, "", &extra).await;
     let calls = Arc::new(Mutex::new(Vec::new()));
-    let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
-        .name("org.freedesktop.Notifications")
-        .serve_at(
-            "/org/freedesktop/Notifications",
-            InlineServer {
-                calls: calls.clone(),
-                inline: false,
-            },
-        )
-        .build()
-        .await
-        .unwrap();
+    let _server = notification_server(
+        &bob.bus.address,
+        InlineServer {
+            calls: calls.clone(),
+            inline: false,
+        },
+    )
+    .await;
 
     let id = alice
         .proxy()
@@ -507,12 +490,7 @@ async fn reply_button_opens_the_compose_window_and_the_reply_arrives() {
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     if have("import") {
-        let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
-        std::fs::create_dir_all(&artifacts).unwrap();
-        let _ = Command::new("import")
-            .args(["-display", &display, "-window", "root"])
-            .arg(artifacts.join("compose-window.png"))
-            .output();
+        let _ = screenshot(&display, "compose-window.png");
     }
     assert!(xdo(&["windowfocus", "--sync", &win]).status.success());
     assert!(

@@ -297,25 +297,8 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
 
 async fn latency(a: &Args) -> anyhow::Result<()> {
     let dir = TestDir::new("bench-latency");
-    let net = Network::start(&dir.path).await?;
-    let alice = Agent::start(&dir.path, "alice", &net.add_user(0, "alice")?, "", &[]).await?;
-    let bob = Agent::start(&dir.path, "bob", &net.add_user(1, "bob")?, "", &[]).await?;
-    alice.wait_connected(true, Duration::from_secs(20)).await?;
-    bob.wait_connected(true, Duration::from_secs(20)).await?;
-    let got: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let mut rx = bob.proxy().await?.receive_message_received().await?;
-    {
-        let got = got.clone();
-        tokio::spawn(async move {
-            while let Some(s) = rx.next().await {
-                if let Ok(a) = s.args() {
-                    got.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(a.id.to_string(), Instant::now());
-                }
-            }
-        });
-    }
+    let (_net, alice, bob) = popupd_e2e::two_people(&dir.path, "", "").await;
+    let got = arrivals(&bob, |id, _| id.to_string()).await?;
     let p = alice.proxy().await?;
     // Warm up the route and the peer link.
     p.send("bob", "warm-up").await?;
@@ -390,6 +373,26 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// When each `MessageReceived` of `agent` was seen, by `key(id, text)`.
+async fn arrivals(
+    agent: &Agent,
+    key: fn(&str, &str) -> String,
+) -> anyhow::Result<Arc<Mutex<HashMap<String, Instant>>>> {
+    let got: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut rx = agent.proxy().await?.receive_message_received().await?;
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Some(s) = rx.next().await {
+            if let Ok(a) = s.args() {
+                g.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key(a.id, a.text), Instant::now());
+            }
+        }
+    });
+    Ok(got)
+}
+
 /// A notification server that notes when each popup was asked for.
 struct Stopwatch {
     seen: Arc<Mutex<HashMap<String, Instant>>>,
@@ -446,14 +449,11 @@ async fn agent_cost() -> anyhow::Result<()> {
     for lib in ["libpopupd_notify.so", "libpopupd_exec.so"] {
         std::fs::copy(popupd_e2e::bin(lib), pd.join(lib))?;
     }
-    let net = Network::start(&dir.path).await?;
-    let alice = Agent::start(&dir.path, "alice", &net.add_user(0, "alice")?, "", &[]).await?;
     let extra = format!(
         "  plugin_dirs: [{}]\n  plugins:\n    exec: {{ rules: [ {{ from: nobody, command: [\"true\"] }} ] }}\n",
         pd.display()
     );
-    let bob = Agent::start(&dir.path, "bob", &net.add_user(1, "bob")?, &extra, &[]).await?;
-    bob.wait_connected(true, Duration::from_secs(20)).await?;
+    let (_net, alice, bob) = popupd_e2e::two_people(&dir.path, "", &extra).await;
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
         .name("org.freedesktop.Notifications")
@@ -463,20 +463,7 @@ async fn agent_cost() -> anyhow::Result<()> {
         )
         .build()
         .await?;
-    let got: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let mut rx = bob.proxy().await?.receive_message_received().await?;
-    {
-        let got = got.clone();
-        tokio::spawn(async move {
-            while let Some(s) = rx.next().await {
-                if let Ok(a) = s.args() {
-                    got.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(a.text.to_string(), Instant::now());
-                }
-            }
-        });
-    }
+    let got = arrivals(&bob, |_, text| text.to_string()).await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let pid = bob.proc.pid().context("agent pid")?;
     let idle = rss_kib(pid);
