@@ -51,6 +51,14 @@ pub const MAX_TEXT: usize = 16 * 1024;
 /// Longest handle, in bytes.
 pub const MAX_HANDLE: usize = 64;
 
+/// Longest presence status text, in bytes of UTF-8.
+pub const MAX_STATUS_TEXT: usize = 200;
+
+/// Why a message failed when its recipient does not take it. The same
+/// words whether the recipient blocked the sender or does not exist, so a
+/// blocked sender cannot learn whether the person is there.
+pub const NOT_ACCEPTED: &str = "not accepted: no such user, or they do not accept your messages";
+
 /// WebSocket path of the agents' back connections.
 pub const AGENT_PATH: &str = "/v1/agent";
 /// WebSocket path of home-to-home links.
@@ -74,6 +82,9 @@ pub enum AgentFrame {
         handle: String,
         device: String,
         secret: String,
+        /// This device's presence as it connects (online if absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        presence: Option<PresenceReport>,
     },
     /// Send a message. Idempotent by `id`. The sender is the authenticated
     /// handle; a `from` naming anyone else is refused as spoofed.
@@ -90,6 +101,143 @@ pub enum AgentFrame {
     Ack { seq: u64 },
     /// The person has read message `id` (one they received).
     Read { id: MsgId },
+    /// This device's presence changed.
+    SetPresence {
+        state: PresenceState,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        text: String,
+    },
+    /// Change the contact list; the home answers with
+    /// [`HomeFrame::Contacts`] once the change is stored.
+    Contact { op: ContactOp, handle: String },
+    /// What is `handle`'s presence? Answered with [`HomeFrame::Presence`],
+    /// or refused with [`ErrorCode::NotAccepted`] unless `handle` is an
+    /// accepted contact.
+    PresenceOf { handle: String },
+}
+
+/// A device's own presence, as its agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceReport {
+    pub state: PresenceState,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub text: String,
+}
+
+/// How available a person is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceState {
+    Online,
+    /// Do not disturb: at the desk, but not to be interrupted.
+    Busy,
+    Away,
+    Offline,
+    /// The home cannot tell (the link to the contact's home is down).
+    /// Never sent by an agent.
+    Unknown,
+}
+
+impl PresenceState {
+    /// The name used on the wire, on D-Bus and in the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceState::Online => "online",
+            PresenceState::Busy => "busy",
+            PresenceState::Away => "away",
+            PresenceState::Offline => "offline",
+            PresenceState::Unknown => "unknown",
+        }
+    }
+
+    /// Inverse of [`PresenceState::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "online" => PresenceState::Online,
+            "busy" => PresenceState::Busy,
+            "away" => PresenceState::Away,
+            "offline" => PresenceState::Offline,
+            "unknown" => PresenceState::Unknown,
+            _ => return None,
+        })
+    }
+
+    /// How available: a person with several devices shows the state of the
+    /// most available one. Busy ranks above away: a busy person is at a
+    /// device, an away one is not.
+    pub fn rank(self) -> u8 {
+        match self {
+            PresenceState::Online => 4,
+            PresenceState::Busy => 3,
+            PresenceState::Away => 2,
+            PresenceState::Offline => 1,
+            PresenceState::Unknown => 0,
+        }
+    }
+}
+
+/// A change to a contact list. Across homes only `add` (a request),
+/// `accept`, `decline` and `remove` travel; a block travels as `remove`, so
+/// nobody learns they were blocked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContactOp {
+    Add,
+    Remove,
+    Accept,
+    Decline,
+    Block,
+    Unblock,
+}
+
+/// Where a contact stands with the list's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Relation {
+    /// Both agreed: each sees the other's presence.
+    Accepted,
+    /// The owner asked; no answer yet.
+    Requested,
+    /// The contact asked; the owner has not answered.
+    Pending,
+    /// The owner blocked them: no presence, no messages.
+    Blocked,
+}
+
+impl Relation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Relation::Accepted => "accepted",
+            Relation::Requested => "requested",
+            Relation::Pending => "pending",
+            Relation::Blocked => "blocked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "accepted" => Relation::Accepted,
+            "requested" => Relation::Requested,
+            "pending" => Relation::Pending,
+            "blocked" => Relation::Blocked,
+            _ => return None,
+        })
+    }
+}
+
+/// One entry of a contact list. Presence is filled in for accepted
+/// contacts only (`unknown` otherwise).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contact {
+    pub handle: String,
+    pub relation: Relation,
+    pub state: PresenceState,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub text: String,
+    /// When the state last changed, ms since the epoch (0: never seen).
+    pub since: Millis,
 }
 
 /// Frames a home sends to an agent.
@@ -115,6 +263,17 @@ pub enum HomeFrame {
     },
     /// The home is shutting down; reconnect after the given delay.
     Bye { reconnect_after_ms: u64 },
+    /// The whole contact list, with presence: after `Welcome`, after every
+    /// change to the list, and after the link lagged.
+    Contacts { contacts: Vec<Contact> },
+    /// A contact's presence changed (or the answer to `PresenceOf`).
+    Presence {
+        handle: String,
+        state: PresenceState,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        text: String,
+        since: Millis,
+    },
 }
 
 /// What happens in a person's mailbox: a message for them, or news about a
@@ -129,6 +288,9 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// `from` asks to become a contact; answer with
+    /// [`AgentFrame::Contact`] `accept` or `decline`.
+    ContactRequest { from: String },
 }
 
 /// A message as it travels between homes and down to agents.
@@ -208,6 +370,9 @@ pub enum ErrorCode {
     Invalid,
     /// The handle is owned by another home (global server only).
     HandleTaken,
+    /// The recipient does not take this from the sender: blocked, not a
+    /// contact, or no such user (deliberately not told apart).
+    NotAccepted,
     /// The server failed; try again later.
     Internal,
 }
@@ -237,6 +402,27 @@ pub enum PeerFrame {
         n: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         refused: Option<Refusal>,
+    },
+    /// A contact-list change from user `from` (of the sending home) for
+    /// `to` (of the receiver); acked like `Deliver`.
+    Contact {
+        n: u64,
+        from: String,
+        to: String,
+        op: ContactOp,
+    },
+    /// Send me the presence of these users of yours, now and on every
+    /// change. Users who accepted none of the sender's users are ignored.
+    Subscribe { users: Vec<String> },
+    /// Stop sending the presence of these users.
+    Unsubscribe { users: Vec<String> },
+    /// A subscribed user's presence.
+    Presence {
+        handle: String,
+        state: PresenceState,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        text: String,
+        since: Millis,
     },
     /// A frame could not be understood.
     Error { code: ErrorCode, message: String },

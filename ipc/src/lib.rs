@@ -27,6 +27,16 @@
 //! | signal `MessageReceived(id, from, text, sent_at_ms, reply_to)` | `sssxs` | a new message, once per id |
 //! | signal `MessageStatusChanged(id, status, reason)` | `sss` | queued → accepted → delivered → read, or failed |
 //! | signal `ConnectionChanged(connected, home)` | `bs` | back connection went up or down |
+//! | `Contacts() → entries` | `→ a(ssssx)` | handle, relation, state, text, since_ms |
+//! | `AddContact(handle)` | `s` | ask `handle` to become a contact |
+//! | `RemoveContact(handle)` | `s` | remove (both sides stop seeing presence) |
+//! | `AnswerContactRequest(handle, accept)` | `sb` | accept or decline a request |
+//! | `Block(handle)`, `Unblock(handle)` | `s` | a blocked handle sees no presence, and its messages fail "not accepted" |
+//! | `SetPresence(state, text)` | `ss` | online, away, busy or offline; `online` returns to automatic away |
+//! | property `Presence` | `(ss)` | this device's state and text (emits PropertiesChanged) |
+//! | signal `PresenceChanged(handle, state, text)` | `sss` | a contact's presence; `unknown` while their home is unreachable |
+//! | signal `ContactRequest(handle)` | `s` | someone asks to become a contact |
+//! | signal `ContactsChanged()` | | the list itself changed (added, removed, answered) |
 
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +78,22 @@ pub struct HistoryEntry {
     pub reason: String,
 }
 
+/// One entry of `Contacts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, zbus::Type)]
+pub struct ContactEntry {
+    pub handle: String,
+    /// `accepted`, `requested` (you asked), `pending` (they asked you) or
+    /// `blocked`.
+    pub relation: String,
+    /// `online`, `busy`, `away`, `offline`, or `unknown` (not accepted, or
+    /// their home is unreachable).
+    pub state: String,
+    /// Their status text, or "".
+    pub text: String,
+    /// When the state last changed, ms since the Unix epoch (0: never).
+    pub since: i64,
+}
+
 /// Client side of `org.popupd.Agent1`.
 #[zbus::proxy(
     interface = "org.popupd.Agent1",
@@ -91,9 +117,27 @@ pub trait Agent1 {
     /// `active`, `failed: why` or `disabled: why`.
     fn plugins(&self) -> zbus::Result<Vec<(String, String, String, String)>>;
 
+    /// The contact list with presence.
+    fn contacts(&self) -> zbus::Result<Vec<ContactEntry>>;
+    /// Ask `handle` to become a contact.
+    fn add_contact(&self, handle: &str) -> zbus::Result<()>;
+    /// Remove `handle` from the contacts.
+    fn remove_contact(&self, handle: &str) -> zbus::Result<()>;
+    /// Accept or decline `handle`'s request.
+    fn answer_contact_request(&self, handle: &str, accept: bool) -> zbus::Result<()>;
+    /// Block `handle`.
+    fn block(&self, handle: &str) -> zbus::Result<()>;
+    /// Unblock `handle`.
+    fn unblock(&self, handle: &str) -> zbus::Result<()>;
+    /// Set this person's presence by hand.
+    fn set_presence(&self, state: &str, text: &str) -> zbus::Result<()>;
+
     /// Whose agent this is.
     #[zbus(property)]
     fn handle(&self) -> zbus::Result<String>;
+    /// This device's presence: (state, text).
+    #[zbus(property)]
+    fn presence(&self) -> zbus::Result<(String, String)>;
     /// Whether the back connection is up.
     #[zbus(property)]
     fn connected(&self) -> zbus::Result<bool>;
@@ -111,6 +155,17 @@ pub trait Agent1 {
     /// A message's status changed.
     #[zbus(signal)]
     fn message_status_changed(&self, id: &str, status: &str, reason: &str) -> zbus::Result<()>;
+    /// A contact's presence changed. (D-Bus name `PresenceChanged`; named
+    /// apart here because the `Presence` property's change stream takes
+    /// `receive_presence_changed`.)
+    #[zbus(signal, name = "PresenceChanged")]
+    fn contact_presence_changed(&self, handle: &str, state: &str, text: &str) -> zbus::Result<()>;
+    /// Someone asks to become a contact.
+    #[zbus(signal)]
+    fn contact_request(&self, handle: &str) -> zbus::Result<()>;
+    /// The contact list changed.
+    #[zbus(signal)]
+    fn contacts_changed(&self) -> zbus::Result<()>;
     /// The back connection went up or down.
     #[zbus(signal)]
     fn connection_changed(&self, connected: bool, home: &str) -> zbus::Result<()>;

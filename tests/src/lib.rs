@@ -215,6 +215,9 @@ pub const HOME_A: &str = "home-a.test";
 pub const HOME_B: &str = "home-b.test";
 
 /// A global server and two homes, each its own process.
+/// The homes' `presence_grace` in test networks, in seconds.
+pub const PRESENCE_GRACE_S: u64 = 3;
+
 pub struct Network {
     pub dir: PathBuf,
     pub global: Proc,
@@ -273,7 +276,7 @@ impl Network {
             std::fs::write(
                 &file,
                 format!(
-                    "home:\n  name: {name}\n  listen: {addr}\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: data/{name}\n  idle_timeout: {idle_timeout}\n  global:\n    name: global.test\n    address: \"{global_addr}\"\n"
+                    "home:\n  name: {name}\n  listen: {addr}\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: data/{name}\n  idle_timeout: {idle_timeout}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{global_addr}\"\n"
                 ),
             )?;
             homes.push(Proc::spawn(
@@ -322,6 +325,56 @@ impl Network {
     }
 }
 
+/// A field of an agent config written by `popupd user add`.
+fn agent_field(cfg: &Path, field: &str) -> anyhow::Result<String> {
+    let y = std::fs::read_to_string(cfg)?;
+    let prefix = format!("{field}: ");
+    y.lines()
+        .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+        .map(|s| s.trim_matches('"').to_string())
+        .with_context(|| format!("no {field} in {}", cfg.display()))
+}
+
+/// The secret of an agent config written by `popupd user add`.
+pub fn secret_of(cfg: &Path) -> anyhow::Result<String> {
+    agent_field(cfg, "secret")
+}
+
+/// A raw back connection to home `i` as the user of agent config `cfg`,
+/// authenticated: for tests that speak the protocol themselves, as a
+/// modified client would.
+pub async fn raw_agent(
+    net: &Network,
+    i: usize,
+    handle: &str,
+    cfg: &Path,
+) -> anyhow::Result<popupd::net::Link<popupd::net::ClientTls>> {
+    use popupd::net::{self, Dial, Recv, tls};
+    use popupd::protocol::{AGENT_PATH, AgentFrame, HomeFrame, PROTOCOL_VERSION};
+    popupd::net::tls::install_default_provider();
+    let ca = net.dir.join("pki/ca.crt");
+    let mut link = net::dial(&Dial {
+        address: net.home_addrs[i].clone(),
+        name: [HOME_A, HOME_B][i].into(),
+        path: AGENT_PATH,
+        tls: tls::client_config(tls::roots_from(&ca)?, None)?,
+        proxy: None,
+    })
+    .await?;
+    link.send(&AgentFrame::Hello {
+        v: PROTOCOL_VERSION,
+        handle: handle.into(),
+        device: agent_field(cfg, "device")?,
+        secret: secret_of(cfg)?,
+        presence: None,
+    })
+    .await?;
+    match link.recv::<HomeFrame>().await? {
+        Recv::Frame(HomeFrame::Welcome { .. }) => Ok(link),
+        other => bail!("login {handle}: {other:?}"),
+    }
+}
+
 /// A private session bus.
 pub struct Bus {
     _proc: Proc,
@@ -357,6 +410,23 @@ pub struct Seen {
     pub received: Vec<(String, String, String)>,
     /// MessageStatusChanged: id -> statuses in order.
     pub status: HashMap<String, Vec<String>>,
+    /// PresenceChanged: (when, handle, state, text), in order.
+    pub presence: Vec<(Instant, String, String, String)>,
+    /// ContactRequest: handles, in order.
+    pub requests: Vec<String>,
+    /// ConnectionChanged: connected?, in order.
+    pub connection: Vec<bool>,
+}
+
+impl Seen {
+    /// The last presence seen for `handle`: (state, text).
+    pub fn presence_of(&self, handle: &str) -> Option<(&str, &str)> {
+        self.presence
+            .iter()
+            .rev()
+            .find(|p| p.1 == handle)
+            .map(|p| (p.2.as_str(), p.3.as_str()))
+    }
 }
 
 /// A running agent on its own private bus.
@@ -390,6 +460,10 @@ impl Agent {
         if !extra.contains("plugin_dirs") {
             // No plugins unless the test asks: the machine's own must not leak in.
             yaml.push_str("  plugin_dirs: []\n");
+        }
+        if !extra.contains("away_after") {
+            // Nor the machine's idle time.
+            yaml.push_str("  away_after: \"off\"\n");
         }
         let file = dir.join(format!("{handle}.run.yaml"));
         std::fs::write(&file, yaml)?;
@@ -438,10 +512,22 @@ impl Agent {
         let p = self.proxy().await?;
         let mut rx = p.receive_message_received().await?;
         let mut st = p.receive_message_status_changed().await?;
+        let mut pr = p.receive_contact_presence_changed().await?;
+        let mut rq = p.receive_contact_request().await?;
+        let mut cc = p.receive_connection_changed().await?;
         let seen = self.seen.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
+                    Some(s) = pr.next() => if let Ok(a) = s.args() {
+                        seen.lock().unwrap().presence.push((Instant::now(), a.handle.to_string(), a.state.to_string(), a.text.to_string()));
+                    },
+                    Some(s) = rq.next() => if let Ok(a) = s.args() {
+                        seen.lock().unwrap().requests.push(a.handle.to_string());
+                    },
+                    Some(s) = cc.next() => if let Ok(a) = s.args() {
+                        seen.lock().unwrap().connection.push(a.connected);
+                    },
                     Some(s) = rx.next() => if let Ok(a) = s.args() {
                         seen.lock().unwrap().received.push((a.id.to_string(), a.from.to_string(), a.text.to_string()));
                     },
@@ -554,6 +640,32 @@ pub async fn connect_bus(address: &str) -> anyhow::Result<zbus::Connection> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// A virtual X display, `:BASE+n` (each test its own base, as they run at
+/// once); returns it once it accepts clients.
+pub async fn start_xvfb(dir: &Path, base: u32) -> (Proc, String) {
+    let display = format!(":{}", base + std::process::id() % 200);
+    let x = Proc::spawn(
+        &[
+            "Xvfb".into(),
+            display.clone(),
+            "-screen".into(),
+            "0".into(),
+            "800x600x24".into(),
+            "-nolisten".into(),
+            "tcp".into(),
+        ],
+        &dir.join("xvfb.log"),
+    )
+    .expect("start Xvfb");
+    let sock = PathBuf::from(format!("/tmp/.X11-unix/X{}", &display[1..]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "Xvfb did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (x, display)
 }
 
 /// Says why a test is skipped, in the form the README documents.

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use popupd_e2e::{Proc, TestDir, bin, have, skip, two_people};
+use popupd_e2e::{Proc, TestDir, bin, have, skip, start_xvfb, two_people};
 use zbus::object_server::SignalEmitter;
 
 const T: Duration = Duration::from_secs(20);
@@ -398,32 +398,6 @@ async fn inline_reply_in_the_popup_reaches_the_sender() {
     let h =
         String::from_utf8_lossy(&alice.popupctl(&["--json", "history", "bob"]).stdout).to_string();
     assert!(h.contains("typed in the popup"), "{h}");
-}
-
-/// A virtual X display, `:BASE+n` (each test its own base, as they run at
-/// once); returns it once it accepts clients.
-async fn start_xvfb(dir: &Path, base: u32) -> (Proc, String) {
-    let display = format!(":{}", base + std::process::id() % 200);
-    let x = Proc::spawn(
-        &[
-            "Xvfb".into(),
-            display.clone(),
-            "-screen".into(),
-            "0".into(),
-            "800x600x24".into(),
-            "-nolisten".into(),
-            "tcp".into(),
-        ],
-        &dir.join("xvfb.log"),
-    )
-    .unwrap();
-    let sock = PathBuf::from(format!("/tmp/.X11-unix/X{}", &display[1..]));
-    let deadline = std::time::Instant::now() + T;
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "Xvfb did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (x, display)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

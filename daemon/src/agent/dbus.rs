@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use popupd_ipc::HistoryEntry;
+use popupd_ipc::{ContactEntry, HistoryEntry};
+
+use crate::protocol::ContactOp;
 use zbus::object_server::SignalEmitter;
 
 use super::{ActionError, Agent};
@@ -87,6 +89,59 @@ impl AgentIface {
             .map_err(|e| AgentError::Failed(e.to_string()))
     }
 
+    /// The contact list, with presence: handle, relation, state, text, since.
+    async fn contacts(&self) -> Vec<ContactEntry> {
+        let c = self
+            .agent
+            .presence
+            .contacts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        c.values()
+            .map(|c| ContactEntry {
+                handle: c.handle.clone(),
+                relation: c.relation.as_str().into(),
+                state: c.state.as_str().into(),
+                text: c.text.clone(),
+                since: c.since,
+            })
+            .collect()
+    }
+
+    /// Asks `handle` to become a contact.
+    async fn add_contact(&self, handle: String) -> Result<(), AgentError> {
+        Ok(self.agent.contact(ContactOp::Add, &handle)?)
+    }
+
+    /// Removes `handle` from the contacts (both sides stop seeing presence).
+    async fn remove_contact(&self, handle: String) -> Result<(), AgentError> {
+        Ok(self.agent.contact(ContactOp::Remove, &handle)?)
+    }
+
+    /// Accepts or declines `handle`'s contact request.
+    async fn answer_contact_request(&self, handle: String, accept: bool) -> Result<(), AgentError> {
+        let op = if accept {
+            ContactOp::Accept
+        } else {
+            ContactOp::Decline
+        };
+        Ok(self.agent.contact(op, &handle)?)
+    }
+
+    /// Blocks `handle`: no presence, no messages, no requests.
+    async fn block(&self, handle: String) -> Result<(), AgentError> {
+        Ok(self.agent.contact(ContactOp::Block, &handle)?)
+    }
+
+    async fn unblock(&self, handle: String) -> Result<(), AgentError> {
+        Ok(self.agent.contact(ContactOp::Unblock, &handle)?)
+    }
+
+    /// Sets this person's presence by hand (`online` returns to automatic).
+    async fn set_presence(&self, state: String, text: String) -> Result<(), AgentError> {
+        Ok(self.agent.set_presence(&state, &text).await?)
+    }
+
     /// (connected, home, since ms).
     async fn status(&self) -> (bool, String, i64) {
         let st = self
@@ -101,6 +156,13 @@ impl AgentIface {
     #[zbus(property)]
     async fn handle(&self) -> String {
         self.agent.cfg.handle.clone()
+    }
+
+    /// This device's presence: (state, text).
+    #[zbus(property)]
+    async fn presence(&self) -> (String, String) {
+        let p = self.agent.own_presence();
+        (p.state.as_str().into(), p.text)
     }
 
     #[zbus(property)]
@@ -129,6 +191,22 @@ impl AgentIface {
         status: &str,
         reason: &str,
     ) -> zbus::Result<()>;
+
+    /// `PresenceChanged`: a contact's presence (the Rust name differs
+    /// because the `Presence` property's notifier is `presence_changed`).
+    #[zbus(signal, name = "PresenceChanged")]
+    pub async fn contact_presence_changed(
+        emitter: &SignalEmitter<'_>,
+        handle: &str,
+        state: &str,
+        text: &str,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn contact_request(emitter: &SignalEmitter<'_>, handle: &str) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn contacts_changed(emitter: &SignalEmitter<'_>) -> zbus::Result<()>;
 
     #[zbus(signal)]
     pub async fn connection_changed(

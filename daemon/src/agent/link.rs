@@ -77,6 +77,7 @@ async fn connect(agent: &Agent, dial: &Dial) -> Result<Link<ClientTls>, String> 
         handle: agent.cfg.handle.clone(),
         device: agent.cfg.device.clone(),
         secret: agent.cfg.secret.0.clone(),
+        presence: Some(agent.own_presence()),
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -134,6 +135,7 @@ type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 enum Signal {
     Received(Message),
     Status(String, Delivery, String),
+    ContactRequest(String),
 }
 
 /// Serves one connected link. Returns why it ended and, if the home said
@@ -182,13 +184,17 @@ async fn session_loop(
             biased;
             _ = agent.shutdown.cancelled() => return ("agent stopping".into(), None),
             _ = agent.outbox.notified() => send_outbox(agent, link, &mut inflight).await,
-            Some(Up::Read(id)) = up.recv() => {
-                let r = link.send(&AgentFrame::Read { id: id.clone() }).await;
-                if r.is_ok() {
-                    let _ = agent.store.run(move |s| s.reads_sent(&[id])).await;
+            Some(u) = up.recv() => match u {
+                Up::Read(id) => {
+                    let r = link.send(&AgentFrame::Read { id: id.clone() }).await;
+                    if r.is_ok() {
+                        let _ = agent.store.run(move |s| s.reads_sent(&[id])).await;
+                    }
+                    r
                 }
-                r
-            }
+                Up::Presence(p) => link.send(&AgentFrame::SetPresence { state: p.state, text: p.text }).await,
+                Up::Contact(op, handle) => link.send(&AgentFrame::Contact { op, handle }).await,
+            },
             Some(d) = pending.next(), if !pending.is_empty() => match d {
                 Done::Event(seq, Ok(sig)) => {
                     emit(agent, sig).await;
@@ -217,6 +223,14 @@ async fn session_loop(
                 match r {
                     Ok(Recv::Frame(HomeFrame::Bye { reconnect_after_ms })) => {
                         return ("home is restarting".into(), Some(Duration::from_millis(reconnect_after_ms)));
+                    }
+                    Ok(Recv::Frame(HomeFrame::Contacts { contacts })) => {
+                        agent.on_contacts(contacts).await;
+                        Ok(())
+                    }
+                    Ok(Recv::Frame(HomeFrame::Presence { handle, state, text, since })) => {
+                        agent.on_presence(&handle, state, &text, since).await;
+                        Ok(())
                     }
                     Ok(Recv::Frame(f)) => {
                         on_frame(agent, f, last_seq, &mut inflight, pending);
@@ -285,6 +299,16 @@ fn on_frame(
             });
             pending.push_back(Box::pin(async move { Done::Event(seq, p.await) }));
         }
+        HomeFrame::Event {
+            seq,
+            event: Event::ContactRequest { from },
+        } => {
+            let p = store.submit(move |s| {
+                s.set_last_seq(seq)?;
+                Ok(Some(Signal::ContactRequest(from)))
+            });
+            pending.push_back(Box::pin(async move { Done::Event(seq, p.await) }));
+        }
         HomeFrame::Accepted { id } => {
             inflight.remove(&id);
             pending.push_back(status(store, id, Delivery::Accepted, String::new()));
@@ -305,7 +329,10 @@ fn on_frame(
         HomeFrame::Error { code, message, .. } => {
             tracing::warn!(?code, "home reports: {message}");
         }
-        HomeFrame::Welcome { .. } | HomeFrame::Bye { .. } => {}
+        HomeFrame::Welcome { .. }
+        | HomeFrame::Bye { .. }
+        | HomeFrame::Contacts { .. }
+        | HomeFrame::Presence { .. } => {}
     }
 }
 
@@ -360,6 +387,13 @@ async fn emit(agent: &Agent, sig: Option<Signal>) {
                     reason: reason.clone(),
                 });
             AgentIface::message_status_changed(em, &id, state.as_str(), &reason).await
+        }
+        Signal::ContactRequest(from) => {
+            tracing::info!(%from, "contact request");
+            agent
+                .plugins
+                .dispatch(&super::plugins::Event::ContactRequest { from: from.clone() });
+            AgentIface::contact_request(em, &from).await
         }
     };
     if let Err(e) = r {

@@ -4,6 +4,9 @@
 //! - [`link`]: the back connection (dial, resume, keepalive, reconnect).
 //! - [`dbus`]: the D-Bus interface; each method only stores and wakes the
 //!   link, so a slow network never blocks a D-Bus caller.
+//! - [`presence`]: this device's presence (by hand, or away when idle, from
+//!   [`idle`]) and the contact list with their presence.
+//! - [`plugins`]: the plugin host.
 //!
 //! **Architecture Invariant:** a received message is acked to the home only
 //! after it is committed to local history, and signalled only the first
@@ -11,8 +14,10 @@
 //! popup.
 
 pub mod dbus;
+pub mod idle;
 pub mod link;
 pub mod plugins;
+pub mod presence;
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -39,6 +44,10 @@ pub struct LinkState {
 pub enum Up {
     /// Tell the home the person read message `id`.
     Read(String),
+    /// This device's presence changed.
+    Presence(crate::protocol::PresenceReport),
+    /// Change the contact list.
+    Contact(crate::protocol::ContactOp, String),
 }
 
 /// Shared state of one running agent.
@@ -52,6 +61,8 @@ pub struct Agent {
     iface: OnceLock<InterfaceRef<dbus::AgentIface>>,
     /// Loaded plugins, and the events they get.
     pub plugins: plugins::Plugins,
+    /// Own presence and the contacts' presence.
+    pub presence: presence::Presence,
     pub shutdown: Shutdown,
 }
 
@@ -164,10 +175,17 @@ pub async fn run(
         up,
         iface: OnceLock::new(),
         plugins: plugins::Plugins::default(),
+        presence: presence::Presence::default(),
         shutdown: shutdown.clone(),
         cfg,
     });
+    agent.load_presence().await;
     agent.plugins.load(&agent);
+    let own = agent.own_presence();
+    agent.plugins.dispatch(&plugins::Event::PresenceSet {
+        state: own.state.as_str().into(),
+        text: own.text,
+    });
     let builder = match &agent.cfg.bus {
         Bus::Session => zbus::connection::Builder::session(),
         Bus::Address(a) => zbus::connection::Builder::address(a.as_str()),
@@ -207,6 +225,10 @@ pub async fn run(
     tokio::select! {
         _ = link::run(agent.clone(), up_rx) => {}
         _ = reloads => {}
+        _ = async {
+            presence::auto_away(agent.clone(), conn.clone()).await;
+            std::future::pending::<()>().await
+        } => {}
     }
     agent.plugins.stop();
     drop(conn);

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 pub use popupd_plugin_api::Event;
 use popupd_plugin_api::{
-    ABI_VERSION, ENTRY_SYMBOL, ERR_FAILED, ERR_PANIC, ERR_UNSUPPORTED, ErrBuf, HostApi, MAGIC, OK,
+    ABI_VERSION, ENTRY_SYMBOL, ERR_FAILED, ERR_PANIC, ErrBuf, HostApi, MAGIC, OK,
     PluginDecl,
 };
 
@@ -522,13 +522,22 @@ unsafe extern "C" fn host_mark_read(ctx: *mut c_void, id: *const c_char, err: *m
 }
 
 unsafe extern "C" fn host_set_presence(
-    _ctx: *mut c_void,
-    _state: *const c_char,
-    _text: *const c_char,
+    ctx: *mut c_void,
+    state: *const c_char,
+    body: *const c_char,
     err: *mut ErrBuf,
 ) -> i32 {
-    set_err(err, "presence is not available in this agent yet");
-    ERR_UNSUPPORTED
+    guarded(err, || {
+        let state = text(state).ok_or("no state")?;
+        let body = text(body).unwrap_or_default();
+        on_agent(ctx, move |a| {
+            Box::pin(async move {
+                a.set_presence(&state, &body)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+    })
 }
 
 unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, msg: *const c_char) {

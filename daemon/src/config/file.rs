@@ -84,6 +84,10 @@ pub struct HomeFile {
     /// Most connections held at once, agents and peer homes together.
     #[serde(default)]
     pub max_connections: Option<Spanned<usize>>,
+    /// How long a user whose last device dropped still shows their
+    /// presence, so a quick reconnect does not flap it (default 10s).
+    #[serde(default)]
+    pub presence_grace: Option<Spanned<String>>,
 }
 
 /// A server to dial.
@@ -118,6 +122,14 @@ pub struct AgentFile {
     /// `HTTPS_PROXY`).
     #[serde(default)]
     pub proxy: Option<Spanned<String>>,
+    /// Go away after the desktop is idle this long (default 5m; `off`
+    /// turns automatic away off).
+    #[serde(default)]
+    pub away_after: Option<Spanned<String>>,
+    /// Where idle time comes from: `auto` (default), `x11`, `screensaver`,
+    /// `mutter` or `logind`.
+    #[serde(default)]
+    pub idle_source: Option<Spanned<String>>,
     /// Interval of keepalive pings on the back connection (default 25s).
     #[serde(default)]
     pub keepalive: Option<Spanned<String>>,

@@ -91,6 +91,9 @@ pub struct HomeConfig {
     pub route_ttl: Duration,
     /// Most connections held at once (agents and peer homes together).
     pub max_connections: usize,
+    /// A user whose last device dropped shows their presence this much
+    /// longer, so a quick reconnect does not flap it.
+    pub presence_grace: Duration,
 }
 
 /// A server this one dials.
@@ -122,6 +125,10 @@ pub struct AgentConfig {
     pub plugin_deadline: Duration,
     /// Each plugin's settings (JSON), by name; `false` disables it.
     pub plugins: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Idle time after which presence turns to away (None: never).
+    pub away_after: Option<Duration>,
+    /// The one idle source to use (None: the first that works).
+    pub idle_source: Option<crate::agent::idle::Source>,
 }
 
 /// Which D-Bus the agent serves on.
@@ -456,6 +463,12 @@ impl Cx {
                 Duration::from_secs(1),
             )?,
             max_connections,
+            presence_grace: self.duration(
+                &h.presence_grace,
+                &format!("{sec}.presence_grace"),
+                Duration::from_secs(10),
+                Duration::ZERO,
+            )?,
         })
     }
 
@@ -534,6 +547,33 @@ impl Cx {
                 Duration::from_millis(100),
             )?,
             plugins: a.plugins,
+            away_after: match &a.away_after {
+                Some(s) if s.value == "off" => None,
+                other => Some(self.duration(
+                    other,
+                    "agent.away_after",
+                    Duration::from_secs(300),
+                    Duration::from_secs(1),
+                )?),
+            },
+            idle_source: match &a.idle_source {
+                None => None,
+                Some(s) => match s.value.as_str() {
+                    "auto" => None,
+                    "x11" => Some(crate::agent::idle::Source::X11),
+                    "screensaver" => Some(crate::agent::idle::Source::ScreenSaver),
+                    "mutter" => Some(crate::agent::idle::Source::Mutter),
+                    "logind" => Some(crate::agent::idle::Source::Logind),
+                    other => {
+                        return Err(self.err(
+                            s,
+                            "agent.idle_source",
+                            format!("{other:?} is not an idle source"),
+                            "write auto, x11, screensaver, mutter or logind",
+                        ));
+                    }
+                },
+            },
         })
     }
 }

@@ -21,8 +21,8 @@ use tokio::sync::{Notify, mpsc};
 use super::Home;
 use crate::net::{HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
 use crate::protocol::{
-    AgentFrame, ErrorCode, HomeFrame, MAX_TEXT, Message, MsgId, PROTOCOL_VERSION, now_ms,
-    valid_handle, valid_id,
+    AgentFrame, ErrorCode, HomeFrame, MAX_STATUS_TEXT, MAX_TEXT, Message, MsgId,
+    PROTOCOL_VERSION, PresenceReport, PresenceState, now_ms, valid_handle, valid_id,
 };
 use crate::storage::home::{Effects, Push, SendOutcome};
 use crate::storage::{StoreError, secret_hash};
@@ -35,10 +35,18 @@ const PAGE: usize = 256;
 /// Malformed frames tolerated on one connection before it is closed.
 const MAX_BAD_FRAMES: u32 = 16;
 
+/// What the registry hands a connection: a mailbox event (numbered, acked,
+/// re-read from disk if lost) or a ready frame (presence, contact list)
+/// that is sent as is.
+pub enum Out {
+    Event(Arc<Push>),
+    Frame(Arc<str>),
+}
+
 struct Conn {
     id: u64,
     device: String,
-    tx: mpsc::Sender<Arc<Push>>,
+    tx: mpsc::Sender<Out>,
     lag: Arc<Notify>,
     /// Cancelled when a newer connection of the same device arrives.
     replaced: Shutdown,
@@ -54,7 +62,7 @@ pub struct Registry {
 /// What the registry hands a new connection.
 struct Registration {
     id: u64,
-    rx: mpsc::Receiver<Arc<Push>>,
+    rx: mpsc::Receiver<Out>,
     lag: Arc<Notify>,
     replaced: Shutdown,
 }
@@ -103,7 +111,19 @@ impl Registry {
         };
         let p = Arc::new(p);
         for c in list {
-            if c.tx.try_send(p.clone()).is_err() {
+            if c.tx.try_send(Out::Event(p.clone())).is_err() {
+                c.lag.notify_one();
+            }
+        }
+    }
+
+    /// Hands a ready frame to every online device of `handle`. A device
+    /// whose queue is full is told it lagged; it then re-reads its mailbox
+    /// and gets its contact list afresh, so nothing it needs is lost.
+    pub fn send_frame(&self, handle: &str, frame: Arc<str>) {
+        let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for c in map.get(handle).into_iter().flatten() {
+            if c.tx.try_send(Out::Frame(frame.clone())).is_err() {
                 c.lag.notify_one();
             }
         }
@@ -148,6 +168,8 @@ impl Registry {
 enum Done {
     Accepted(MsgId, Result<(SendOutcome, Effects), StoreError>),
     Applied(Result<Effects, StoreError>),
+    /// A contact-list change; an error goes back to the agent.
+    Contact(String, Result<Effects, StoreError>),
 }
 type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
@@ -179,6 +201,7 @@ pub async fn serve(home: Arc<Home>, mut link: Link<ServerTls>, peer: SocketAddr)
         handle,
         device,
         secret,
+        presence,
     } = first
     else {
         return refuse(link, ErrorCode::NotAuthenticated, "send hello first").await;
@@ -220,23 +243,48 @@ pub async fn serve(home: Arc<Home>, mut link: Link<ServerTls>, peer: SocketAddr)
     }
     let reg = home.registry.register(&handle, &device);
     tracing::info!(%peer, %handle, %device, "agent online");
+    let report = presence
+        .filter(valid_report)
+        .unwrap_or(PresenceReport {
+            state: PresenceState::Online,
+            text: String::new(),
+        });
+    home.hub
+        .device_up(&home.registry, &handle, &device, reg.id, report);
+    super::send_contacts(&home, &handle).await;
     let mut conn = AgentConn {
         home: home.clone(),
         handle: handle.clone(),
         device,
+        conn: reg.id,
         sent: acked,
         peer,
     };
     let why = conn.run(&mut link, reg.rx, reg.lag, reg.replaced).await;
     home.registry.unregister(&handle, reg.id);
+    home.hub.device_down(&handle, &conn.device, reg.id);
     tracing::info!(%peer, %handle, device = %conn.device, "agent offline: {why}");
     link.close().await;
+    // The person keeps showing their presence for the grace period, so a
+    // quick reconnect changes nothing for their contacts.
+    let grace = home.cfg.presence_grace;
+    let device = conn.device;
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        home.hub.expire(&home.registry, &handle, &device);
+    });
+}
+
+fn valid_report(r: &PresenceReport) -> bool {
+    r.state != PresenceState::Unknown && r.text.len() <= MAX_STATUS_TEXT
 }
 
 struct AgentConn {
     home: Arc<Home>,
     handle: String,
     device: String,
+    /// This connection's id in the registry (and the presence hub).
+    conn: u64,
     /// Highest mailbox event sent down this link.
     sent: u64,
     peer: SocketAddr,
@@ -246,7 +294,7 @@ impl AgentConn {
     async fn run(
         &mut self,
         link: &mut Link<ServerTls>,
-        rx: mpsc::Receiver<Arc<Push>>,
+        rx: mpsc::Receiver<Out>,
         lag: Arc<Notify>,
         replaced: Shutdown,
     ) -> String {
@@ -258,7 +306,7 @@ impl AgentConn {
         // Commits that finished after the link failed still have effects
         // (pushes to recipients, forward-queue wakes): apply them.
         while let Some(d) = pending.next().await {
-            if let Done::Accepted(_, Ok((_, fx))) | Done::Applied(Ok(fx)) = d {
+            if let Done::Accepted(_, Ok((_, fx))) | Done::Applied(Ok(fx)) | Done::Contact(_, Ok(fx)) = d {
                 self.home.apply(fx);
             }
         }
@@ -268,7 +316,7 @@ impl AgentConn {
     async fn run_loop(
         &mut self,
         link: &mut Link<ServerTls>,
-        mut rx: mpsc::Receiver<Arc<Push>>,
+        mut rx: mpsc::Receiver<Out>,
         lag: Arc<Notify>,
         replaced: Shutdown,
         pending: &mut FuturesOrdered<Pending>,
@@ -320,8 +368,15 @@ impl AgentConn {
                         Err(e) => Err(e),
                     }
                 }
-                Some(p) = rx.recv() => self.on_push(link, &p).await,
-                _ = lag.notified() => self.replay(link).await,
+                Some(out) = rx.recv() => match out {
+                    Out::Event(p) => self.on_push(link, &p).await,
+                    Out::Frame(f) => link.send_text(f.to_string()).await,
+                },
+                _ = lag.notified() => {
+                    // Frames may have been dropped too: resend the list.
+                    super::send_contacts(&self.home, &self.handle).await;
+                    self.replay(link).await
+                }
                 _ = check.tick() => {
                     if last_heard.elapsed() > idle {
                         return format!("silent for {}", humantime::format_duration(idle));
@@ -417,6 +472,56 @@ impl AgentConn {
                 });
                 pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
             }
+            AgentFrame::SetPresence { state, text } => {
+                let report = PresenceReport { state, text };
+                if !valid_report(&report) {
+                    let why = format!(
+                        "presence must be online, busy, away or offline, with at most {MAX_STATUS_TEXT} bytes of text"
+                    );
+                    return self.error(link, ErrorCode::Invalid, &why, None).await;
+                }
+                let h = &self.home;
+                h.hub
+                    .device_set(&h.registry, &self.handle, &self.device, self.conn, report);
+            }
+            AgentFrame::Contact { op, handle } => {
+                if !valid_handle(&handle) {
+                    let why = format!("{handle:?} is not a handle");
+                    return self.error(link, ErrorCode::Invalid, &why, None).await;
+                }
+                let dest = self
+                    .home
+                    .dir
+                    .cached(&handle)
+                    .map(|r| r.home)
+                    .filter(|h| *h != self.home.cfg.name);
+                let owner = self.handle.clone();
+                let peer = handle.clone();
+                let p = store.submit(move |s| {
+                    let mut fx = Effects::default();
+                    s.contact_op(&owner, &peer, op, dest.as_deref(), &mut fx)?;
+                    Ok(fx)
+                });
+                pending.push_back(Box::pin(async move { Done::Contact(handle, p.await) }));
+            }
+            AgentFrame::PresenceOf { handle } => {
+                return match self.home.hub.presence_of(&self.handle, &handle) {
+                    Some(s) => {
+                        link.send(&HomeFrame::Presence {
+                            handle,
+                            state: s.state,
+                            text: s.text,
+                            since: s.since,
+                        })
+                        .await
+                    }
+                    None => {
+                        tracing::info!(handle = %self.handle, asked = %handle, "presence query refused: not an accepted contact");
+                        self.error(link, ErrorCode::NotAccepted, &format!("{handle} has not accepted you as a contact"), None)
+                            .await
+                    }
+                };
+            }
             AgentFrame::Hello { .. } => {
                 return self
                     .error(link, ErrorCode::BadFrame, "already authenticated", None)
@@ -453,6 +558,19 @@ impl AgentConn {
             Done::Applied(Err(e)) => {
                 tracing::error!(handle = %self.handle, "storage failure: {e}");
                 Ok(())
+            }
+            Done::Contact(_, Ok(fx)) => {
+                self.home.apply(fx);
+                Ok(())
+            }
+            Done::Contact(peer, Err(StoreError::Conflict(m) | StoreError::NotFound(m))) => {
+                let why = format!("{peer}: {m}");
+                self.error(link, ErrorCode::Invalid, &why, None).await
+            }
+            Done::Contact(peer, Err(e)) => {
+                tracing::error!(handle = %self.handle, %peer, "storing a contact change failed: {e}");
+                self.error(link, ErrorCode::Internal, "storage failure; try again later", None)
+                    .await
             }
         }
     }

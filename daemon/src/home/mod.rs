@@ -6,6 +6,7 @@
 //!   routes mailbox events to the online devices of a user.
 //! - [`peers`]: links to other homes, and the router that finds where
 //!   queued items go.
+//! - [`presence`]: who is online, and who of their contacts is told.
 //! - [`directory`]: the link to the global server, with the route cache.
 //! - [`admin`]: `popupd user ...` commands, run beside a live home.
 
@@ -13,6 +14,7 @@ pub mod admin;
 pub mod agents;
 pub mod directory;
 pub mod peers;
+pub mod presence;
 
 use std::sync::Arc;
 
@@ -40,6 +42,8 @@ pub struct Home {
     pub dir: directory::Directory,
     /// Links to other homes.
     pub peers: peers::Peers,
+    /// Presence of our users and of the remote users they watch.
+    pub hub: presence::Hub,
     /// TLS for connections we accept; a reload swaps it.
     pub server_tls: tls::Swap<rustls::ServerConfig>,
     /// TLS (with our client certificate) for links we dial.
@@ -62,6 +66,49 @@ impl Home {
                 None => self.route_kick.notify_one(),
             }
         }
+        if !fx.contacts.is_empty() {
+            tokio::spawn(refresh_contacts(self.clone(), fx.contacts));
+        }
+    }
+}
+
+/// After contact lists changed: each online user gets their new list (with
+/// presence) and the hub watches what it says; homes that may no longer
+/// see a user lose their subscription.
+async fn refresh_contacts(home: Arc<Home>, users: Vec<String>) {
+    for u in users {
+        send_contacts(&home, &u).await;
+        for h in home.hub.subscriber_homes(&u) {
+            let (h2, u2) = (h.clone(), vec![u.clone()]);
+            match home.store.run(move |s| s.visible_to_home(&h2, &u2)).await {
+                Ok(v) if v.is_empty() => home.hub.revoke(&u, &h),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(handle = %u, "re-checking presence subscriptions: {e}"),
+            }
+        }
+    }
+}
+
+/// Reads `handle`'s contact list, installs it in the presence hub and sends
+/// it to their online devices. Does nothing for a user who is offline.
+pub async fn send_contacts(home: &Arc<Home>, handle: &str) {
+    let h = handle.to_owned();
+    let rows = match home.store.run(move |s| s.contacts(&h)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%handle, "reading contacts: {e}");
+            return;
+        }
+    };
+    let Some((contacts, homes)) = home.hub.watch(handle, &rows) else {
+        return;
+    };
+    for d in homes {
+        peers::ensure_link(home, &d);
+    }
+    let frame = serde_json::to_string(&crate::protocol::HomeFrame::Contacts { contacts });
+    if let Ok(f) = frame {
+        home.registry.send_frame(handle, f.into());
     }
 }
 
@@ -69,10 +116,14 @@ impl Home {
 async fn report_status(home: Arc<Home>) {
     loop {
         let (users, devices) = home.registry.online();
+        let st = &home.hub.stats;
         let line = format!(
-            "home {}: {users} users online ({devices} devices), {} peer homes linked",
+            "home {}: {users} users online ({devices} devices), {} peer homes linked; presence: {} changes, {} to agents, {} to peers",
             home.cfg.name,
-            home.peers.active()
+            home.peers.active(),
+            st.changes.load(std::sync::atomic::Ordering::Relaxed),
+            st.to_agents.load(std::sync::atomic::Ordering::Relaxed),
+            st.to_peers.load(std::sync::atomic::Ordering::Relaxed),
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
         if crate::task::sleep_or_shutdown(std::time::Duration::from_secs(5), &home.shutdown).await {
@@ -200,6 +251,7 @@ pub async fn run(
     let home = Arc::new(Home {
         dir: directory::Directory::new(&cfg),
         peers: peers::Peers::default(),
+        hub: presence::Hub::default(),
         server_tls: tls::Swap::new(server_tls),
         client_tls: tls::Swap::new(client_tls),
         registry: agents::Registry::default(),
@@ -254,7 +306,12 @@ pub async fn run(
             }
         });
     }
-    tracing::info!(home = %home.cfg.name, "home stopping");
+    let st = &home.hub.stats;
+    tracing::info!(home = %home.cfg.name,
+        presence_changes = st.changes.load(std::sync::atomic::Ordering::Relaxed),
+        presence_to_agents = st.to_agents.load(std::sync::atomic::Ordering::Relaxed),
+        presence_to_peers = st.to_peers.load(std::sync::atomic::Ordering::Relaxed),
+        "home stopping");
     // Let connections send their goodbyes and in-flight commits finish.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
         while slots.available_permits() < home.cfg.max_connections {

@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use super::Home;
 use crate::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
 use crate::protocol::{
-    ErrorCode, MAX_TEXT, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal, valid_handle, valid_id,
+    ErrorCode, MAX_TEXT, NOT_ACCEPTED, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal,
+    valid_handle, valid_id,
 };
 use crate::storage::StoreError;
 use crate::storage::home::{Effects, OutItem};
@@ -104,6 +105,17 @@ pub fn kick(home: &Arc<Home>, dest: &str, n: Option<u64>) {
     }
 }
 
+/// Makes sure a link to `dest` is up or being dialed (for presence
+/// subscriptions; queued items use [`kick`]).
+pub fn ensure_link(home: &Arc<Home>, dest: &str) {
+    let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
+    let slot = slots.entry(dest.to_owned()).or_default();
+    if slot.tasks == 0 {
+        slot.tasks += 1;
+        tokio::spawn(dialer(home.clone(), dest.to_owned()));
+    }
+}
+
 /// Registers a task for `peer`; returns its kick.
 fn enter(home: &Home, peer: &str) -> Arc<Wake> {
     let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -122,6 +134,9 @@ async fn leave(home: &Arc<Home>, peer: &str) {
     }
     if home.shutdown.is_cancelled() {
         return;
+    }
+    if home.hub.wants_home(peer) {
+        return ensure_link(home, peer);
     }
     let p = peer.to_owned();
     let waiting = home.store.run(move |s| s.outq(Some(&p))).await;
@@ -151,6 +166,9 @@ async fn dialer(home: Arc<Home>, dest: String) {
         }
         if sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
             break;
+        }
+        if home.hub.wants_home(&dest) {
+            continue;
         }
         let d = dest.clone();
         match home.store.run(move |s| s.outq(Some(&d))).await {
@@ -240,6 +258,8 @@ enum Done {
     Ack(u64, Result<Effects, StoreError>),
     /// Our own bookkeeping.
     Applied(Result<Effects, StoreError>),
+    /// The users a `subscribe` may see.
+    Subscribe(Result<Vec<String>, StoreError>),
 }
 type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
@@ -251,7 +271,22 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
     kick: &Wake,
 ) -> String {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-    let why = serve_loop(home, link, peer, kick, &mut pending).await;
+    let (id, mut presence, first) = home.hub.link_up(peer);
+    let why = match first {
+        Some(f) => link.send_text(f).await.err().map(|e| e.to_string()),
+        None => None,
+    };
+    let why = match why {
+        Some(w) => w,
+        None => {
+            let mut l = PeerLinkState {
+                id,
+                presence: &mut presence,
+            };
+            serve_loop(home, link, peer, kick, &mut pending, &mut l).await
+        }
+    };
+    home.hub.link_down(&home.registry, id);
     // Commits that finished after the link failed still have effects.
     while let Some(d) = pending.next().await {
         if let Done::Ack(_, Ok(fx)) | Done::Applied(Ok(fx)) = d {
@@ -261,12 +296,20 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
     why
 }
 
+/// This link's place in the presence hub.
+struct PeerLinkState<'a> {
+    id: u64,
+    /// Presence frames (and subscription changes) to send.
+    presence: &'a mut mpsc::UnboundedReceiver<String>,
+}
+
 async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
     home: &Arc<Home>,
     link: &mut Link<S>,
     peer: &str,
     kick: &Wake,
     pending: &mut FuturesOrdered<Pending>,
+    pl: &mut PeerLinkState<'_>,
 ) -> String {
     let mut inflight: HashSet<u64> = HashSet::new();
     let mut ping = tokio::time::interval(PEER_PING);
@@ -301,6 +344,19 @@ async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         code: ErrorCode::NoSuchUser, message: m,
                     })}).await
                 }
+                Done::Ack(n, Err(StoreError::NotAccepted)) => {
+                    link.send(&PeerFrame::Ack { n, refused: Some(Refusal {
+                        code: ErrorCode::NotAccepted, message: crate::protocol::NOT_ACCEPTED.into(),
+                    })}).await
+                }
+                Done::Subscribe(Ok(users)) => {
+                    home.hub.subscribe(pl.id, &users);
+                    Ok(())
+                }
+                Done::Subscribe(Err(e)) => {
+                    tracing::error!(peer, "checking a presence subscription: {e}");
+                    Ok(())
+                }
                 Done::Ack(_, Err(e)) | Done::Applied(Err(e)) => {
                     // Not acked: the peer sends it again on the next link.
                     tracing::error!(peer, "storage failure: {e}");
@@ -308,10 +364,11 @@ async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Done::Applied(Ok(fx)) => { home.apply(fx); Ok(()) }
             },
+            Some(f) = pl.presence.recv() => link.send_text(f).await,
             r = link.recv::<PeerFrame>() => {
                 last_heard = Instant::now();
                 match r {
-                    Ok(Recv::Frame(f)) => on_frame(home, link, peer, f, pending, &mut inflight).await,
+                    Ok(Recv::Frame(f)) => on_frame(home, link, peer, f, pending, &mut inflight, pl.id).await,
                     Ok(Recv::Bad(e)) => {
                         tracing::warn!(peer, "malformed frame from peer: {e}");
                         link.send(&PeerFrame::Error { code: ErrorCode::BadFrame, message: e }).await
@@ -341,9 +398,46 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
     f: PeerFrame,
     pending: &mut FuturesOrdered<Pending>,
     inflight: &mut HashSet<u64>,
+    link_id: u64,
 ) -> Result<(), LinkError> {
     let store = &home.store;
     match f {
+        PeerFrame::Contact { n, from, to, op } => {
+            if !valid_handle(&from) || !valid_handle(&to) {
+                return refuse(link, n, ErrorCode::Invalid, "bad handle").await;
+            }
+            if let Err(e) = check_sender(home, peer, &from).await {
+                return match e {
+                    Some(e) => Err(e),
+                    None => refuse(link, n, ErrorCode::SpoofedSender, "sender does not live on your home").await,
+                };
+            }
+            let from_home = peer.to_owned();
+            let p = store.submit(move |s| {
+                let mut fx = Effects::default();
+                s.contact_from_peer(&from_home, &from, &to, op, &mut fx)?;
+                Ok(fx)
+            });
+            pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
+        }
+        PeerFrame::Subscribe { users } => {
+            let users: Vec<String> = users.into_iter().filter(|u| valid_handle(u)).collect();
+            let from_home = peer.to_owned();
+            let p = store.submit(move |s| s.visible_to_home(&from_home, &users));
+            pending.push_back(Box::pin(async move { Done::Subscribe(p.await) }));
+        }
+        PeerFrame::Unsubscribe { users } => home.hub.unsubscribe(link_id, &users),
+        PeerFrame::Presence {
+            handle,
+            state,
+            text,
+            since,
+        } => {
+            let text: String = text.chars().take(crate::protocol::MAX_STATUS_TEXT).collect();
+            let shown = super::presence::Shown { state, text, since };
+            home.hub
+                .remote_presence(&home.registry, link_id, &handle, shown);
+        }
         PeerFrame::Deliver { n, msg } => {
             if !valid_handle(&msg.from) || !valid_handle(&msg.to) {
                 return refuse(link, n, ErrorCode::Invalid, "bad handle").await;
@@ -351,25 +445,11 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             if !valid_id(&msg.id) || msg.text.is_empty() || msg.text.len() > MAX_TEXT {
                 return refuse(link, n, ErrorCode::Invalid, "bad id or text length").await;
             }
-            // The sender must live on the home this link belongs to.
-            match home.dir.lookup(&msg.from).await {
-                Ok(Some(r)) if r.home == peer => {}
-                Ok(_) => {
-                    tracing::warn!(peer, claimed = %msg.from, msg_id = %msg.id,
-                        "spoofed sender refused: the directory does not place this user on that home");
-                    return refuse(
-                        link,
-                        n,
-                        ErrorCode::SpoofedSender,
-                        "sender does not live on your home",
-                    )
-                    .await;
-                }
-                Err(e) => {
-                    return Err(LinkError::Io(std::io::Error::other(format!(
-                        "cannot check the sender's home: {e}"
-                    ))));
-                }
+            if let Err(e) = check_sender(home, peer, &msg.from).await {
+                return match e {
+                    Some(e) => Err(e),
+                    None => refuse(link, n, ErrorCode::SpoofedSender, "sender does not live on your home").await,
+                };
             }
             let from = peer.to_owned();
             let p = store.submit(move |s| {
@@ -404,7 +484,7 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
                 Some(r) => {
                     tracing::warn!(peer, n, "peer refused an item: {}", r.message);
                     let reason = match r.code {
-                        ErrorCode::NoSuchUser => "no such user".to_string(),
+                        ErrorCode::NoSuchUser | ErrorCode::NotAccepted => NOT_ACCEPTED.to_string(),
                         _ => r.message,
                     };
                     let gone = r.code == ErrorCode::NoSuchUser;
@@ -435,6 +515,23 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// The sender of an item must live on the home this link belongs to.
+/// `Err(None)`: they do not (refuse the item); `Err(Some)`: the directory
+/// could not say (drop the link; the peer sends the item again).
+async fn check_sender(home: &Arc<Home>, peer: &str, from: &str) -> Result<(), Option<LinkError>> {
+    match home.dir.lookup(from).await {
+        Ok(Some(r)) if r.home == peer => Ok(()),
+        Ok(_) => {
+            tracing::warn!(peer, claimed = %from,
+                "spoofed sender refused: the directory does not place this user on that home");
+            Err(None)
+        }
+        Err(e) => Err(Some(LinkError::Io(std::io::Error::other(format!(
+            "cannot check the sender's home: {e}"
+        ))))),
+    }
 }
 
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
@@ -496,6 +593,7 @@ async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
                 state,
                 reason,
             },
+            OutItem::Contact { from, to, op } => PeerFrame::Contact { n, from, to, op },
         };
         link.feed(&frame).await?;
     }
@@ -554,7 +652,7 @@ pub async fn route(home: Arc<Home>) {
                         s.outq_route(*n, dest)?;
                     }
                     for n in unknown {
-                        s.outq_fail(n, "no such user", &mut fx)?;
+                        s.outq_fail(n, NOT_ACCEPTED, &mut fx)?;
                     }
                     Ok(fx)
                 })

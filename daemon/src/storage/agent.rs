@@ -36,9 +36,31 @@ impl AgentStore {
              );
              CREATE INDEX IF NOT EXISTS messages_time ON messages(sent_at);
              CREATE INDEX IF NOT EXISTS messages_queued ON messages(status) WHERE status = 'queued';
-             CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS settings(k TEXT PRIMARY KEY, v TEXT NOT NULL);",
         )?;
         Ok(AgentStore { conn })
+    }
+
+    /// A setting the agent keeps across restarts (own presence).
+    pub fn setting(&mut self, k: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT v FROM settings WHERE k = ?1")?
+            .query_row([k], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Sets (or with `None` clears) a setting.
+    pub fn set_setting(&mut self, k: &str, v: Option<&str>) -> Result<(), StoreError> {
+        match v {
+            Some(v) => self.conn.execute(
+                "INSERT INTO settings(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = ?2",
+                params![k, v],
+            )?,
+            None => self.conn.execute("DELETE FROM settings WHERE k = ?1", [k])?,
+        };
+        Ok(())
     }
 
     /// Puts a message of ours in the outbox.

@@ -10,12 +10,18 @@
 //! messages and receipts. An item stays until that home acks it; an item
 //! whose destination is not known yet has `dest` NULL until the router asks
 //! the global server.
+//!
+//! **Contacts** are kept per local user (`owner`), one row per other person
+//! (`peer`) with the relation as the owner sees it. A pair on two homes has
+//! a row on each, kept in step by `contact` items in the forward queue;
+//! `peer_home` remembers which home the peer spoke from, which is what a
+//! presence subscription from that home is checked against.
 
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use super::{StoreError, open_sqlite, sqlite_batchable};
-use crate::protocol::{Delivery, Event, Message, MsgId, now_ms};
+use crate::protocol::{ContactOp, Delivery, Event, Message, MsgId, NOT_ACCEPTED, Relation, now_ms};
 
 /// An item of the forward queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +36,13 @@ pub enum OutItem {
         state: Delivery,
         reason: Option<String>,
     },
+    /// A contact-list change from our user `from` for `to`, who lives
+    /// elsewhere.
+    Contact {
+        from: String,
+        to: String,
+        op: ContactOp,
+    },
 }
 
 impl OutItem {
@@ -37,9 +50,18 @@ impl OutItem {
     pub fn dest_handle(&self) -> &str {
         match self {
             OutItem::Deliver(m) => &m.to,
-            OutItem::Receipt { to, .. } => to,
+            OutItem::Receipt { to, .. } | OutItem::Contact { to, .. } => to,
         }
     }
+}
+
+/// A row of a contact list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactRow {
+    pub peer: String,
+    pub relation: Relation,
+    /// The peer's home, if not this one (and known).
+    pub peer_home: Option<String>,
 }
 
 /// A new mailbox event to push to a user's connected devices.
@@ -58,6 +80,8 @@ pub struct Effects {
     pub pushes: Vec<Push>,
     /// New forward-queue items: (n, known destination home).
     pub queued: Vec<(u64, Option<String>)>,
+    /// Local users whose contact list changed.
+    pub contacts: Vec<String>,
 }
 
 /// Result of a `Send`.
@@ -164,6 +188,43 @@ pub trait HomeStore: super::Batchable {
     fn prune(&mut self, before: i64) -> Result<usize, StoreError>;
     /// Every (handle, device) that may log in.
     fn all_devices(&mut self) -> Result<Vec<(String, String)>, StoreError>;
+    /// `owner`'s contact list.
+    fn contacts(&mut self, owner: &str) -> Result<Vec<ContactRow>, StoreError>;
+    /// A local user changes their contact list. `dest` is the peer's home
+    /// if the caller knows it. `Conflict` or `NotFound` explain a refusal.
+    fn contact_op(
+        &mut self,
+        owner: &str,
+        peer: &str,
+        op: ContactOp,
+        dest: Option<&str>,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError>;
+    /// A user `from` of home `from_home` changes their relation with our
+    /// user `to`. Silently ignored when `to` does not exist or blocked
+    /// `from`, so the sender learns neither.
+    fn contact_from_peer(
+        &mut self,
+        from_home: &str,
+        from: &str,
+        to: &str,
+        op: ContactOp,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError>;
+    /// Of `users` (ours), those that accepted at least one user of `home`:
+    /// the ones whose presence `home` may see.
+    fn visible_to_home(&mut self, home: &str, users: &[String]) -> Result<Vec<String>, StoreError>;
+    /// Homes our users have accepted contacts on.
+    fn contact_homes(&mut self) -> Result<Vec<String>, StoreError>;
+    /// Makes `owner` and `peer` accepted contacts on this home's side at
+    /// once (bulk setup for administrators and benchmarks); `peer_home` is
+    /// the peer's home if not this one.
+    fn link_contacts(
+        &mut self,
+        owner: &str,
+        peer: &str,
+        peer_home: Option<&str>,
+    ) -> Result<(), StoreError>;
 }
 
 /// [`HomeStore`] on SQLite.
@@ -219,6 +280,15 @@ CREATE TABLE IF NOT EXISTS outq(
     item TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outq_dest ON outq(dest, n);
+CREATE TABLE IF NOT EXISTS contacts(
+    owner TEXT NOT NULL REFERENCES users(handle) ON DELETE CASCADE,
+    peer TEXT NOT NULL,
+    relation TEXT NOT NULL,
+    peer_home TEXT,
+    at INTEGER NOT NULL,
+    PRIMARY KEY(owner, peer)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS contacts_peer_home ON contacts(owner, peer_home, relation);
 ";
 
 impl SqliteHome {
@@ -295,6 +365,133 @@ impl SqliteHome {
         }
     }
 
+    fn relation(&mut self, owner: &str, peer: &str) -> Result<Option<Relation>, StoreError> {
+        let r: Option<String> = self
+            .conn
+            .prepare_cached("SELECT relation FROM contacts WHERE owner = ?1 AND peer = ?2")?
+            .query_row(params![owner, peer], |r| r.get(0))
+            .optional()?;
+        Ok(r.and_then(|r| Relation::parse(&r)))
+    }
+
+    /// Sets (or with `None` deletes) `owner`'s relation with `peer`. A
+    /// `peer_home` of `None` keeps the one on record.
+    fn set_relation(
+        &mut self,
+        owner: &str,
+        peer: &str,
+        rel: Option<Relation>,
+        peer_home: Option<&str>,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        match rel {
+            None => {
+                self.conn
+                    .prepare_cached("DELETE FROM contacts WHERE owner = ?1 AND peer = ?2")?
+                    .execute(params![owner, peer])?;
+            }
+            Some(r) => {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO contacts(owner, peer, relation, peer_home, at) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT(owner, peer) DO UPDATE SET relation = ?3,
+                            peer_home = coalesce(?4, peer_home), at = ?5",
+                    )?
+                    .execute(params![owner, peer, r.as_str(), peer_home, now_ms()])?;
+            }
+        }
+        if !fx.contacts.iter().any(|c| c == owner) {
+            fx.contacts.push(owner.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Tells `peer` about `owner`'s change: directly when `peer` is ours,
+    /// else through the forward queue.
+    fn tell_peer(
+        &mut self,
+        owner: &str,
+        peer: &str,
+        op: ContactOp,
+        dest: Option<&str>,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        if self.user_exists(peer)? {
+            self.contact_local(owner, peer, op, fx)
+        } else {
+            let item = OutItem::Contact {
+                from: owner.to_owned(),
+                to: peer.to_owned(),
+                op,
+            };
+            self.enqueue(dest, &item, fx)
+        }
+    }
+
+    /// `from` (anywhere) did `op` towards our user `to`: update `to`'s side.
+    /// Returns the answer `to`'s side owes `from`, if any.
+    fn apply_incoming(
+        &mut self,
+        from: &str,
+        from_home: Option<&str>,
+        to: &str,
+        op: ContactOp,
+        fx: &mut Effects,
+    ) -> Result<Option<ContactOp>, StoreError> {
+        let cur = self.relation(to, from)?;
+        if cur == Some(Relation::Blocked) {
+            return Ok(None);
+        }
+        match (op, cur) {
+            // Asked again by someone already accepted (their side was
+            // lost or reset): confirm.
+            (ContactOp::Add, Some(Relation::Accepted)) => {
+                self.set_relation(to, from, Some(Relation::Accepted), from_home, fx)?;
+                Ok(Some(ContactOp::Accept))
+            }
+            // Both asked each other: that is agreement.
+            (ContactOp::Add, Some(Relation::Requested)) => {
+                self.set_relation(to, from, Some(Relation::Accepted), from_home, fx)?;
+                Ok(Some(ContactOp::Accept))
+            }
+            (ContactOp::Add, Some(Relation::Pending)) => Ok(None),
+            (ContactOp::Add, _) => {
+                self.set_relation(to, from, Some(Relation::Pending), from_home, fx)?;
+                let ev = Event::ContactRequest {
+                    from: from.to_owned(),
+                };
+                self.push_event(to, None, &ev, fx)?;
+                Ok(None)
+            }
+            (ContactOp::Accept, Some(Relation::Requested | Relation::Accepted)) => {
+                self.set_relation(to, from, Some(Relation::Accepted), from_home, fx)?;
+                Ok(None)
+            }
+            (ContactOp::Decline, Some(Relation::Requested))
+            | (ContactOp::Remove, Some(_)) => {
+                self.set_relation(to, from, None, None, fx)?;
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Both users are ours: `owner`'s change reaches `peer` in the same
+    /// transaction.
+    fn contact_local(
+        &mut self,
+        owner: &str,
+        peer: &str,
+        op: ContactOp,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        if let Some(answer) = self.apply_incoming(owner, None, peer, op, fx)? {
+            // `peer` already agreed: the answer lands on `owner`'s side.
+            self.apply_incoming(peer, None, owner, answer, fx)?;
+        }
+        Ok(())
+    }
+
     fn store_incoming(
         &mut self,
         from_home: Option<&str>,
@@ -338,6 +535,8 @@ impl HomeStore for SqliteHome {
     fn remove_user(&mut self, handle: &str) -> Result<bool, StoreError> {
         self.conn
             .execute("DELETE FROM mailbox WHERE handle = ?1", [handle])?;
+        self.conn
+            .execute("DELETE FROM contacts WHERE owner = ?1 OR peer = ?1", [handle])?;
         Ok(self
             .conn
             .execute("DELETE FROM users WHERE handle = ?1", [handle])?
@@ -474,6 +673,11 @@ impl HomeStore for SqliteHome {
             )?
             .execute(params![msg.id, msg.from, msg.to, now_ms(), dest])?;
         if self.user_exists(&msg.to)? {
+            if self.relation(&msg.to, &msg.from)? == Some(Relation::Blocked) {
+                let id = msg.id.clone();
+                self.apply_receipt(&id, &msg.from, None, Delivery::Failed, Some(NOT_ACCEPTED), fx)?;
+                return Ok(SendOutcome::Accepted);
+            }
             self.store_incoming(None, msg, fx)?;
         } else {
             self.enqueue(dest, &OutItem::Deliver(msg.clone()), fx)?;
@@ -558,6 +762,9 @@ impl HomeStore for SqliteHome {
                 "no user {} on this home",
                 msg.to
             )));
+        }
+        if self.relation(&msg.to, &msg.from)? == Some(Relation::Blocked) {
+            return Err(StoreError::NotAccepted);
         }
         self.store_incoming(Some(from_home), msg, fx)?;
         Ok(())
@@ -696,6 +903,153 @@ impl HomeStore for SqliteHome {
             .prepare_cached("SELECT handle, device FROM devices")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn contacts(&mut self, owner: &str) -> Result<Vec<ContactRow>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT peer, relation, peer_home FROM contacts WHERE owner = ?1 ORDER BY peer",
+        )?;
+        let rows = st.query_map([owner], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (peer, rel, peer_home) = row?;
+            if let Some(relation) = Relation::parse(&rel) {
+                out.push(ContactRow {
+                    peer,
+                    relation,
+                    peer_home,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn contact_op(
+        &mut self,
+        owner: &str,
+        peer: &str,
+        op: ContactOp,
+        dest: Option<&str>,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        if owner == peer {
+            return Err(StoreError::Conflict("that is you".into()));
+        }
+        let cur = self.relation(owner, peer)?;
+        let home: Option<String> = self
+            .conn
+            .prepare_cached("SELECT peer_home FROM contacts WHERE owner = ?1 AND peer = ?2")?
+            .query_row(params![owner, peer], |r| r.get(0))
+            .optional()?
+            .flatten();
+        let dest = home.as_deref().or(dest);
+        match op {
+            ContactOp::Add => match cur {
+                Some(Relation::Accepted | Relation::Requested) => {}
+                Some(Relation::Pending) => return self.contact_op(owner, peer, ContactOp::Accept, dest, fx),
+                None | Some(Relation::Blocked) => {
+                    self.set_relation(owner, peer, Some(Relation::Requested), None, fx)?;
+                    self.tell_peer(owner, peer, ContactOp::Add, dest, fx)?;
+                }
+            },
+            ContactOp::Accept | ContactOp::Decline => {
+                if cur != Some(Relation::Pending) {
+                    return Err(StoreError::NotFound(format!("no contact request from {peer}")));
+                }
+                let rel = (op == ContactOp::Accept).then_some(Relation::Accepted);
+                self.set_relation(owner, peer, rel, None, fx)?;
+                self.tell_peer(owner, peer, op, dest, fx)?;
+            }
+            ContactOp::Remove => {
+                if cur.is_none() {
+                    return Err(StoreError::NotFound(format!("{peer} is not in your contacts")));
+                }
+                self.set_relation(owner, peer, None, None, fx)?;
+                if cur != Some(Relation::Blocked) {
+                    self.tell_peer(owner, peer, ContactOp::Remove, dest, fx)?;
+                }
+            }
+            ContactOp::Block => {
+                self.set_relation(owner, peer, Some(Relation::Blocked), None, fx)?;
+                if cur.is_some() && cur != Some(Relation::Blocked) {
+                    // Seen from the other side, a block is a removal.
+                    self.tell_peer(owner, peer, ContactOp::Remove, dest, fx)?;
+                }
+            }
+            ContactOp::Unblock => {
+                if cur != Some(Relation::Blocked) {
+                    return Err(StoreError::NotFound(format!("{peer} is not blocked")));
+                }
+                self.set_relation(owner, peer, None, None, fx)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn contact_from_peer(
+        &mut self,
+        from_home: &str,
+        from: &str,
+        to: &str,
+        op: ContactOp,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        if !matches!(
+            op,
+            ContactOp::Add | ContactOp::Accept | ContactOp::Decline | ContactOp::Remove
+        ) || !self.user_exists(to)?
+        {
+            return Ok(());
+        }
+        if let Some(answer) = self.apply_incoming(from, Some(from_home), to, op, fx)? {
+            let item = OutItem::Contact {
+                from: to.to_owned(),
+                to: from.to_owned(),
+                op: answer,
+            };
+            self.enqueue(Some(from_home), &item, fx)?;
+        }
+        Ok(())
+    }
+
+    fn visible_to_home(&mut self, home: &str, users: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT 1 FROM contacts WHERE owner = ?1 AND peer_home = ?2 AND relation = 'accepted' LIMIT 1",
+        )?;
+        let mut out = Vec::new();
+        for u in users {
+            if st.exists(params![u, home])? {
+                out.push(u.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    fn contact_homes(&mut self) -> Result<Vec<String>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT DISTINCT peer_home FROM contacts WHERE peer_home IS NOT NULL AND relation = 'accepted'",
+        )?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn link_contacts(
+        &mut self,
+        owner: &str,
+        peer: &str,
+        peer_home: Option<&str>,
+    ) -> Result<(), StoreError> {
+        if !self.user_exists(owner)? {
+            return Err(StoreError::NotFound(format!("no user {owner} on this home")));
+        }
+        let mut fx = Effects::default();
+        self.set_relation(owner, peer, Some(Relation::Accepted), peer_home, &mut fx)?;
+        if peer_home.is_none() && self.user_exists(peer)? {
+            self.set_relation(peer, owner, Some(Relation::Accepted), None, &mut fx)?;
+        }
+        Ok(())
     }
 
     fn prune(&mut self, before: i64) -> Result<usize, StoreError> {

@@ -36,6 +36,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// The recipient does not take this from the sender.
+    #[error("{}", crate::protocol::NOT_ACCEPTED)]
+    NotAccepted,
 }
 
 impl From<rusqlite::Error> for StoreError {

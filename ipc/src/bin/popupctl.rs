@@ -63,6 +63,21 @@ enum Cmd {
     Status,
     /// The agent's plugins: name, version, state.
     Plugins,
+    /// Your contacts and their presence, like a buddy list; or change the
+    /// list (add sends a request the other person accepts or declines).
+    Contacts {
+        #[command(subcommand)]
+        op: Option<ContactCmd>,
+    },
+    /// Show your presence, or set it: online (automatic: away when the
+    /// desktop is idle), away, busy or offline (appear offline), with an
+    /// optional status text.
+    Presence {
+        #[arg(value_parser = ["online", "away", "busy", "offline"])]
+        state: Option<String>,
+        /// Status text (several words are joined with spaces).
+        text: Vec<String>,
+    },
     /// A small window to write a message or a reply (zenity); what the
     /// popup's Reply opens. The text survives an error: the window comes
     /// back with the reason.
@@ -78,6 +93,22 @@ enum Cmd {
     /// Print the popupctl(1) man page (roff), for packaging.
     #[command(hide = true)]
     Manpage,
+}
+
+#[derive(Subcommand)]
+enum ContactCmd {
+    /// Ask HANDLE to become a contact.
+    Add { handle: String },
+    /// Remove HANDLE (neither sees the other's presence any more).
+    Remove { handle: String },
+    /// Accept HANDLE's contact request.
+    Accept { handle: String },
+    /// Decline HANDLE's contact request.
+    Decline { handle: String },
+    /// Block HANDLE: no presence, no messages, no requests.
+    Block { handle: String },
+    /// Unblock HANDLE.
+    Unblock { handle: String },
 }
 
 fn main() -> ExitCode {
@@ -281,6 +312,83 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(exit::OK)
         }
         Cmd::Compose { to, reply } => compose(&agent, to, reply).await,
+        Cmd::Contacts { op: None } => {
+            let list = agent.contacts().await?;
+            if json {
+                for c in list {
+                    println!("{}", serde_json::to_string(&c).unwrap_or_default());
+                }
+            } else if list.is_empty() {
+                println!("no contacts yet; add one with `popupctl contacts add HANDLE`");
+            } else {
+                println!("{:<20} {:<9} {:<20} STATUS", "CONTACT", "STATE", "SINCE");
+                for c in list {
+                    let (state, since) = match c.relation.as_str() {
+                        "accepted" => (
+                            c.state.clone(),
+                            if c.since > 0 { time(c.since) } else { String::new() },
+                        ),
+                        "requested" => ("-".into(), "request sent".into()),
+                        "pending" => ("-".into(), "asks you (accept?)".into()),
+                        _ => ("-".into(), c.relation.clone()),
+                    };
+                    println!("{:<20} {:<9} {:<20} {}", c.handle, state, since, c.text);
+                }
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Contacts { op: Some(op) } => {
+            let (done, handle) = match op {
+                ContactCmd::Add { handle } => {
+                    agent.add_contact(&handle).await?;
+                    ("asked", handle)
+                }
+                ContactCmd::Remove { handle } => {
+                    agent.remove_contact(&handle).await?;
+                    ("removed", handle)
+                }
+                ContactCmd::Accept { handle } => {
+                    agent.answer_contact_request(&handle, true).await?;
+                    ("accepted", handle)
+                }
+                ContactCmd::Decline { handle } => {
+                    agent.answer_contact_request(&handle, false).await?;
+                    ("declined", handle)
+                }
+                ContactCmd::Block { handle } => {
+                    agent.block(&handle).await?;
+                    ("blocked", handle)
+                }
+                ContactCmd::Unblock { handle } => {
+                    agent.unblock(&handle).await?;
+                    ("unblocked", handle)
+                }
+            };
+            if json {
+                println!("{}", json!({ "handle": handle, "done": done }));
+            } else {
+                println!("{done} {handle}");
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Presence { state: None, .. } => {
+            let (state, text) = agent.presence().await?;
+            if json {
+                println!("{}", json!({ "state": state, "text": text }));
+            } else if text.is_empty() {
+                println!("{state}");
+            } else {
+                println!("{state}: {text}");
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Presence {
+            state: Some(state),
+            text,
+        } => {
+            agent.set_presence(&state, &text.join(" ")).await?;
+            Ok(exit::OK)
+        }
         Cmd::Completions { .. } | Cmd::Manpage => Ok(exit::OK),
     }
 }
@@ -313,6 +421,8 @@ async fn watch(agent: &Agent1Proxy<'_>, json: bool) -> anyhow::Result<i32> {
     let mut received = agent.receive_message_received().await?;
     let mut status = agent.receive_message_status_changed().await?;
     let mut conn = agent.receive_connection_changed().await?;
+    let mut presence = agent.receive_contact_presence_changed().await?;
+    let mut requests = agent.receive_contact_request().await?;
     if !json {
         let (c, home, _) = agent.status().await?;
         eprintln!(
@@ -345,6 +455,23 @@ async fn watch(agent: &Agent1Proxy<'_>, json: bool) -> anyhow::Result<i32> {
                 } else {
                     let reason = if a.reason.is_empty() { String::new() } else { format!(": {}", a.reason) };
                     println!("  {} is {}{reason}", a.id, a.status);
+                }
+            }
+            Some(s) = presence.next() => {
+                let Ok(a) = s.args() else { continue };
+                if json {
+                    println!("{}", json!({"event": "presence", "handle": a.handle, "state": a.state, "text": a.text}));
+                } else {
+                    let text = if a.text.is_empty() { String::new() } else { format!(": {}", a.text) };
+                    println!("  {} is {}{text}", a.handle, a.state);
+                }
+            }
+            Some(s) = requests.next() => {
+                let Ok(a) = s.args() else { continue };
+                if json {
+                    println!("{}", json!({"event": "contact_request", "handle": a.handle}));
+                } else {
+                    println!("  {} asks to be your contact (popupctl contacts accept|decline {})", a.handle, a.handle);
                 }
             }
             Some(s) = conn.next() => {

@@ -187,12 +187,19 @@ pub enum Event {
         to: String,
         text: String,
     },
-    /// A contact's presence changed.
+    /// A contact's presence changed (`online`, `away`, `busy`, `offline`,
+    /// or `unknown` while their home cannot be reached).
     PresenceChanged {
         handle: String,
         state: String,
         text: String,
     },
+    /// This person's own presence: once at start, then on every change (by
+    /// hand, or automatic away).
+    PresenceSet { state: String, text: String },
+    /// Someone asks to become a contact (answer on D-Bus with
+    /// `AnswerContactRequest`).
+    ContactRequest { from: String },
     /// The back connection went up or down.
     ConnectionChanged { connected: bool, home: String },
     /// The agent reloaded its config; the plugin got `reload` first.
@@ -277,7 +284,8 @@ impl Host {
         }
     }
 
-    /// Sets presence; fails where the agent has none yet.
+    /// Sets this person's presence by hand (`online`, `away`, `busy`,
+    /// `offline`) with a status text.
     pub fn set_presence(&self, state: &str, text: &str) -> Result<(), String> {
         let (s, t) = (cstring(state)?, cstring(text)?);
         let mut err = ErrBuf::default();

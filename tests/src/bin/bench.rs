@@ -118,6 +118,7 @@ async fn login(
         handle: handle.into(),
         device: "desktop".into(),
         secret: secret.into(),
+        presence: None,
     })
     .await?;
     match link.recv::<HomeFrame>().await? {
@@ -559,7 +560,7 @@ async fn worker() -> anyhow::Result<()> {
                 sock.bind(std::net::SocketAddr::new(source, 0))?;
                 let tcp = sock.connect(target).await?;
                 let mut link = net::dial_over(tcp, &dial).await?;
-                link.send(&AgentFrame::Hello { v: PROTOCOL_VERSION, handle, device, secret }).await?;
+                link.send(&AgentFrame::Hello { v: PROTOCOL_VERSION, handle, device, secret, presence: None }).await?;
                 match link.recv::<HomeFrame>().await? {
                     Recv::Frame(HomeFrame::Welcome { .. }) => Ok(link),
                     other => Err(anyhow::anyhow!("{other:?}")),

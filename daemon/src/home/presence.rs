@@ -1,0 +1,574 @@
+//! Presence: who is online, and who is told.
+//!
+//! The hub is in memory only; it is rebuilt from live connections after a
+//! restart. It knows:
+//! - each online user's devices and what each reported; the user shows the
+//!   state of the most available one ([`PresenceState::rank`]). When the
+//!   last device drops, the user keeps showing their state for the grace
+//!   period, so a quick reconnect changes nothing for anyone;
+//! - for every handle (ours or another home's), which of our online users
+//!   watch it: their accepted contacts;
+//! - the remote users we watch, with what their home last said, and the
+//!   peer links that carry it. One subscription per remote user per home,
+//!   however many of our users watch them;
+//! - which of our users each peer link subscribed to.
+//!
+//! **Architecture Invariant:** presence leaves this home only for users who
+//! accepted someone on the receiving side: a local watcher must hold the
+//! user as an accepted contact (it is in their list), and a peer's
+//! subscription is checked against the store before it is recorded
+//! ([`crate::storage::home::HomeStore::visible_to_home`]).
+//!
+//! Fan-out happens under the hub's lock but never blocks: agent queues are
+//! bounded with `try_send` (a full one is told to lag and re-reads), peer
+//! link queues are unbounded (a peer link that stops reading dies of its
+//! idle timeout, taking its queue with it).
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+
+use super::agents::Registry;
+use crate::protocol::{
+    Contact, HomeFrame, Millis, PeerFrame, PresenceReport, PresenceState, Relation, now_ms,
+};
+use crate::storage::home::ContactRow;
+
+/// What a user shows to the people who may see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shown {
+    pub state: PresenceState,
+    pub text: String,
+    pub since: Millis,
+}
+
+impl Shown {
+    fn offline() -> Shown {
+        Shown {
+            state: PresenceState::Offline,
+            text: String::new(),
+            since: 0,
+        }
+    }
+
+    fn unknown() -> Shown {
+        Shown {
+            state: PresenceState::Unknown,
+            text: String::new(),
+            since: now_ms(),
+        }
+    }
+
+    fn same_as(&self, o: &Shown) -> bool {
+        self.state == o.state && self.text == o.text
+    }
+}
+
+struct Device {
+    /// The live connection, or `None` inside the grace period.
+    conn: Option<u64>,
+    report: PresenceReport,
+    at: Millis,
+}
+
+struct Local {
+    devices: HashMap<String, Device>,
+    shown: Shown,
+}
+
+struct Remote {
+    home: String,
+    shown: Shown,
+}
+
+struct PeerLink {
+    home: String,
+    tx: mpsc::UnboundedSender<String>,
+    /// Our users this link subscribed to.
+    subscribed: HashSet<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    users: HashMap<String, Local>,
+    /// Accepted contacts of each online user of ours: (handle, home if remote).
+    lists: HashMap<String, Vec<(String, Option<String>)>>,
+    /// handle → our online users who watch it.
+    watchers: HashMap<String, HashSet<String>>,
+    /// Remote users we watch.
+    remote: HashMap<String, Remote>,
+    links: HashMap<u64, PeerLink>,
+    /// Our user → peer links subscribed to them.
+    subs: HashMap<String, HashSet<u64>>,
+    next_link: u64,
+}
+
+/// Counters, for the status line and benchmarks.
+#[derive(Default)]
+pub struct Stats {
+    /// Changes of what one of our users shows.
+    pub changes: AtomicU64,
+    /// Presence frames sent to our agents.
+    pub to_agents: AtomicU64,
+    /// Presence frames sent to other homes.
+    pub to_peers: AtomicU64,
+}
+
+/// The presence hub of one home.
+#[derive(Default)]
+pub struct Hub {
+    inner: Mutex<Inner>,
+    pub stats: Stats,
+}
+
+fn presence_frame(handle: &str, s: &Shown) -> String {
+    let f = HomeFrame::Presence {
+        handle: handle.to_owned(),
+        state: s.state,
+        text: s.text.clone(),
+        since: s.since,
+    };
+    serde_json::to_string(&f).unwrap_or_default()
+}
+
+fn peer_presence_frame(handle: &str, s: &Shown) -> String {
+    let f = PeerFrame::Presence {
+        handle: handle.to_owned(),
+        state: s.state,
+        text: s.text.clone(),
+        since: s.since,
+    };
+    serde_json::to_string(&f).unwrap_or_default()
+}
+
+fn peer_frame(f: &PeerFrame) -> String {
+    serde_json::to_string(f).unwrap_or_default()
+}
+
+/// The state a user shows given their devices.
+fn aggregate(devices: &HashMap<String, Device>) -> (PresenceState, String) {
+    devices
+        .values()
+        .max_by_key(|d| (d.report.state.rank(), d.at))
+        .map(|d| match d.report.state {
+            // Appearing offline shows no text.
+            PresenceState::Offline => (PresenceState::Offline, String::new()),
+            s => (s, d.report.text.clone()),
+        })
+        .unwrap_or((PresenceState::Offline, String::new()))
+}
+
+impl Inner {
+    fn shown_of(&self, handle: &str, home: Option<&str>) -> Shown {
+        match home {
+            None => self
+                .users
+                .get(handle)
+                .map(|u| u.shown.clone())
+                .unwrap_or_else(Shown::offline),
+            Some(_) => self
+                .remote
+                .get(handle)
+                .map(|r| r.shown.clone())
+                .unwrap_or_else(Shown::unknown),
+        }
+    }
+
+    /// Recomputes what `handle` shows; tells everyone who may see it.
+    fn recompute(&mut self, reg: &Registry, stats: &Stats, handle: &str) {
+        let Some(u) = self.users.get_mut(handle) else {
+            return;
+        };
+        let (state, text) = aggregate(&u.devices);
+        if u.shown.state == state && u.shown.text == text {
+            return;
+        }
+        u.shown = Shown {
+            state,
+            text,
+            since: now_ms(),
+        };
+        let shown = u.shown.clone();
+        stats.changes.fetch_add(1, Ordering::Relaxed);
+        self.fan_out(reg, stats, handle, &shown);
+        if let Some(ids) = self.subs.get(handle) {
+            let frame = peer_presence_frame(handle, &shown);
+            for id in ids {
+                if let Some(l) = self.links.get(id) {
+                    let _ = l.tx.send(frame.clone());
+                    stats.to_peers.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Tells our online watchers of `handle` what it shows now.
+    fn fan_out(&self, reg: &Registry, stats: &Stats, handle: &str, shown: &Shown) {
+        let Some(ws) = self.watchers.get(handle) else {
+            return;
+        };
+        let frame: std::sync::Arc<str> = presence_frame(handle, shown).into();
+        for w in ws {
+            reg.send_frame(w, frame.clone());
+            stats.to_agents.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Live links to `home`.
+    fn links_to<'a>(&'a self, home: &'a str) -> impl Iterator<Item = &'a PeerLink> + 'a {
+        self.links.values().filter(move |l| l.home == home)
+    }
+
+    /// Starts watching `handle` for `watcher`. Returns the home to link to
+    /// when a new remote subscription needs a link that is not up.
+    fn add_watch(&mut self, watcher: &str, handle: &str, home: Option<&str>) -> Option<String> {
+        self.watchers
+            .entry(handle.to_owned())
+            .or_default()
+            .insert(watcher.to_owned());
+        let home = home?;
+        match self.remote.entry(handle.to_owned()) {
+            Entry::Occupied(_) => None,
+            Entry::Vacant(v) => {
+                v.insert(Remote {
+                    home: home.to_owned(),
+                    shown: Shown::unknown(),
+                });
+                let frame = peer_frame(&PeerFrame::Subscribe {
+                    users: vec![handle.to_owned()],
+                });
+                let mut any = false;
+                for l in self.links_to(home) {
+                    let _ = l.tx.send(frame.clone());
+                    any = true;
+                }
+                (!any).then(|| home.to_owned())
+            }
+        }
+    }
+
+    fn drop_watch(&mut self, watcher: &str, handle: &str) {
+        let Entry::Occupied(mut e) = self.watchers.entry(handle.to_owned()) else {
+            return;
+        };
+        e.get_mut().remove(watcher);
+        if !e.get().is_empty() {
+            return;
+        }
+        e.remove();
+        if let Some(r) = self.remote.remove(handle) {
+            let frame = peer_frame(&PeerFrame::Unsubscribe {
+                users: vec![handle.to_owned()],
+            });
+            for l in self.links_to(&r.home) {
+                let _ = l.tx.send(frame.clone());
+            }
+        }
+    }
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A device connected (connection `conn`) reporting `report`.
+    pub fn device_up(
+        &self,
+        reg: &Registry,
+        handle: &str,
+        device: &str,
+        conn: u64,
+        report: PresenceReport,
+    ) {
+        let mut g = self.lock();
+        let u = g.users.entry(handle.to_owned()).or_insert_with(|| Local {
+            devices: HashMap::new(),
+            shown: Shown::offline(),
+        });
+        u.devices.insert(
+            device.to_owned(),
+            Device {
+                conn: Some(conn),
+                report,
+                at: now_ms(),
+            },
+        );
+        g.recompute(reg, &self.stats, handle);
+    }
+
+    /// A connected device reports a new presence.
+    pub fn device_set(
+        &self,
+        reg: &Registry,
+        handle: &str,
+        device: &str,
+        conn: u64,
+        report: PresenceReport,
+    ) {
+        let mut g = self.lock();
+        let Some(d) = g
+            .users
+            .get_mut(handle)
+            .and_then(|u| u.devices.get_mut(device))
+            .filter(|d| d.conn == Some(conn))
+        else {
+            return;
+        };
+        d.report = report;
+        d.at = now_ms();
+        g.recompute(reg, &self.stats, handle);
+    }
+
+    /// Connection `conn` of a device closed. The device still counts until
+    /// [`Hub::expire`] (after the grace period) unless it reconnects.
+    pub fn device_down(&self, handle: &str, device: &str, conn: u64) {
+        let mut g = self.lock();
+        if let Some(d) = g
+            .users
+            .get_mut(handle)
+            .and_then(|u| u.devices.get_mut(device))
+            .filter(|d| d.conn == Some(conn))
+        {
+            d.conn = None;
+        }
+    }
+
+    /// The grace period of a dropped device is over: forget it unless it
+    /// came back. When the user has no device left they go offline and
+    /// stop watching their contacts.
+    pub fn expire(&self, reg: &Registry, handle: &str, device: &str) {
+        let mut g = self.lock();
+        let Some(u) = g.users.get_mut(handle) else {
+            return;
+        };
+        if u.devices.get(device).is_some_and(|d| d.conn.is_none()) {
+            u.devices.remove(device);
+        }
+        let empty = u.devices.is_empty();
+        g.recompute(reg, &self.stats, handle);
+        if empty {
+            g.users.remove(handle);
+            for (c, _) in g.lists.remove(handle).unwrap_or_default() {
+                g.drop_watch(handle, &c);
+            }
+        }
+    }
+
+    /// Installs `handle`'s contact list (just read from the store): starts
+    /// and stops watching as it says. Returns the list with presence for
+    /// the user's agents, and the homes that need a link for new
+    /// subscriptions. Does nothing for a user who is not online.
+    pub fn watch(&self, handle: &str, rows: &[ContactRow]) -> Option<(Vec<Contact>, Vec<String>)> {
+        let mut g = self.lock();
+        if !g.users.contains_key(handle) {
+            return None;
+        }
+        let new: Vec<(String, Option<String>)> = rows
+            .iter()
+            .filter(|r| r.relation == Relation::Accepted)
+            .map(|r| (r.peer.clone(), r.peer_home.clone()))
+            .collect();
+        let old = g.lists.insert(handle.to_owned(), new.clone()).unwrap_or_default();
+        let keep: HashSet<&str> = new.iter().map(|(c, _)| c.as_str()).collect();
+        for (c, _) in &old {
+            if !keep.contains(c.as_str()) {
+                g.drop_watch(handle, c);
+            }
+        }
+        let mut homes = Vec::new();
+        for (c, home) in &new {
+            if let Some(h) = g.add_watch(handle, c, home.as_deref()) {
+                if !homes.contains(&h) {
+                    homes.push(h);
+                }
+            }
+        }
+        let list = rows
+            .iter()
+            .map(|r| {
+                let shown = if r.relation == Relation::Accepted {
+                    g.shown_of(&r.peer, r.peer_home.as_deref())
+                } else {
+                    Shown {
+                        state: PresenceState::Unknown,
+                        text: String::new(),
+                        since: 0,
+                    }
+                };
+                Contact {
+                    handle: r.peer.clone(),
+                    relation: r.relation,
+                    state: shown.state,
+                    text: shown.text,
+                    since: shown.since,
+                }
+            })
+            .collect();
+        Some((list, homes))
+    }
+
+    /// What `handle` shows to `asker`, if `asker` may see it (an accepted
+    /// contact).
+    pub fn presence_of(&self, asker: &str, handle: &str) -> Option<Shown> {
+        let g = self.lock();
+        let (_, home) = g.lists.get(asker)?.iter().find(|(c, _)| c == handle)?;
+        Some(g.shown_of(handle, home.as_deref()))
+    }
+
+    /// Does any of our online users watch someone on `home`?
+    pub fn wants_home(&self, home: &str) -> bool {
+        self.lock().remote.values().any(|r| r.home == home)
+    }
+
+    /// A link to `home` is up. Returns its id, its queue, and the first
+    /// frame to send (our subscriptions on that home), if any.
+    pub fn link_up(&self, home: &str) -> (u64, mpsc::UnboundedReceiver<String>, Option<String>) {
+        let mut g = self.lock();
+        let id = g.next_link;
+        g.next_link += 1;
+        let (tx, rx) = mpsc::unbounded_channel();
+        g.links.insert(
+            id,
+            PeerLink {
+                home: home.to_owned(),
+                tx,
+                subscribed: HashSet::new(),
+            },
+        );
+        let users: Vec<String> = g
+            .remote
+            .iter()
+            .filter(|(_, r)| r.home == home)
+            .map(|(h, _)| h.clone())
+            .collect();
+        let first = (!users.is_empty()).then(|| peer_frame(&PeerFrame::Subscribe { users }));
+        (id, rx, first)
+    }
+
+    /// Link `id` is down. If it was the last to its home, the users we
+    /// watch there become unknown until a link is back.
+    pub fn link_down(&self, reg: &Registry, id: u64) {
+        let mut g = self.lock();
+        let Some(l) = g.links.remove(&id) else {
+            return;
+        };
+        for u in &l.subscribed {
+            if let Some(s) = g.subs.get_mut(u) {
+                s.remove(&id);
+                if s.is_empty() {
+                    g.subs.remove(u);
+                }
+            }
+        }
+        if g.links_to(&l.home).next().is_some() {
+            return;
+        }
+        let lost: Vec<String> = g
+            .remote
+            .iter()
+            .filter(|(_, r)| r.home == l.home && r.shown.state != PresenceState::Unknown)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in lost {
+            let shown = Shown::unknown();
+            if let Some(r) = g.remote.get_mut(&h) {
+                r.shown = shown.clone();
+            }
+            g.fan_out(reg, &self.stats, &h, &shown);
+        }
+    }
+
+    /// Link `id` subscribed to `users` (already checked against the store):
+    /// record it and send what they show now.
+    pub fn subscribe(&self, id: u64, users: &[String]) {
+        let mut g = self.lock();
+        let mut frames = Vec::with_capacity(users.len());
+        for u in users {
+            let shown = g.shown_of(u, None);
+            frames.push(peer_presence_frame(u, &shown));
+            g.subs.entry(u.clone()).or_default().insert(id);
+        }
+        let Some(l) = g.links.get_mut(&id) else {
+            return;
+        };
+        l.subscribed.extend(users.iter().cloned());
+        for f in frames {
+            let _ = l.tx.send(f);
+            self.stats.to_peers.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn unsubscribe(&self, id: u64, users: &[String]) {
+        let mut g = self.lock();
+        for u in users {
+            if let Some(l) = g.links.get_mut(&id) {
+                l.subscribed.remove(u);
+            }
+            if let Some(s) = g.subs.get_mut(u) {
+                s.remove(&id);
+                if s.is_empty() {
+                    g.subs.remove(u);
+                }
+            }
+        }
+    }
+
+    /// Homes subscribed to our user `handle` (to re-check after their
+    /// contact list changed).
+    pub fn subscriber_homes(&self, handle: &str) -> Vec<String> {
+        let g = self.lock();
+        let mut homes: Vec<String> = g
+            .subs
+            .get(handle)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| g.links.get(id).map(|l| l.home.clone()))
+            .collect();
+        homes.sort();
+        homes.dedup();
+        homes
+    }
+
+    /// `home` may no longer see `handle`: drop its subscriptions and tell it
+    /// the user is unknown.
+    pub fn revoke(&self, handle: &str, home: &str) {
+        let mut g = self.lock();
+        let ids: Vec<u64> = g
+            .links
+            .iter()
+            .filter(|(_, l)| l.home == home)
+            .map(|(id, _)| *id)
+            .collect();
+        let frame = peer_presence_frame(handle, &Shown::unknown());
+        for id in ids {
+            if let Some(l) = g.links.get_mut(&id) {
+                if l.subscribed.remove(handle) {
+                    let _ = l.tx.send(frame.clone());
+                }
+            }
+            if let Some(s) = g.subs.get_mut(handle) {
+                s.remove(&id);
+            }
+        }
+    }
+
+    /// What link `id` (to the user's home) says about remote user `handle`.
+    pub fn remote_presence(&self, reg: &Registry, id: u64, handle: &str, shown: Shown) {
+        let mut g = self.lock();
+        let Some(home) = g.links.get(&id).map(|l| l.home.clone()) else {
+            return;
+        };
+        let Some(r) = g.remote.get_mut(handle) else {
+            return;
+        };
+        if r.home != home || r.shown.same_as(&shown) {
+            return;
+        }
+        r.shown = shown.clone();
+        g.fan_out(reg, &self.stats, handle, &shown);
+    }
+}
