@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use popupd_e2e::{Proc, TestDir, bin, have, skip, start_xvfb, two_people};
+use popupd_e2e::{Agent, Proc, TestDir, bin, have, skip, start_xvfb, two_people};
 use zbus::object_server::SignalEmitter;
 
 const T: Duration = Duration::from_secs(20);
@@ -70,6 +70,93 @@ async fn wait_file_contains(p: &Path, what: &str) -> String {
     }
 }
 
+/// dunst on `agent`'s private bus and `display`, with `extra` dunstrc lines
+/// in `[global]`; returns once it owns org.freedesktop.Notifications.
+async fn start_dunst(dir: &Path, display: &str, agent: &Agent, extra: &str) -> Proc {
+    let rc = dir.join("dunstrc");
+    std::fs::write(&rc, format!("[global]\n  font = Monospace 12\n  markup = full\n  width = 400\n  offset = 20x20\n{extra}[urgency_normal]\n  timeout = 0\n")).unwrap();
+    let mut dunst_cmd = vec![
+        "env".to_string(),
+        format!("DISPLAY={display}"),
+        format!("DBUS_SESSION_BUS_ADDRESS={}", agent.bus.address),
+    ];
+    dunst_cmd.extend(["dunst".into(), "-config".into(), rc.display().to_string()]);
+    let dunst = Proc::spawn(&dunst_cmd, &dir.join("dunst.log")).unwrap();
+    let dbus = zbus::fdo::DBusProxy::new(&agent.conn).await.unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while !dbus
+        .name_has_owner(zbus::names::BusName::try_from("org.freedesktop.Notifications").unwrap())
+        .await
+        .unwrap()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dunst never owned org.freedesktop.Notifications"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dunst
+}
+
+/// `dunstctl ARGS` against the dunst on `agent`'s bus.
+fn dunstctl(agent: &Agent, args: &[&str]) -> std::process::Output {
+    Command::new("dunstctl")
+        .args(args)
+        .env("DBUS_SESSION_BUS_ADDRESS", &agent.bus.address)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_request_pops_up_and_accept_in_it_works() {
+    const NAME: &str = "a_contact_request_pops_up_and_accept_in_it_works";
+    for tool in ["Xvfb", "dunst", "dunstctl"] {
+        if !have(tool) {
+            return skip(NAME, &format!("`{tool}` is not installed (apt install xvfb dunst)"));
+        }
+    }
+    let dir = TestDir::new("dunst-request");
+    let (_x, display) = start_xvfb(&dir.path, 180).await;
+    let pd = notify_plugin(&dir.path);
+    let (_net, alice, bob) = two_people(
+        &dir.path,
+        "",
+        &format!("  plugin_dirs: [{}]\n", pd.display()),
+    )
+    .await;
+    // dunst's context menu runs a dmenu-style picker: this one records the
+    // menu and picks Accept, as a person would.
+    let menu = dir.path.join("menu.txt");
+    let picker = dir.path.join("pick.sh");
+    std::fs::write(
+        &picker,
+        format!("#!/bin/sh\ntee {} | grep -m1 Accept\n", menu.display()),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&picker).status().unwrap();
+    let _dunst = start_dunst(&dir.path, &display, &bob, &format!("  dmenu = {}\n", picker.display())).await;
+
+    assert!(alice.popupctl(&["contacts", "add", "bob"]).status.success());
+    let deadline = std::time::Instant::now() + T;
+    while String::from_utf8_lossy(&dunstctl(&bob, &["count", "displayed"]).stdout).trim() != "1" {
+        assert!(std::time::Instant::now() < deadline, "the request never popped up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if have("import") {
+        let _ = screenshot(&display, "contact-request-dunst.png");
+    }
+    assert!(dunstctl(&bob, &["context"]).status.success());
+    // Accepted from the popup: both now see each other.
+    alice
+        .wait_for("bob's presence", T, |s| s.presence_of("bob") == Some(("online", "")))
+        .await
+        .unwrap();
+    let m = std::fs::read_to_string(&menu).unwrap_or_default();
+    assert!(m.contains("Accept") && m.contains("Decline"), "menu: {m}");
+    assert!(m.contains("Contact request"), "menu: {m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
     const NAME: &str = "dunst_shows_the_popup_and_a_click_marks_it_read";
@@ -92,16 +179,7 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
     )
     .await;
 
-    // dunst answers org.freedesktop.Notifications on bob's private bus.
-    let rc = dir.path.join("dunstrc");
-    std::fs::write(&rc, "[global]\n  font = Monospace 12\n  markup = full\n  width = 400\n  offset = 20x20\n[urgency_normal]\n  timeout = 0\n").unwrap();
-    let mut dunst_cmd = vec![
-        "env".to_string(),
-        format!("DISPLAY={display}"),
-        format!("DBUS_SESSION_BUS_ADDRESS={}", bob.bus.address),
-    ];
-    dunst_cmd.extend(["dunst".into(), "-config".into(), rc.display().to_string()]);
-    let _dunst = Proc::spawn(&dunst_cmd, &dir.path.join("dunst.log")).unwrap();
+    let _dunst = start_dunst(&dir.path, &display, &bob, "").await;
     let monitor_out = dir.path.join("monitor.txt");
     let _monitor = Proc::spawn(
         &[
@@ -116,21 +194,6 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
         &dir.path.join("monitor.log"),
     )
     .unwrap();
-    let dbus = zbus::fdo::DBusProxy::new(&bob.conn).await.unwrap();
-    let deadline = std::time::Instant::now() + T;
-    while !dbus
-        .name_has_owner(zbus::names::BusName::try_from("org.freedesktop.Notifications").unwrap())
-        .await
-        .unwrap()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "dunst never owned org.freedesktop.Notifications"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
     let id = alice
         .proxy()
         .await
@@ -160,13 +223,7 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
     );
 
     // It is on screen.
-    let dctl = |args: &[&str]| {
-        Command::new("dunstctl")
-            .args(args)
-            .env("DBUS_SESSION_BUS_ADDRESS", &bob.bus.address)
-            .output()
-            .unwrap()
-    };
+    let dctl = |args: &[&str]| dunstctl(&bob, args);
     let deadline = std::time::Instant::now() + T;
     while String::from_utf8_lossy(&dctl(&["count", "displayed"]).stdout).trim() != "1" {
         assert!(

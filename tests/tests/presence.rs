@@ -13,7 +13,10 @@
 use std::time::{Duration, Instant};
 
 use popupd::protocol::{AgentFrame, ErrorCode, HomeFrame};
-use popupd_e2e::{Agent, PRESENCE_GRACE_S, TestDir, raw_agent, two_people, wait_port};
+use popupd_e2e::{
+    Agent, Network, PRESENCE_GRACE_S, TestDir, have, raw_agent, skip, start_xvfb, two_people,
+    wait_port,
+};
 
 const T: Duration = Duration::from_secs(20);
 const GRACE: Duration = Duration::from_secs(PRESENCE_GRACE_S);
@@ -40,8 +43,14 @@ async fn wait_presence(agent: &Agent, handle: &str, state: &str, text: Option<&s
 }
 
 /// alice and bob on two homes, contacts of each other.
-async fn contacts(dir: &std::path::Path) -> (popupd_e2e::Network, Agent, Agent) {
+async fn contacts(dir: &std::path::Path) -> (Network, Agent, Agent) {
     let (net, alice, bob) = two_people(dir, "", "").await;
+    befriend(&alice, &bob).await;
+    (net, alice, bob)
+}
+
+/// alice asks bob, bob accepts; each then sees the other's presence.
+async fn befriend(alice: &Agent, bob: &Agent) {
     assert_eq!(ok(alice.popupctl(&["contacts", "add", "bob"])).trim(), "asked bob");
     bob.wait_for("alice's request", T, |s| s.requests.contains(&"alice".to_string()))
         .await
@@ -51,15 +60,21 @@ async fn contacts(dir: &std::path::Path) -> (popupd_e2e::Network, Agent, Agent) 
     let table = ok(alice.popupctl(&["contacts"]));
     assert!(table.contains("bob") && table.contains("request sent"), "{table}");
     ok(bob.popupctl(&["contacts", "accept", "alice"]));
-    wait_presence(&alice, "bob", "online", None, T).await;
-    wait_presence(&bob, "alice", "online", None, T).await;
-    (net, alice, bob)
+    alice
+        .wait_for("bob's presence", T, |s| s.presence_of("bob").is_some())
+        .await
+        .unwrap();
+    bob.wait_for("alice's presence", T, |s| s.presence_of("alice").is_some())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contacts_see_each_others_presence_across_homes() {
     let dir = TestDir::new("presence");
     let (_net, alice, mut bob) = contacts(&dir.path).await;
+    wait_presence(&alice, "bob", "online", None, T).await;
+    wait_presence(&bob, "alice", "online", None, T).await;
     let table = ok(alice.popupctl(&["contacts"]));
     let row = table.lines().find(|l| l.starts_with("bob")).unwrap_or_default();
     assert!(row.contains("online"), "{table}");
@@ -206,6 +221,7 @@ async fn strangers_see_nothing_and_the_blocked_cannot_tell_who_exists() {
 async fn presence_recovers_after_the_link_between_homes_drops() {
     let dir = TestDir::new("presence-link");
     let (mut net, alice, bob) = contacts(&dir.path).await;
+    wait_presence(&alice, "bob", "online", None, T).await;
     let connected_before = alice.seen.lock().unwrap().connection.len();
 
     net.homes[1].stop();
@@ -222,4 +238,67 @@ async fn presence_recovers_after_the_link_between_homes_drops() {
         connected_before,
         "alice's agent reconnected"
     );
+}
+
+/// Moves the pointer on `display`: input, as far as the X server knows.
+fn touch(display: &str, x: u32) {
+    let st = std::process::Command::new("xdotool")
+        .args(["mousemove", &x.to_string(), "100"])
+        .env("DISPLAY", display)
+        .status()
+        .unwrap();
+    assert!(st.success(), "xdotool failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_desktop_turns_away_and_input_brings_it_back() {
+    const NAME: &str = "idle_desktop_turns_away_and_input_brings_it_back";
+    for tool in ["Xvfb", "xdotool"] {
+        if !have(tool) {
+            return skip(NAME, &format!("`{tool}` is not installed (apt install xvfb xdotool)"));
+        }
+    }
+    let dir = TestDir::new("auto-away");
+    // The idle time comes from the X server's screen saver extension, as in
+    // any X11 session.
+    let (_x, display) = start_xvfb(&dir.path, 120).await;
+    touch(&display, 10);
+    let net = Network::start(&dir.path).await.unwrap();
+    let a = net.add_user(0, "alice").unwrap();
+    let b = net.add_user(1, "bob").unwrap();
+    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
+    let env = format!("DISPLAY={display}");
+    let bob = Agent::start(
+        &dir.path,
+        "bob",
+        &b,
+        "  away_after: 2s\n  idle_source: x11\n",
+        &["env", &env],
+    )
+    .await
+    .unwrap();
+    alice.wait_connected(true, T).await.unwrap();
+    bob.wait_connected(true, T).await.unwrap();
+    befriend(&alice, &bob).await;
+
+    // Nobody touches bob's desktop: away, for him and for alice.
+    wait_presence(&alice, "bob", "away", None, T).await;
+    assert_eq!(ok(bob.popupctl(&["presence"])).trim(), "away");
+    assert!(bob.proc.log_text().contains("source=\"x11\"") || bob.proc.log_text().contains("source=x11"),
+        "bob's agent did not use the X11 idle source");
+
+    // Input: back online within the poll interval.
+    touch(&display, 200);
+    wait_presence(&alice, "bob", "online", None, Duration::from_secs(6)).await;
+
+    // A state set by hand is not overridden by idleness or input.
+    ok(bob.popupctl(&["presence", "busy"]));
+    wait_presence(&alice, "bob", "busy", None, T).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    touch(&display, 300);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(alice.seen.lock().unwrap().presence_of("bob"), Some(("busy", "")));
+    // `online` returns to automatic.
+    ok(bob.popupctl(&["presence", "online"]));
+    wait_presence(&alice, "bob", "away", None, T).await;
 }

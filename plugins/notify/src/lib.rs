@@ -14,6 +14,8 @@
 //!   `POPUPD_FROM` and `POPUPD_TEXT` set), if configured.
 //! - A burst from one sender updates one popup (`replaces_id`) instead of
 //!   stacking dozens.
+//! - A contact request pops up too, with **Accept** and **Decline**; the
+//!   answer goes to the agent's `AnswerContactRequest` on D-Bus.
 //! - With no notification server on the bus it logs once and keeps going.
 //!
 //! ```yaml
@@ -103,6 +105,9 @@ enum Work {
         text: String,
         priority: String,
     },
+    ContactRequest {
+        from: String,
+    },
     Config(Config),
 }
 
@@ -127,21 +132,23 @@ impl Plugin for Notify {
     }
 
     fn on_event(&mut self, event: &Event) -> Result<(), String> {
-        if let Event::MessageReceived {
-            id,
-            from,
-            text,
-            priority,
-            ..
-        } = event
-        {
-            let _ = self.tx.send(Work::Message {
+        let work = match event {
+            Event::MessageReceived {
+                id,
+                from,
+                text,
+                priority,
+                ..
+            } => Work::Message {
                 id: id.clone(),
                 from: from.clone(),
                 text: text.clone(),
                 priority: priority.clone(),
-            });
-        }
+            },
+            Event::ContactRequest { from } => Work::ContactRequest { from: from.clone() },
+            _ => return Ok(()),
+        };
+        let _ = self.tx.send(work);
         Ok(())
     }
 
@@ -196,12 +203,27 @@ async fn run(host: Host, mut cfg: Config, mut rx: mpsc::UnboundedReceiver<Work>)
         return;
     };
     let mut open: HashMap<u32, Popup> = HashMap::new();
+    // Contact requests on screen: notification id → who asks.
+    let mut requests: HashMap<u32, String> = HashMap::new();
     let mut warned = false;
     loop {
         tokio::select! {
             w = rx.recv() => match w {
                 None => return,
                 Some(Work::Config(c)) => cfg = c,
+                Some(Work::ContactRequest { from }) => {
+                    let body = format!("{from} asks to be your contact: you would see each other's presence.");
+                    let acts = ["accept", "Accept", "decline", "Decline"];
+                    let hints = HashMap::from([
+                        ("category", Variant::from("presence")),
+                        ("desktop-entry", Variant::from(cfg.desktop_entry.as_str())),
+                        ("urgency", Variant::from(1u8)),
+                    ]);
+                    match proxy.notify("popupd", 0, &cfg.app_icon, "Contact request", &body, &acts, hints, 0).await {
+                        Ok(n) => { requests.insert(n, from); }
+                        Err(e) => host.warn(&format!("cannot show {from}'s contact request ({e}); answer with `popupctl contacts accept|decline {from}`")),
+                    }
+                }
                 Some(Work::Message { id, from, text, priority }) => {
                     let caps = proxy.get_capabilities().await.unwrap_or_default();
                     let markup = caps.iter().any(|c| c == "body-markup");
@@ -242,6 +264,19 @@ async fn run(host: Host, mut cfg: Config, mut rx: mpsc::UnboundedReceiver<Work>)
             },
             Some(s) = actions.next() => {
                 let Ok(a) = s.args() else { continue };
+                if let Some(from) = requests.get(&a.id) {
+                    let accept = match a.action_key {
+                        "accept" => true,
+                        "decline" => false,
+                        _ => continue,
+                    };
+                    if let Err(e) = answer_request(&conn, from, accept).await {
+                        host.warn(&format!("answering {from}'s contact request: {e}"));
+                    }
+                    let _ = proxy.close_notification(a.id).await;
+                    requests.remove(&a.id);
+                    continue;
+                }
                 let Some(p) = open.get(&a.id) else { continue };
                 match a.action_key {
                     "default" | "read" => {
@@ -292,10 +327,25 @@ async fn run(host: Host, mut cfg: Config, mut rx: mpsc::UnboundedReceiver<Work>)
             Some(s) = closed.next() => {
                 if let Ok(a) = s.args() {
                     open.remove(&a.id);
+                    requests.remove(&a.id);
                 }
             }
         }
     }
+}
+
+/// Answers a contact request through the agent's D-Bus interface (the
+/// plugin host API has no call for it; D-Bus is the agent's public face).
+async fn answer_request(conn: &zbus::Connection, from: &str, accept: bool) -> zbus::Result<()> {
+    conn.call_method(
+        Some("org.popupd.Agent1"),
+        "/org/popupd/Agent1",
+        Some("org.popupd.Agent1"),
+        "AnswerContactRequest",
+        &(from, accept),
+    )
+    .await
+    .map(|_| ())
 }
 
 #[cfg(test)]
