@@ -14,9 +14,9 @@ arch=$(dpkg --print-architecture)
 if [ -n "${SKIP_BUILD:-}" ]; then
   : # the caller built target/$profile already
 elif [ "$profile" = release ]; then
-  cargo build --release --locked -p popupd -p popupd-ipc -p popupd-notify -p popupd-exec
+  cargo build --release --locked -p popupd -p popupd-ipc -p popupd-notify -p popupd-exec -p popupd-autoreply
 else
-  cargo build --locked -p popupd -p popupd-ipc -p popupd-notify -p popupd-exec
+  cargo build --locked -p popupd -p popupd-ipc -p popupd-notify -p popupd-exec -p popupd-autoreply
 fi
 bin=target/$profile
 stage=target/debian/popupd_${version}_${arch}
@@ -30,6 +30,7 @@ strip --strip-unneeded "$stage/usr/bin/popupd" "$stage/usr/bin/popupctl"
 d usr/lib/popupd/plugins
 f "$bin/libpopupd_notify.so" usr/lib/popupd/plugins/notify.so
 f "$bin/libpopupd_exec.so" usr/lib/popupd/plugins/exec.so
+f "$bin/libpopupd_autoreply.so" usr/lib/popupd/plugins/autoreply.so
 strip --strip-unneeded "$stage/usr/lib/popupd/plugins/"*.so
 f packaging/systemd/popupd@.service lib/systemd/system/popupd@.service
 f packaging/systemd/popupd-agent.service usr/lib/systemd/user/popupd-agent.service

@@ -197,3 +197,60 @@ async fn a_plugin_that_kills_the_agent_is_skipped_on_restart() {
         "skipped this run"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoreply_answers_each_sender_once_while_away() {
+    let dir = TestDir::new("autoreply");
+    let pd = plugin_dir(&dir.path, &["libpopupd_autoreply.so"]);
+    let extra = format!(
+        "  plugin_dirs: [{}]\n  plugins:\n    autoreply: {{ text: \"out to lunch\", period: 1h }}\n",
+        pd.display()
+    );
+    let (_net, alice, bob) = two_people(&dir.path, "", &extra).await;
+    let p = alice.proxy().await.unwrap();
+    let autoreplies = |a: &Agent| {
+        a.seen
+            .lock()
+            .unwrap()
+            .received
+            .iter()
+            .filter(|r| r.1 == "bob" && r.2 == "out to lunch")
+            .count()
+    };
+
+    // Online: no answer.
+    p.send("bob", "are you there?").await.unwrap();
+    bob.wait_for("the first message", T, |s| s.received.len() == 1)
+        .await
+        .unwrap();
+
+    // Away: one answer, as a reply, however many messages arrive.
+    let mut arrivals = p.receive_message_received().await.unwrap();
+    let st = bob.popupctl(&["presence", "away"]);
+    assert!(st.status.success());
+    let first = p.send("bob", "hello?").await.unwrap();
+    p.send("bob", "hello??").await.unwrap();
+    bob.wait_for("three messages", T, |s| s.received.len() == 3)
+        .await
+        .unwrap();
+    alice
+        .wait_for("the autoreply", T, |s| s.received.iter().any(|r| r.2 == "out to lunch"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(autoreplies(&alice), 1, "one answer per sender per period");
+    use futures_util::StreamExt;
+    let sig = arrivals.next().await.unwrap();
+    let a = sig.args().unwrap();
+    assert_eq!((a.from, a.text), ("bob", "out to lunch"));
+    assert_eq!(a.reply_to, first, "the answer replies to the first message");
+
+    // Back online: no more answers.
+    assert!(bob.popupctl(&["presence", "online"]).status.success());
+    p.send("bob", "lunch over?").await.unwrap();
+    bob.wait_for("four messages", T, |s| s.received.len() == 4)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(autoreplies(&alice), 1, "answered while online");
+}
