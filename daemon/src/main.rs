@@ -48,6 +48,9 @@ enum Cmd {
     /// Manage the devices of an account.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Manage contact lists (bulk provisioning).
+    #[command(subcommand)]
+    Contact(ContactCmd),
     /// Bring up a whole network on loopback (CA, global, two homes, agents
     /// for alice and bob) and print what to type to use it.
     Demo {
@@ -161,6 +164,19 @@ enum DeviceCmd {
     Revoke {
         handle: String,
         device: String,
+        #[command(flatten)]
+        home: HomeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContactCmd {
+    /// Make pairs accepted contacts without a request, from FILE (`-` for
+    /// stdin): one `OWNER PEER [PEER_HOME]` per line, OWNER a user of this
+    /// home. Both sides of a pair on this home are linked at once; for a
+    /// PEER on another home, give its home and run the reverse lines there.
+    Import {
+        file: PathBuf,
         #[command(flatten)]
         home: HomeArgs,
     },
@@ -288,6 +304,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let h = admin::select_home(&cfg, home.home.as_deref())?;
             admin::revoke_device(h, &handle, &device)?;
             println!("revoked device {device} of {handle}");
+            Ok(())
+        }
+        Cmd::Contact(ContactCmd::Import { file, home }) => {
+            let cfg = Config::load(&home.config)?;
+            let h = admin::select_home(&cfg, home.home.as_deref())?;
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let t = std::time::Instant::now();
+            let n = admin::import_contacts(h, &text)?;
+            eprintln!(
+                "linked {n} contact pairs on {} in {:.1} s",
+                h.name,
+                t.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Cmd::Demo { dir } => demo::run(dir).await,

@@ -13,7 +13,7 @@ use super::directory::{DirError, ask_many, ask_once};
 use crate::config::{Config, HomeConfig};
 use crate::protocol::{ErrorCode, valid_handle};
 use crate::storage::home::{HomeStore, SqliteHome, UserInfo};
-use crate::storage::{Batchable, new_secret, secret_hash};
+use crate::storage::{Batchable, StoreError, new_secret, secret_hash};
 
 /// Picks the home a command is about.
 pub fn select_home<'a>(cfg: &'a Config, name: Option<&str>) -> anyhow::Result<&'a HomeConfig> {
@@ -154,6 +154,35 @@ pub async fn add_many(
         Ok(())
     })?;
     Ok(creds)
+}
+
+/// Links contact pairs from `OWNER PEER [PEER_HOME]` lines in one
+/// transaction; returns how many. A line that names no user of this home,
+/// or is malformed, stops the import with its line number.
+pub fn import_contacts(home: &HomeConfig, text: &str) -> anyhow::Result<usize> {
+    let mut pairs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let ok = matches!(f.len(), 2 | 3) && valid_handle(f[0]) && valid_handle(f[1]) && f[0] != f[1];
+        if !ok {
+            bail!("line {}: expected `OWNER PEER [PEER_HOME]` with two different handles, got {line:?}", i + 1);
+        }
+        let peer_home = f.get(2).filter(|h| **h != home.name).map(|h| h.to_string());
+        pairs.push((i + 1, f[0].to_owned(), f[1].to_owned(), peer_home));
+    }
+    let mut s = open(home)?;
+    tx(&mut s, |s| {
+        for (line, owner, peer, peer_home) in &pairs {
+            s.link_contacts(owner, peer, peer_home.as_deref())
+                .map_err(|e| StoreError::NotFound(format!("line {line}: {e}")))?;
+        }
+        Ok(())
+    })?;
+    Ok(pairs.len())
 }
 
 /// Adds another device to an existing user.

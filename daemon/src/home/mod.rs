@@ -114,6 +114,7 @@ pub async fn send_contacts(home: &Arc<Home>, handle: &str) {
 
 /// Tells systemd (when run by it) what the home is doing, every few seconds.
 async fn report_status(home: Arc<Home>) {
+    let mut last = (0, 0, 0);
     loop {
         let (users, devices) = home.registry.online();
         let st = &home.hub.stats;
@@ -126,6 +127,20 @@ async fn report_status(home: Arc<Home>) {
             st.to_peers.load(std::sync::atomic::Ordering::Relaxed),
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+        let counters = (
+            st.changes.load(std::sync::atomic::Ordering::Relaxed),
+            st.to_agents.load(std::sync::atomic::Ordering::Relaxed),
+            st.to_peers.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        if counters != last {
+            last = counters;
+            tracing::debug!(
+                presence_changes = counters.0,
+                presence_to_agents = counters.1,
+                presence_to_peers = counters.2,
+                "presence counters"
+            );
+        }
         if crate::task::sleep_or_shutdown(std::time::Duration::from_secs(5), &home.shutdown).await {
             return;
         }

@@ -11,7 +11,9 @@
 //! - the remote users we watch, with what their home last said, and the
 //!   peer links that carry it. One subscription per remote user per home,
 //!   however many of our users watch them;
-//! - which of our users each peer link subscribed to.
+//! - which homes subscribed to each of our users. A subscription belongs to
+//!   a home, not a link: if two links to a home are up at once (both homes
+//!   dialed), each change still goes down only one of them.
 //!
 //! **Architecture Invariant:** presence leaves this home only for users who
 //! accepted someone on the receiving side: a local watcher must hold the
@@ -87,8 +89,6 @@ struct Remote {
 struct PeerLink {
     home: String,
     tx: mpsc::UnboundedSender<String>,
-    /// Our users this link subscribed to.
-    subscribed: HashSet<String>,
 }
 
 #[derive(Default)]
@@ -101,8 +101,8 @@ struct Inner {
     /// Remote users we watch.
     remote: HashMap<String, Remote>,
     links: HashMap<u64, PeerLink>,
-    /// Our user → peer links subscribed to them.
-    subs: HashMap<String, HashSet<u64>>,
+    /// Our user → homes subscribed to them.
+    subs: HashMap<String, HashSet<String>>,
     next_link: u64,
 }
 
@@ -194,10 +194,10 @@ impl Inner {
         let shown = u.shown.clone();
         stats.changes.fetch_add(1, Ordering::Relaxed);
         self.fan_out(reg, stats, handle, &shown);
-        if let Some(ids) = self.subs.get(handle) {
+        if let Some(homes) = self.subs.get(handle) {
             let frame = peer_presence_frame(handle, &shown);
-            for id in ids {
-                if let Some(l) = self.links.get(id) {
+            for h in homes {
+                if let Some(l) = self.links_to(h).next() {
                     let _ = l.tx.send(frame.clone());
                     stats.to_peers.fetch_add(1, Ordering::Relaxed);
                 }
@@ -436,7 +436,6 @@ impl Hub {
             PeerLink {
                 home: home.to_owned(),
                 tx,
-                subscribed: HashSet::new(),
             },
         );
         let users: Vec<String> = g
@@ -456,17 +455,15 @@ impl Hub {
         let Some(l) = g.links.remove(&id) else {
             return;
         };
-        for u in &l.subscribed {
-            if let Some(s) = g.subs.get_mut(u) {
-                s.remove(&id);
-                if s.is_empty() {
-                    g.subs.remove(u);
-                }
-            }
-        }
         if g.links_to(&l.home).next().is_some() {
             return;
         }
+        // No link to that home left: its subscriptions end (it subscribes
+        // afresh on the next link), and what we watch there is unknown.
+        g.subs.retain(|_, homes| {
+            homes.remove(&l.home);
+            !homes.is_empty()
+        });
         let lost: Vec<String> = g
             .remote
             .iter()
@@ -482,34 +479,35 @@ impl Hub {
         }
     }
 
-    /// Link `id` subscribed to `users` (already checked against the store):
-    /// record it and send what they show now.
+    /// The home of link `id` subscribed to `users` (already checked against
+    /// the store): record it and send, on that link, what they show now.
     pub fn subscribe(&self, id: u64, users: &[String]) {
         let mut g = self.lock();
+        let Some(home) = g.links.get(&id).map(|l| l.home.clone()) else {
+            return;
+        };
         let mut frames = Vec::with_capacity(users.len());
         for u in users {
             let shown = g.shown_of(u, None);
             frames.push(peer_presence_frame(u, &shown));
-            g.subs.entry(u.clone()).or_default().insert(id);
+            g.subs.entry(u.clone()).or_default().insert(home.clone());
         }
-        let Some(l) = g.links.get_mut(&id) else {
-            return;
-        };
-        l.subscribed.extend(users.iter().cloned());
-        for f in frames {
-            let _ = l.tx.send(f);
-            self.stats.to_peers.fetch_add(1, Ordering::Relaxed);
+        if let Some(l) = g.links.get(&id) {
+            for f in frames {
+                let _ = l.tx.send(f);
+                self.stats.to_peers.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
     pub fn unsubscribe(&self, id: u64, users: &[String]) {
         let mut g = self.lock();
+        let Some(home) = g.links.get(&id).map(|l| l.home.clone()) else {
+            return;
+        };
         for u in users {
-            if let Some(l) = g.links.get_mut(&id) {
-                l.subscribed.remove(u);
-            }
             if let Some(s) = g.subs.get_mut(u) {
-                s.remove(&id);
+                s.remove(&home);
                 if s.is_empty() {
                     g.subs.remove(u);
                 }
@@ -521,38 +519,28 @@ impl Hub {
     /// contact list changed).
     pub fn subscriber_homes(&self, handle: &str) -> Vec<String> {
         let g = self.lock();
-        let mut homes: Vec<String> = g
-            .subs
+        g.subs
             .get(handle)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| g.links.get(id).map(|l| l.home.clone()))
-            .collect();
-        homes.sort();
-        homes.dedup();
-        homes
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// `home` may no longer see `handle`: drop its subscriptions and tell it
     /// the user is unknown.
     pub fn revoke(&self, handle: &str, home: &str) {
         let mut g = self.lock();
-        let ids: Vec<u64> = g
-            .links
-            .iter()
-            .filter(|(_, l)| l.home == home)
-            .map(|(id, _)| *id)
-            .collect();
+        let Some(s) = g.subs.get_mut(handle) else {
+            return;
+        };
+        if !s.remove(home) {
+            return;
+        }
+        if s.is_empty() {
+            g.subs.remove(handle);
+        }
         let frame = peer_presence_frame(handle, &Shown::unknown());
-        for id in ids {
-            if let Some(l) = g.links.get_mut(&id) {
-                if l.subscribed.remove(handle) {
-                    let _ = l.tx.send(frame.clone());
-                }
-            }
-            if let Some(s) = g.subs.get_mut(handle) {
-                s.remove(&id);
-            }
+        if let Some(l) = g.links_to(home).next() {
+            let _ = l.tx.send(frame);
         }
     }
 
@@ -565,7 +553,10 @@ impl Hub {
         let Some(r) = g.remote.get_mut(handle) else {
             return;
         };
-        if r.home != home || r.shown.same_as(&shown) {
+        // Two links to one home may briefly both carry changes: an older
+        // one arriving late must not undo a newer one.
+        let stale = r.shown.state != PresenceState::Unknown && shown.since < r.shown.since;
+        if r.home != home || r.shown.same_as(&shown) || stale {
             return;
         }
         r.shown = shown.clone();

@@ -10,6 +10,12 @@
 //! 2. `latency`: two real agents with private D-Bus buses; `Send` over D-Bus
 //!    at a fixed rate, timed to the recipient agent's `MessageReceived`.
 //!
+//! 3. `agent`: one real agent with its plugins: memory, and time to popup.
+//! 4. `idle`: idle back connections on one home (memory, login rate, CPU).
+//! 5. `presence`: users over two homes, all contacts online, presence
+//!    changes at a fixed rate: latency to every watcher, server-to-server
+//!    frames and CPU per change.
+//!
 //! Every phase is bounded in count and time and stops by itself. Build
 //! with `--release`: `cargo build --release --workspace && target/release/popupd-bench`.
 
@@ -23,6 +29,8 @@ use popupd::net::{self, Dial, Recv, tls};
 use popupd::protocol::{AGENT_PATH, AgentFrame, Event, HomeFrame, PROTOCOL_VERSION, new_id};
 use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir};
 
+mod presence;
+
 struct Args {
     /// Recipients on the senders' home instead of the other one.
     one_home: bool,
@@ -32,7 +40,12 @@ struct Args {
     recipients: usize,
     messages: usize,
     rate: u64,
+    /// `--rate` was given (presence defaults to 1000 changes/s otherwise).
+    rate_set: bool,
     seconds: u64,
+    /// Presence: users over both homes, and contacts each.
+    users: usize,
+    contacts: usize,
     only: Option<String>,
 }
 
@@ -44,7 +57,10 @@ fn parse_args() -> anyhow::Result<Args> {
         recipients: 10,
         messages: 50_000,
         rate: 100,
+        rate_set: false,
         seconds: 10,
+        users: 10_000,
+        contacts: 50,
         only: None,
     };
     let mut it = std::env::args().skip(1);
@@ -54,7 +70,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--senders" => a.senders = v()?.parse()?,
             "--recipients" => a.recipients = v()?.parse()?,
             "--messages" => a.messages = v()?.parse()?,
-            "--rate" => a.rate = v()?.parse()?,
+            "--rate" => {
+                a.rate = v()?.parse()?;
+                a.rate_set = true;
+            }
             "--seconds" => a.seconds = v()?.parse()?,
             "--one-home" => a.one_home = true,
             "--connections" => {
@@ -63,11 +82,15 @@ fn parse_args() -> anyhow::Result<Args> {
                     .map(|x| x.trim().parse())
                     .collect::<Result<_, _>>()?;
             }
-            "throughput" | "latency" | "agent" | "idle" => a.only = Some(k),
+            "--users" => a.users = v()?.parse()?,
+            "--contacts" => a.contacts = v()?.parse()?,
+            "throughput" | "latency" | "agent" | "idle" | "presence" => a.only = Some(k),
             "-h" | "--help" => {
                 println!(
-                    "popupd-bench [throughput|latency|agent|idle] [--connections 1000,5000,18500] [--senders N] [--recipients N] [--messages N] [--rate MSG_PER_S] [--seconds S]\n\
-                     Defaults: 10 senders on home A, 10 recipients on home B, 50000 messages; latency at 100 msg/s for 10 s."
+                    "popupd-bench [throughput|latency|agent|idle|presence] [--connections 1000,5000,18500] [--senders N] [--recipients N] [--messages N] [--rate PER_S] [--seconds S] [--users N] [--contacts N]\n\
+                     Defaults: 10 senders on home A, 10 recipients on home B, 50000 messages; latency at 100 msg/s for 10 s;\n\
+                     presence: 10000 users over two homes, 50 contacts each (half on the other home), 1000 changes/s for 10 s.\n\
+                     Without a scenario: throughput, latency and agent."
                 );
                 std::process::exit(0);
             }
@@ -77,7 +100,7 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -85,7 +108,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
@@ -347,6 +370,9 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("worker") {
         return worker().await;
     }
+    if std::env::args().nth(1).as_deref() == Some("presence-worker") {
+        return presence::worker().await;
+    }
     let a = parse_args()?;
     println!(
         "popupd-bench on {} cores, commit {}",
@@ -370,6 +396,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if a.only.as_deref() == Some("idle") {
         idle(&a).await?;
+    }
+    if a.only.as_deref() == Some("presence") {
+        presence::run(&a).await?;
     }
     Ok(())
 }
@@ -437,7 +466,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS")
 }
 
@@ -513,7 +542,7 @@ async fn agent_cost() -> anyhow::Result<()> {
 
 /// Most connections one load-generator process holds (the open-file limit
 /// here is 20,000 per process).
-const PER_WORKER: usize = 9000;
+pub(crate) const PER_WORKER: usize = 9000;
 
 /// `popupd-bench worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP`: holds
 /// COUNT authenticated back connections (lines FIRST.. of CREDS), pinging
