@@ -206,6 +206,7 @@ async fn network(dir: &Path, exe: &Path, popupctl: &Path, procs: &mut Procs) -> 
          In a third, be alice and send:\n  DBUS_SESSION_BUS_ADDRESS='{alice_bus}' {ctl} send bob \"lunch?\"\n\n\
          bob replies to the last message alice sent him (its id is in his watch):\n  {bob_env_cmd}{ctl} reply ID \"12:30?\"\n\n\
          alice sees it and the status of her message:\n  DBUS_SESSION_BUS_ADDRESS='{alice_bus}' {ctl} history bob\n\n\
+         Presence: alice asks bob to be a contact, bob accepts, and each sees the other:\n  DBUS_SESSION_BUS_ADDRESS='{alice_bus}' {ctl} contacts add bob\n  {bob_env_cmd}{ctl} contacts accept alice\n  {bob_env_cmd}{ctl} presence busy \"in a meeting\"\n  DBUS_SESSION_BUS_ADDRESS='{alice_bus}' {ctl} contacts\n\n\
          Or straight over D-Bus:\n  DBUS_SESSION_BUS_ADDRESS='{alice_bus}' busctl --user call {n} {p} {n} Send ss bob hi\n\n\
          Press Ctrl-C to stop everything.",
         dir = dir.display(),

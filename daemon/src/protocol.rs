@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol. Carried in every `Hello`; a peer speaking
 /// another version is refused with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame any side accepts, in bytes. Larger frames are refused with
 /// [`ErrorCode::TooLarge`] and the connection is closed. Room for a

@@ -563,3 +563,94 @@ impl Hub {
         g.fan_out(reg, &self.stats, handle, &shown);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(state: PresenceState, text: &str) -> PresenceReport {
+        PresenceReport {
+            state,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn the_most_available_device_wins() {
+        let (hub, reg) = (Hub::default(), Registry::default());
+        hub.device_up(&reg, "bob", "laptop", 1, report(PresenceState::Away, "gone"));
+        hub.device_up(&reg, "bob", "desk", 2, report(PresenceState::Busy, "meeting"));
+        let rows = vec![ContactRow {
+            peer: "bob".into(),
+            relation: Relation::Accepted,
+            peer_home: None,
+        }];
+        hub.device_up(&reg, "alice", "desk", 3, report(PresenceState::Online, ""));
+        hub.watch("alice", &rows).unwrap();
+        let s = hub.presence_of("alice", "bob").unwrap();
+        assert_eq!((s.state, s.text.as_str()), (PresenceState::Busy, "meeting"));
+        // The busy device drops: it still counts until the grace ends.
+        hub.device_down("bob", "desk", 2);
+        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Busy);
+        hub.expire(&reg, "bob", "desk");
+        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Away);
+        hub.device_down("bob", "laptop", 1);
+        hub.expire(&reg, "bob", "laptop");
+        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Offline);
+        // Strangers see nothing.
+        assert!(hub.presence_of("carol", "bob").is_none());
+    }
+
+    #[test]
+    fn a_remote_contact_is_unknown_while_no_link_and_correct_after() {
+        let (hub, reg) = (Hub::default(), Registry::default());
+        hub.device_up(&reg, "alice", "desk", 1, report(PresenceState::Online, ""));
+        let rows = vec![ContactRow {
+            peer: "bob".into(),
+            relation: Relation::Accepted,
+            peer_home: Some("home-b".into()),
+        }];
+        let (_, homes) = hub.watch("alice", &rows).unwrap();
+        assert_eq!(homes, ["home-b"], "no link yet: dial one");
+        let (id, mut rx, first) = hub.link_up("home-b");
+        assert!(first.unwrap().contains("\"subscribe\""));
+        let online_long_ago = Shown {
+            state: PresenceState::Online,
+            text: String::new(),
+            since: 1,
+        };
+        hub.remote_presence(&reg, id, "bob", online_long_ago.clone());
+        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Online);
+        hub.link_down(&reg, id);
+        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Unknown);
+        // A new link's snapshot is older than the "unknown" it replaces,
+        // and still counts.
+        let (id, _rx2, _) = hub.link_up("home-b");
+        hub.remote_presence(&reg, id, "bob", online_long_ago);
+        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Online);
+        // A stale change (older than what is shown) does not undo it.
+        hub.remote_presence(&reg, id, "bob", Shown { state: PresenceState::Away, text: String::new(), since: 0 });
+        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Online);
+        drop(rx.try_recv());
+    }
+
+    #[test]
+    fn one_subscription_per_home_however_many_links() {
+        let (hub, reg) = (Hub::default(), Registry::default());
+        hub.device_up(&reg, "bob", "desk", 1, report(PresenceState::Online, ""));
+        let (l1, mut rx1, _) = hub.link_up("home-a");
+        let (l2, mut rx2, _) = hub.link_up("home-a");
+        hub.subscribe(l1, &["bob".into()]);
+        hub.subscribe(l2, &["bob".into()]);
+        while rx1.try_recv().is_ok() {}
+        while rx2.try_recv().is_ok() {}
+        hub.device_set(&reg, "bob", "desk", 1, report(PresenceState::Away, ""));
+        let n = std::iter::from_fn(|| rx1.try_recv().ok()).count()
+            + std::iter::from_fn(|| rx2.try_recv().ok()).count();
+        assert_eq!(n, 1, "one push per change per home");
+        // One link goes: the other still carries the subscription.
+        hub.link_down(&reg, l1);
+        hub.device_set(&reg, "bob", "desk", 1, report(PresenceState::Online, ""));
+        assert_eq!(std::iter::from_fn(|| rx2.try_recv().ok()).count(), 1);
+    }
+}

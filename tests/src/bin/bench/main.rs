@@ -476,11 +476,15 @@ async fn agent_cost() -> anyhow::Result<()> {
     let dir = TestDir::new("bench-agent");
     let pd = dir.path.join("plugins");
     std::fs::create_dir_all(&pd)?;
-    for lib in ["libpopupd_notify.so", "libpopupd_exec.so"] {
+    for lib in [
+        "libpopupd_notify.so",
+        "libpopupd_exec.so",
+        "libpopupd_autoreply.so",
+    ] {
         std::fs::copy(popupd_e2e::bin(lib), pd.join(lib))?;
     }
     let extra = format!(
-        "  plugin_dirs: [{}]\n  plugins:\n    exec: {{ rules: [ {{ from: nobody, command: [\"true\"] }} ] }}\n",
+        "  plugin_dirs: [{}]\n  plugins:\n    exec: {{ rules: [ {{ from: nobody, command: [\"true\"] }} ] }}\n    autoreply: {{ text: \"away\" }}\n",
         pd.display()
     );
     let (_net, alice, bob) = popupd_e2e::two_people(&dir.path, "", &extra).await;
@@ -518,7 +522,7 @@ async fn agent_cost() -> anyhow::Result<()> {
         .collect();
     l.sort();
     let busy = rss_kib(pid);
-    println!("\n## agent: one agent with the notify and exec plugins loaded");
+    println!("\n## agent: one agent with the notify, exec and autoreply plugins loaded");
     println!("| figure | value |\n|---|---|");
     println!(
         "| resident memory, idle 10 s after connecting | {:.1} MiB ({:.1} MiB anonymous, {:.1} MiB file-backed: mapped code) |",
