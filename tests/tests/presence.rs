@@ -123,6 +123,21 @@ async fn contacts_see_each_others_presence_across_homes() {
         "offline after {:?}, grace is {GRACE:?}",
         seen_at.duration_since(stopped)
     );
+
+    // Writing to a contact who is offline: `Send` returns at once, the
+    // message waits (queued, then accepted), it does not fail.
+    let p = alice.proxy().await.unwrap();
+    let t = Instant::now();
+    let id = p.send("bob", "still there?").await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "Send took {:?}", t.elapsed());
+    let status = p.message(&id).await.unwrap().status;
+    assert!(["queued", "accepted"].contains(&status.as_str()), "{status}");
+    alice
+        .wait_for("accepted", T, |s| s.status.get(&id).is_some_and(|v| v.contains(&"accepted".into())))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(p.message(&id).await.unwrap().status, "accepted", "bob is offline");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

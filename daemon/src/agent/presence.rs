@@ -194,10 +194,8 @@ impl Agent {
         for n in changed {
             self.emit_presence(&n.handle, n.state, &n.text).await;
         }
-        if list_changed {
-            if let Some(i) = self.iface() {
-                let _ = AgentIface::contacts_changed(i.signal_emitter()).await;
-            }
+        if let (true, Some(i)) = (list_changed, self.iface()) {
+            let _ = AgentIface::contacts_changed(i.signal_emitter()).await;
         }
     }
 

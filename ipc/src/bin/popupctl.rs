@@ -334,6 +334,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     };
                     println!("{:<20} {:<9} {:<20} {}", c.handle, state, since, c.text);
                 }
+                if !agent.status().await?.0 {
+                    eprintln!("(not connected to the home: this is the last known presence)");
+                }
             }
             Ok(exit::OK)
         }

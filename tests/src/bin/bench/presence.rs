@@ -274,6 +274,10 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
         cpu.as_secs_f64() * 1e6 / changes.max(1) as f64,
         cpu.as_secs_f64() / a.seconds as f64 * 100.0
     );
+    anyhow::ensure!(
+        received == expected && changes == sent,
+        "{sent} changes sent, {changes} counted, {received} of {expected} watchers told"
+    );
     Ok(())
 }
 

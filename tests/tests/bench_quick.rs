@@ -1,0 +1,41 @@
+//! The benchmark suite in quick mode: small sizes, a few seconds each. It
+//! keeps `popupd-bench` working and checks correctness (every message and
+//! every presence change arrives, once); it measures nothing. The figures
+//! come from release runs, see docs/performance.md.
+
+use std::process::Command;
+
+use popupd_e2e::bin;
+
+fn bench(args: &[&str]) -> String {
+    let out = Command::new(bin("popupd-bench"))
+        .args(args)
+        .output()
+        .expect("run popupd-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "popupd-bench {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn throughput_across_two_homes_and_on_one() {
+    let o = bench(&["throughput", "--senders", "4", "--recipients", "4", "--messages", "2000"]);
+    assert!(o.contains("| messages accepted | 2000 of 2000 |"), "{o}");
+    let o = bench(&[
+        "throughput", "--one-home", "--senders", "4", "--recipients", "4", "--messages", "2000",
+    ]);
+    assert!(o.contains("| messages accepted | 2000 of 2000 |"), "{o}");
+}
+
+#[test]
+fn presence_reaches_every_watcher_once() {
+    let o = bench(&[
+        "presence", "--users", "200", "--contacts", "10", "--rate", "100", "--seconds", "2",
+    ]);
+    assert!(o.contains("| watchers told (expected 2000 = changes × 10) | 2000 |"), "{o}");
+    assert!(o.contains("| server-to-server presence frames per change | 1.00"), "{o}");
+}
