@@ -268,10 +268,10 @@ pub async fn serve(home: Arc<Home>, mut link: Link<ServerTls>, peer: SocketAddr)
     // The person keeps showing their presence for the grace period, so a
     // quick reconnect changes nothing for their contacts.
     let grace = home.cfg.presence_grace;
-    let device = conn.device;
+    let (device, id) = (conn.device, reg.id);
     tokio::spawn(async move {
         tokio::time::sleep(grace).await;
-        home.hub.expire(&home.registry, &handle, &device);
+        home.hub.expire(&home.registry, &handle, &device, id);
     });
 }
 

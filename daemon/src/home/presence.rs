@@ -72,6 +72,9 @@ impl Shown {
 struct Device {
     /// The live connection, or `None` inside the grace period.
     conn: Option<u64>,
+    /// The latest connection, live or not: only the grace period of the
+    /// latest drop may end the device.
+    last: u64,
     report: PresenceReport,
     at: Millis,
 }
@@ -293,6 +296,7 @@ impl Hub {
             device.to_owned(),
             Device {
                 conn: Some(conn),
+                last: conn,
                 report,
                 at: now_ms(),
             },
@@ -337,15 +341,15 @@ impl Hub {
         }
     }
 
-    /// The grace period of a dropped device is over: forget it unless it
-    /// came back. When the user has no device left they go offline and
-    /// stop watching their contacts.
-    pub fn expire(&self, reg: &Registry, handle: &str, device: &str) {
+    /// The grace period after connection `conn` of a device dropped is
+    /// over: forget the device unless it came back since. When the user has
+    /// no device left they go offline and stop watching their contacts.
+    pub fn expire(&self, reg: &Registry, handle: &str, device: &str, conn: u64) {
         let mut g = self.lock();
         let Some(u) = g.users.get_mut(handle) else {
             return;
         };
-        if u.devices.get(device).is_some_and(|d| d.conn.is_none()) {
+        if u.devices.get(device).is_some_and(|d| d.conn.is_none() && d.last == conn) {
             u.devices.remove(device);
         }
         let empty = u.devices.is_empty();
@@ -592,10 +596,18 @@ mod tests {
         // The busy device drops: it still counts until the grace ends.
         hub.device_down("bob", "desk", 2);
         assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Busy);
-        hub.expire(&reg, "bob", "desk");
+        hub.expire(&reg, "bob", "desk", 2);
         assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Away);
         hub.device_down("bob", "laptop", 1);
-        hub.expire(&reg, "bob", "laptop");
+        hub.expire(&reg, "bob", "laptop", 1);
+        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Offline);
+        // Back, gone again, and the first drop's grace ends: still shown,
+        // the second drop has its own grace period.
+        hub.device_up(&reg, "bob", "laptop", 4, report(PresenceState::Online, ""));
+        hub.device_down("bob", "laptop", 4);
+        hub.expire(&reg, "bob", "laptop", 1);
+        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Online);
+        hub.expire(&reg, "bob", "laptop", 4);
         assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Offline);
         // Strangers see nothing.
         assert!(hub.presence_of("carol", "bob").is_none());
