@@ -169,7 +169,15 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
             secret_of(&net.add_user(rhome, &format!("r{i}"))?)?,
         ));
     }
-    let per_sender = a.messages / a.senders.max(1);
+    // With --rate the senders together offer that many messages a second
+    // (for --seconds), by the clock; without it, as fast as home A accepts.
+    let paced = a.rate_set.then(|| Duration::from_secs_f64(a.senders.max(1) as f64 / a.rate.max(1) as f64));
+    let messages = if a.rate_set {
+        (a.rate * a.seconds) as usize
+    } else {
+        a.messages
+    };
+    let per_sender = messages / a.senders.max(1);
     let total = per_sender * a.senders;
     let base = Instant::now();
     let deadline = Duration::from_secs(120);
@@ -228,8 +236,13 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
             let mut sent = 0usize;
             let mut accepted = 0usize;
             const WINDOW: usize = 512;
+            // Message k of this sender is due at t0 + k × interval.
+            let due = |k: usize| paced.map(|iv| t0 + iv.mul_f64(k as f64));
             while accepted < per_sender && t0.elapsed() < deadline {
-                while sent < per_sender && sent - accepted < WINDOW {
+                while sent < per_sender
+                    && sent - accepted < WINDOW
+                    && due(sent).is_none_or(|d| Instant::now() >= d)
+                {
                     let to = format!("r{}", (i + sent) % n);
                     let text = format!("t={}", base.elapsed().as_micros());
                     if link
@@ -250,11 +263,21 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
                 if link.flush().await.is_err() {
                     return accepted;
                 }
-                match tokio::time::timeout(Duration::from_secs(20), link.recv::<HomeFrame>()).await
-                {
-                    Ok(Ok(Recv::Frame(HomeFrame::Accepted { .. }))) => accepted += 1,
-                    Ok(Ok(_)) => {}
-                    _ => return accepted,
+                let next = due(sent).filter(|_| sent < per_sender && sent - accepted < WINDOW);
+                if sent == accepted {
+                    // Nothing in flight: wait for the next one to be due.
+                    if let Some(d) = next {
+                        tokio::time::sleep_until(d.into()).await;
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    r = tokio::time::timeout(Duration::from_secs(20), link.recv::<HomeFrame>()) => match r {
+                        Ok(Ok(Recv::Frame(HomeFrame::Accepted { .. }))) => accepted += 1,
+                        Ok(Ok(_)) => {}
+                        _ => return accepted,
+                    },
+                    _ = tokio::time::sleep_until(next.unwrap_or(t0 + deadline).into()), if next.is_some() => {}
                 }
             }
             accepted
@@ -307,10 +330,16 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         "| home B CPU per message | {:.1} µs |",
         cpu[1].as_micros() as f64 / delivered.max(1) as f64
     );
+    let offered = if a.rate_set {
+        format!("{} msg/s offered", a.rate)
+    } else {
+        "at saturation".to_string()
+    };
     println!(
-        "| send → receive latency p50 / p99 / max (at saturation) | {} / {} / {} |",
+        "| send → receive latency p50 / p99 / p999 / max ({offered}) | {} / {} / {} / {} |",
         ms(pct(&l, 0.5)),
         ms(pct(&l, 0.99)),
+        ms(pct(&l, 0.999)),
         ms(pct(&l, 1.0))
     );
     if delivered != accepted {
