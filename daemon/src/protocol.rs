@@ -290,7 +290,9 @@ pub enum Event {
     },
     /// `from` asks to become a contact; answer with
     /// [`AgentFrame::Contact`] `accept` or `decline`.
-    ContactRequest { from: String },
+    ContactRequest {
+        from: String,
+    },
 }
 
 /// A message as it travels between homes and down to agents.

@@ -23,10 +23,25 @@ fn bench(args: &[&str]) -> String {
 
 #[test]
 fn throughput_across_two_homes_and_on_one() {
-    let o = bench(&["throughput", "--senders", "4", "--recipients", "4", "--messages", "2000"]);
+    let o = bench(&[
+        "throughput",
+        "--senders",
+        "4",
+        "--recipients",
+        "4",
+        "--messages",
+        "2000",
+    ]);
     assert!(o.contains("| messages accepted | 2000 of 2000 |"), "{o}");
     let o = bench(&[
-        "throughput", "--one-home", "--senders", "4", "--recipients", "4", "--messages", "2000",
+        "throughput",
+        "--one-home",
+        "--senders",
+        "4",
+        "--recipients",
+        "4",
+        "--messages",
+        "2000",
     ]);
     assert!(o.contains("| messages accepted | 2000 of 2000 |"), "{o}");
 }
@@ -34,8 +49,22 @@ fn throughput_across_two_homes_and_on_one() {
 #[test]
 fn presence_reaches_every_watcher_once() {
     let o = bench(&[
-        "presence", "--users", "200", "--contacts", "10", "--rate", "100", "--seconds", "2",
+        "presence",
+        "--users",
+        "200",
+        "--contacts",
+        "10",
+        "--rate",
+        "100",
+        "--seconds",
+        "2",
     ]);
-    assert!(o.contains("| watchers told (expected 2000 = changes × 10) | 2000 |"), "{o}");
-    assert!(o.contains("| server-to-server presence frames per change | 1.00"), "{o}");
+    assert!(
+        o.contains("| watchers told (expected 2000 = changes × 10) | 2000 |"),
+        "{o}"
+    );
+    assert!(
+        o.contains("| server-to-server presence frames per change | 1.00"),
+        "{o}"
+    );
 }

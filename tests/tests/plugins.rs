@@ -234,7 +234,9 @@ async fn autoreply_answers_each_sender_once_while_away() {
         .await
         .unwrap();
     alice
-        .wait_for("the autoreply", T, |s| s.received.iter().any(|r| r.2 == "out to lunch"))
+        .wait_for("the autoreply", T, |s| {
+            s.received.iter().any(|r| r.2 == "out to lunch")
+        })
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -113,7 +113,10 @@ async fn a_contact_request_pops_up_and_accept_in_it_works() {
     const NAME: &str = "a_contact_request_pops_up_and_accept_in_it_works";
     for tool in ["Xvfb", "dunst", "dunstctl"] {
         if !have(tool) {
-            return skip(NAME, &format!("`{tool}` is not installed (apt install xvfb dunst)"));
+            return skip(
+                NAME,
+                &format!("`{tool}` is not installed (apt install xvfb dunst)"),
+            );
         }
     }
     let dir = TestDir::new("dunst-request");
@@ -134,13 +137,26 @@ async fn a_contact_request_pops_up_and_accept_in_it_works() {
         format!("#!/bin/sh\ntee {} | grep -m1 Accept\n", menu.display()),
     )
     .unwrap();
-    Command::new("chmod").arg("+x").arg(&picker).status().unwrap();
-    let _dunst = start_dunst(&dir.path, &display, &bob, &format!("  dmenu = {}\n", picker.display())).await;
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&picker)
+        .status()
+        .unwrap();
+    let _dunst = start_dunst(
+        &dir.path,
+        &display,
+        &bob,
+        &format!("  dmenu = {}\n", picker.display()),
+    )
+    .await;
 
     assert!(alice.popupctl(&["contacts", "add", "bob"]).status.success());
     let deadline = std::time::Instant::now() + T;
     while String::from_utf8_lossy(&dunstctl(&bob, &["count", "displayed"]).stdout).trim() != "1" {
-        assert!(std::time::Instant::now() < deadline, "the request never popped up");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never popped up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if have("import") {
@@ -149,7 +165,9 @@ async fn a_contact_request_pops_up_and_accept_in_it_works() {
     assert!(dunstctl(&bob, &["context"]).status.success());
     // Accepted from the popup: both now see each other.
     alice
-        .wait_for("bob's presence", T, |s| s.presence_of("bob") == Some(("online", "")))
+        .wait_for("bob's presence", T, |s| {
+            s.presence_of("bob") == Some(("online", ""))
+        })
         .await
         .unwrap();
     let m = std::fs::read_to_string(&menu).unwrap_or_default();
@@ -338,7 +356,9 @@ async fn a_burst_from_one_sender_updates_one_popup() {
 #[zbus::interface(name = "org.freedesktop.Notifications")]
 impl InlineServer {
     fn get_capabilities(&self) -> Vec<String> {
-        ["body", "actions", "inline-reply"].map(String::from).to_vec()
+        ["body", "actions", "inline-reply"]
+            .map(String::from)
+            .to_vec()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -461,8 +481,18 @@ async fn reply_button_opens_the_compose_window_and_the_reply_arrives() {
     // dunst's context menu runs a dmenu-style picker: this one picks Reply.
     let picker = dir.path.join("pick.sh");
     std::fs::write(&picker, "#!/bin/sh\ngrep -m1 Reply\n").unwrap();
-    Command::new("chmod").arg("+x").arg(&picker).status().unwrap();
-    let _dunst = start_dunst(&dir.path, &display, &bob, &format!("  dmenu = {}\n", picker.display())).await;
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&picker)
+        .status()
+        .unwrap();
+    let _dunst = start_dunst(
+        &dir.path,
+        &display,
+        &bob,
+        &format!("  dmenu = {}\n", picker.display()),
+    )
+    .await;
 
     let id = alice
         .proxy()
@@ -473,12 +503,21 @@ async fn reply_button_opens_the_compose_window_and_the_reply_arrives() {
         .unwrap();
     let deadline = std::time::Instant::now() + T;
     while String::from_utf8_lossy(&dunstctl(&bob, &["count", "displayed"]).stdout).trim() != "1" {
-        assert!(std::time::Instant::now() < deadline, "the message never popped up");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the message never popped up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // bob opens the popup's menu and picks Reply: a compose window opens on
     // his display.
-    let mut arrivals = alice.proxy().await.unwrap().receive_message_received().await.unwrap();
+    let mut arrivals = alice
+        .proxy()
+        .await
+        .unwrap()
+        .receive_message_received()
+        .await
+        .unwrap();
     assert!(dunstctl(&bob, &["context"]).status.success());
     let xdo = |args: &[&str]| {
         Command::new("xdotool")

@@ -31,7 +31,13 @@ fn ok(o: std::process::Output) -> String {
 }
 
 /// Waits until `agent` saw `handle` in `state` (and `text`, if given).
-async fn wait_presence(agent: &Agent, handle: &str, state: &str, text: Option<&str>, within: Duration) {
+async fn wait_presence(
+    agent: &Agent,
+    handle: &str,
+    state: &str,
+    text: Option<&str>,
+    within: Duration,
+) {
     let what = format!("{handle} {state} {text:?}");
     agent
         .wait_for(&what, within, |s| {
@@ -51,14 +57,25 @@ async fn contacts(dir: &std::path::Path) -> (Network, Agent, Agent) {
 
 /// alice asks bob, bob accepts; each then sees the other's presence.
 async fn befriend(alice: &Agent, bob: &Agent) {
-    assert_eq!(ok(alice.popupctl(&["contacts", "add", "bob"])).trim(), "asked bob");
-    bob.wait_for("alice's request", T, |s| s.requests.contains(&"alice".to_string()))
-        .await
-        .unwrap();
+    assert_eq!(
+        ok(alice.popupctl(&["contacts", "add", "bob"])).trim(),
+        "asked bob"
+    );
+    bob.wait_for("alice's request", T, |s| {
+        s.requests.contains(&"alice".to_string())
+    })
+    .await
+    .unwrap();
     let table = ok(bob.popupctl(&["contacts"]));
-    assert!(table.contains("alice") && table.contains("asks you"), "{table}");
+    assert!(
+        table.contains("alice") && table.contains("asks you"),
+        "{table}"
+    );
     let table = ok(alice.popupctl(&["contacts"]));
-    assert!(table.contains("bob") && table.contains("request sent"), "{table}");
+    assert!(
+        table.contains("bob") && table.contains("request sent"),
+        "{table}"
+    );
     ok(bob.popupctl(&["contacts", "accept", "alice"]));
     alice
         .wait_for("bob's presence", T, |s| s.presence_of("bob").is_some())
@@ -76,7 +93,10 @@ async fn contacts_see_each_others_presence_across_homes() {
     wait_presence(&alice, "bob", "online", None, T).await;
     wait_presence(&bob, "alice", "online", None, T).await;
     let table = ok(alice.popupctl(&["contacts"]));
-    let row = table.lines().find(|l| l.starts_with("bob")).unwrap_or_default();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("bob"))
+        .unwrap_or_default();
     assert!(row.contains("online"), "{table}");
 
     // Busy with a text, set by hand: alice sees both.
@@ -129,15 +149,30 @@ async fn contacts_see_each_others_presence_across_homes() {
     let p = alice.proxy().await.unwrap();
     let t = Instant::now();
     let id = p.send("bob", "still there?").await.unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1), "Send took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "Send took {:?}",
+        t.elapsed()
+    );
     let status = p.message(&id).await.unwrap().status;
-    assert!(["queued", "accepted"].contains(&status.as_str()), "{status}");
+    assert!(
+        ["queued", "accepted"].contains(&status.as_str()),
+        "{status}"
+    );
     alice
-        .wait_for("accepted", T, |s| s.status.get(&id).is_some_and(|v| v.contains(&"accepted".into())))
+        .wait_for("accepted", T, |s| {
+            s.status
+                .get(&id)
+                .is_some_and(|v| v.contains(&"accepted".into()))
+        })
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(p.message(&id).await.unwrap().status, "accepted", "bob is offline");
+    assert_eq!(
+        p.message(&id).await.unwrap().status,
+        "accepted",
+        "bob is offline"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,17 +216,24 @@ async fn strangers_see_nothing_and_the_blocked_cannot_tell_who_exists() {
     carol.wait_connected(true, T).await.unwrap();
     ok(carol.popupctl(&["contacts", "add", "alice"]));
     alice
-        .wait_for("carol's request", T, |s| s.requests.contains(&"carol".to_string()))
+        .wait_for("carol's request", T, |s| {
+            s.requests.contains(&"carol".to_string())
+        })
         .await
         .unwrap();
     ok(alice.popupctl(&["contacts", "block", "carol"]));
     let deadline = Instant::now() + T;
     loop {
         let t = ok(alice.popupctl(&["contacts"]));
-        if t.lines().any(|l| l.starts_with("carol") && l.contains("blocked")) {
+        if t.lines()
+            .any(|l| l.starts_with("carol") && l.contains("blocked"))
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "carol never showed as blocked: {t}");
+        assert!(
+            Instant::now() < deadline,
+            "carol never showed as blocked: {t}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // carol's request is gone from her side, as after a decline.
@@ -208,7 +250,9 @@ async fn strangers_see_nothing_and_the_blocked_cannot_tell_who_exists() {
     for id in [&to_alice, &to_nobody] {
         carol
             .wait_for("failed", T, |s| {
-                s.status.get(id.as_str()).is_some_and(|v| v.iter().any(|x| x == "failed"))
+                s.status
+                    .get(id.as_str())
+                    .is_some_and(|v| v.iter().any(|x| x == "failed"))
             })
             .await
             .unwrap();
@@ -243,7 +287,9 @@ async fn presence_recovers_after_the_link_between_homes_drops() {
     wait_presence(&alice, "bob", "unknown", None, T).await;
     net.homes[1].restart().unwrap();
     wait_port(&net.home_addrs[1]).await.unwrap();
-    bob.wait_connected(true, Duration::from_secs(40)).await.unwrap();
+    bob.wait_connected(true, Duration::from_secs(40))
+        .await
+        .unwrap();
     wait_presence(&alice, "bob", "online", None, Duration::from_secs(40)).await;
     // And changes flow again.
     ok(bob.popupctl(&["presence", "away", "lunch"]));
@@ -270,7 +316,10 @@ async fn idle_desktop_turns_away_and_input_brings_it_back() {
     const NAME: &str = "idle_desktop_turns_away_and_input_brings_it_back";
     for tool in ["Xvfb", "xdotool"] {
         if !have(tool) {
-            return skip(NAME, &format!("`{tool}` is not installed (apt install xvfb xdotool)"));
+            return skip(
+                NAME,
+                &format!("`{tool}` is not installed (apt install xvfb xdotool)"),
+            );
         }
     }
     let dir = TestDir::new("auto-away");
@@ -299,8 +348,11 @@ async fn idle_desktop_turns_away_and_input_brings_it_back() {
     // Nobody touches bob's desktop: away, for him and for alice.
     wait_presence(&alice, "bob", "away", None, T).await;
     assert_eq!(ok(bob.popupctl(&["presence"])).trim(), "away");
-    assert!(bob.proc.log_text().contains("source=\"x11\"") || bob.proc.log_text().contains("source=x11"),
-        "bob's agent did not use the X11 idle source");
+    assert!(
+        bob.proc.log_text().contains("source=\"x11\"")
+            || bob.proc.log_text().contains("source=x11"),
+        "bob's agent did not use the X11 idle source"
+    );
 
     // Input: back online within the poll interval.
     touch(&display, 200);
@@ -312,7 +364,10 @@ async fn idle_desktop_turns_away_and_input_brings_it_back() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     touch(&display, 300);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(alice.seen.lock().unwrap().presence_of("bob"), Some(("busy", "")));
+    assert_eq!(
+        alice.seen.lock().unwrap().presence_of("bob"),
+        Some(("busy", ""))
+    );
     // `online` returns to automatic.
     ok(bob.popupctl(&["presence", "online"]));
     wait_presence(&alice, "bob", "away", None, T).await;

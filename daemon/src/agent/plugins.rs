@@ -29,8 +29,7 @@ use std::time::{Duration, Instant};
 
 pub use popupd_plugin_api::Event;
 use popupd_plugin_api::{
-    ABI_VERSION, ENTRY_SYMBOL, ERR_FAILED, ERR_PANIC, ErrBuf, HostApi, MAGIC, OK,
-    PluginDecl,
+    ABI_VERSION, ENTRY_SYMBOL, ERR_FAILED, ERR_PANIC, ErrBuf, HostApi, MAGIC, OK, PluginDecl,
 };
 
 use super::Agent;

@@ -151,7 +151,11 @@ impl Agent {
             return Err(ActionError::Invalid("that is you".into()));
         }
         if matches!(op, ContactOp::Accept | ContactOp::Decline) {
-            let c = self.presence.contacts.lock().unwrap_or_else(|e| e.into_inner());
+            let c = self
+                .presence
+                .contacts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if c.get(handle).map(|c| c.relation) != Some(Relation::Pending) {
                 return Err(ActionError::Invalid(format!(
                     "no contact request from {handle}"
@@ -165,7 +169,11 @@ impl Agent {
     /// The home sent the whole list: keep it, and signal what changed.
     pub async fn on_contacts(&self, list: Vec<Contact>) {
         let (changed, list_changed) = {
-            let mut c = self.presence.contacts.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = self
+                .presence
+                .contacts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let mut changed = Vec::new();
             let mut list_changed = list.len() != c.len();
             for n in &list {
@@ -202,7 +210,11 @@ impl Agent {
     /// A contact's presence changed.
     pub async fn on_presence(&self, handle: &str, state: PresenceState, text: &str, since: i64) {
         {
-            let mut c = self.presence.contacts.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = self
+                .presence
+                .contacts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let Some(e) = c.get_mut(handle) else {
                 return;
             };

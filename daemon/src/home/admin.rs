@@ -167,9 +167,13 @@ pub fn import_contacts(home: &HomeConfig, text: &str) -> anyhow::Result<usize> {
             continue;
         }
         let f: Vec<&str> = line.split_whitespace().collect();
-        let ok = matches!(f.len(), 2 | 3) && valid_handle(f[0]) && valid_handle(f[1]) && f[0] != f[1];
+        let ok =
+            matches!(f.len(), 2 | 3) && valid_handle(f[0]) && valid_handle(f[1]) && f[0] != f[1];
         if !ok {
-            bail!("line {}: expected `OWNER PEER [PEER_HOME]` with two different handles, got {line:?}", i + 1);
+            bail!(
+                "line {}: expected `OWNER PEER [PEER_HOME]` with two different handles, got {line:?}",
+                i + 1
+            );
         }
         let peer_home = f.get(2).filter(|h| **h != home.name).map(|h| h.to_string());
         pairs.push((i + 1, f[0].to_owned(), f[1].to_owned(), peer_home));

@@ -21,8 +21,8 @@ use tokio::sync::{Notify, mpsc};
 use super::Home;
 use crate::net::{HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
 use crate::protocol::{
-    AgentFrame, ErrorCode, HomeFrame, MAX_STATUS_TEXT, MAX_TEXT, Message, MsgId,
-    PROTOCOL_VERSION, PresenceReport, PresenceState, now_ms, valid_handle, valid_id,
+    AgentFrame, ErrorCode, HomeFrame, MAX_STATUS_TEXT, MAX_TEXT, Message, MsgId, PROTOCOL_VERSION,
+    PresenceReport, PresenceState, now_ms, valid_handle, valid_id,
 };
 use crate::storage::home::{Effects, Push, SendOutcome};
 use crate::storage::{StoreError, secret_hash};
@@ -243,12 +243,10 @@ pub async fn serve(home: Arc<Home>, mut link: Link<ServerTls>, peer: SocketAddr)
     }
     let reg = home.registry.register(&handle, &device);
     tracing::info!(%peer, %handle, %device, "agent online");
-    let report = presence
-        .filter(valid_report)
-        .unwrap_or(PresenceReport {
-            state: PresenceState::Online,
-            text: String::new(),
-        });
+    let report = presence.filter(valid_report).unwrap_or(PresenceReport {
+        state: PresenceState::Online,
+        text: String::new(),
+    });
     home.hub
         .device_up(&home.registry, &handle, &device, reg.id, report);
     super::send_contacts(&home, &handle).await;
@@ -306,7 +304,10 @@ impl AgentConn {
         // Commits that finished after the link failed still have effects
         // (pushes to recipients, forward-queue wakes): apply them.
         while let Some(d) = pending.next().await {
-            if let Done::Accepted(_, Ok((_, fx))) | Done::Applied(Ok(fx)) | Done::Contact(_, Ok(fx)) = d {
+            if let Done::Accepted(_, Ok((_, fx)))
+            | Done::Applied(Ok(fx))
+            | Done::Contact(_, Ok(fx)) = d
+            {
                 self.home.apply(fx);
             }
         }
@@ -517,8 +518,13 @@ impl AgentConn {
                     }
                     None => {
                         tracing::info!(handle = %self.handle, asked = %handle, "presence query refused: not an accepted contact");
-                        self.error(link, ErrorCode::NotAccepted, &format!("{handle} has not accepted you as a contact"), None)
-                            .await
+                        self.error(
+                            link,
+                            ErrorCode::NotAccepted,
+                            &format!("{handle} has not accepted you as a contact"),
+                            None,
+                        )
+                        .await
                     }
                 };
             }
@@ -569,8 +575,13 @@ impl AgentConn {
             }
             Done::Contact(peer, Err(e)) => {
                 tracing::error!(handle = %self.handle, %peer, "storing a contact change failed: {e}");
-                self.error(link, ErrorCode::Internal, "storage failure; try again later", None)
-                    .await
+                self.error(
+                    link,
+                    ErrorCode::Internal,
+                    "storage failure; try again later",
+                    None,
+                )
+                .await
             }
         }
     }

@@ -409,7 +409,15 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             if let Err(e) = check_sender(home, peer, &from).await {
                 return match e {
                     Some(e) => Err(e),
-                    None => refuse(link, n, ErrorCode::SpoofedSender, "sender does not live on your home").await,
+                    None => {
+                        refuse(
+                            link,
+                            n,
+                            ErrorCode::SpoofedSender,
+                            "sender does not live on your home",
+                        )
+                        .await
+                    }
                 };
             }
             let from_home = peer.to_owned();
@@ -433,7 +441,10 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             text,
             since,
         } => {
-            let text: String = text.chars().take(crate::protocol::MAX_STATUS_TEXT).collect();
+            let text: String = text
+                .chars()
+                .take(crate::protocol::MAX_STATUS_TEXT)
+                .collect();
             let shown = super::presence::Shown { state, text, since };
             home.hub
                 .remote_presence(&home.registry, link_id, &handle, shown);
@@ -448,7 +459,15 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             if let Err(e) = check_sender(home, peer, &msg.from).await {
                 return match e {
                     Some(e) => Err(e),
-                    None => refuse(link, n, ErrorCode::SpoofedSender, "sender does not live on your home").await,
+                    None => {
+                        refuse(
+                            link,
+                            n,
+                            ErrorCode::SpoofedSender,
+                            "sender does not live on your home",
+                        )
+                        .await
+                    }
                 };
             }
             let from = peer.to_owned();

@@ -349,7 +349,10 @@ impl Hub {
         let Some(u) = g.users.get_mut(handle) else {
             return;
         };
-        if u.devices.get(device).is_some_and(|d| d.conn.is_none() && d.last == conn) {
+        if u.devices
+            .get(device)
+            .is_some_and(|d| d.conn.is_none() && d.last == conn)
+        {
             u.devices.remove(device);
         }
         let empty = u.devices.is_empty();
@@ -376,7 +379,10 @@ impl Hub {
             .filter(|r| r.relation == Relation::Accepted)
             .map(|r| (r.peer.clone(), r.peer_home.clone()))
             .collect();
-        let old = g.lists.insert(handle.to_owned(), new.clone()).unwrap_or_default();
+        let old = g
+            .lists
+            .insert(handle.to_owned(), new.clone())
+            .unwrap_or_default();
         let keep: HashSet<&str> = new.iter().map(|(c, _)| c.as_str()).collect();
         for (c, _) in &old {
             if !keep.contains(c.as_str()) {
@@ -582,8 +588,20 @@ mod tests {
     #[test]
     fn the_most_available_device_wins() {
         let (hub, reg) = (Hub::default(), Registry::default());
-        hub.device_up(&reg, "bob", "laptop", 1, report(PresenceState::Away, "gone"));
-        hub.device_up(&reg, "bob", "desk", 2, report(PresenceState::Busy, "meeting"));
+        hub.device_up(
+            &reg,
+            "bob",
+            "laptop",
+            1,
+            report(PresenceState::Away, "gone"),
+        );
+        hub.device_up(
+            &reg,
+            "bob",
+            "desk",
+            2,
+            report(PresenceState::Busy, "meeting"),
+        );
         let rows = vec![ContactRow {
             peer: "bob".into(),
             relation: Relation::Accepted,
@@ -595,20 +613,35 @@ mod tests {
         assert_eq!((s.state, s.text.as_str()), (PresenceState::Busy, "meeting"));
         // The busy device drops: it still counts until the grace ends.
         hub.device_down("bob", "desk", 2);
-        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Busy);
+        assert_eq!(
+            hub.presence_of("alice", "bob").unwrap().state,
+            PresenceState::Busy
+        );
         hub.expire(&reg, "bob", "desk", 2);
-        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Away);
+        assert_eq!(
+            hub.presence_of("alice", "bob").unwrap().state,
+            PresenceState::Away
+        );
         hub.device_down("bob", "laptop", 1);
         hub.expire(&reg, "bob", "laptop", 1);
-        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Offline);
+        assert_eq!(
+            hub.presence_of("alice", "bob").unwrap().state,
+            PresenceState::Offline
+        );
         // Back, gone again, and the first drop's grace ends: still shown,
         // the second drop has its own grace period.
         hub.device_up(&reg, "bob", "laptop", 4, report(PresenceState::Online, ""));
         hub.device_down("bob", "laptop", 4);
         hub.expire(&reg, "bob", "laptop", 1);
-        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Online);
+        assert_eq!(
+            hub.presence_of("alice", "bob").unwrap().state,
+            PresenceState::Online
+        );
         hub.expire(&reg, "bob", "laptop", 4);
-        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Offline);
+        assert_eq!(
+            hub.presence_of("alice", "bob").unwrap().state,
+            PresenceState::Offline
+        );
         // Strangers see nothing.
         assert!(hub.presence_of("carol", "bob").is_none());
     }
@@ -632,17 +665,38 @@ mod tests {
             since: 1,
         };
         hub.remote_presence(&reg, id, "bob", online_long_ago.clone());
-        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Online);
+        assert_eq!(
+            hub.presence_of("alice", "bob").unwrap().state,
+            PresenceState::Online
+        );
         hub.link_down(&reg, id);
-        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Unknown);
+        assert_eq!(
+            hub.presence_of("alice", "bob").unwrap().state,
+            PresenceState::Unknown
+        );
         // A new link's snapshot is older than the "unknown" it replaces,
         // and still counts.
         let (id, _rx2, _) = hub.link_up("home-b");
         hub.remote_presence(&reg, id, "bob", online_long_ago);
-        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Online);
+        assert_eq!(
+            hub.presence_of("alice", "bob").unwrap().state,
+            PresenceState::Online
+        );
         // A stale change (older than what is shown) does not undo it.
-        hub.remote_presence(&reg, id, "bob", Shown { state: PresenceState::Away, text: String::new(), since: 0 });
-        assert_eq!(hub.presence_of("alice", "bob").unwrap().state, PresenceState::Online);
+        hub.remote_presence(
+            &reg,
+            id,
+            "bob",
+            Shown {
+                state: PresenceState::Away,
+                text: String::new(),
+                since: 0,
+            },
+        );
+        assert_eq!(
+            hub.presence_of("alice", "bob").unwrap().state,
+            PresenceState::Online
+        );
         drop(rx.try_recv());
     }
 

@@ -58,7 +58,9 @@ impl AgentStore {
                 "INSERT INTO settings(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = ?2",
                 params![k, v],
             )?,
-            None => self.conn.execute("DELETE FROM settings WHERE k = ?1", [k])?,
+            None => self
+                .conn
+                .execute("DELETE FROM settings WHERE k = ?1", [k])?,
         };
         Ok(())
     }

@@ -467,8 +467,7 @@ impl SqliteHome {
                 self.set_relation(to, from, Some(Relation::Accepted), from_home, fx)?;
                 Ok(None)
             }
-            (ContactOp::Decline, Some(Relation::Requested))
-            | (ContactOp::Remove, Some(_)) => {
+            (ContactOp::Decline, Some(Relation::Requested)) | (ContactOp::Remove, Some(_)) => {
                 self.set_relation(to, from, None, None, fx)?;
                 Ok(None)
             }
@@ -535,8 +534,10 @@ impl HomeStore for SqliteHome {
     fn remove_user(&mut self, handle: &str) -> Result<bool, StoreError> {
         self.conn
             .execute("DELETE FROM mailbox WHERE handle = ?1", [handle])?;
-        self.conn
-            .execute("DELETE FROM contacts WHERE owner = ?1 OR peer = ?1", [handle])?;
+        self.conn.execute(
+            "DELETE FROM contacts WHERE owner = ?1 OR peer = ?1",
+            [handle],
+        )?;
         Ok(self
             .conn
             .execute("DELETE FROM users WHERE handle = ?1", [handle])?
@@ -675,7 +676,14 @@ impl HomeStore for SqliteHome {
         if self.user_exists(&msg.to)? {
             if self.relation(&msg.to, &msg.from)? == Some(Relation::Blocked) {
                 let id = msg.id.clone();
-                self.apply_receipt(&id, &msg.from, None, Delivery::Failed, Some(NOT_ACCEPTED), fx)?;
+                self.apply_receipt(
+                    &id,
+                    &msg.from,
+                    None,
+                    Delivery::Failed,
+                    Some(NOT_ACCEPTED),
+                    fx,
+                )?;
                 return Ok(SendOutcome::Accepted);
             }
             self.store_incoming(None, msg, fx)?;
@@ -948,7 +956,9 @@ impl HomeStore for SqliteHome {
         match op {
             ContactOp::Add => match cur {
                 Some(Relation::Accepted | Relation::Requested) => {}
-                Some(Relation::Pending) => return self.contact_op(owner, peer, ContactOp::Accept, dest, fx),
+                Some(Relation::Pending) => {
+                    return self.contact_op(owner, peer, ContactOp::Accept, dest, fx);
+                }
                 None | Some(Relation::Blocked) => {
                     self.set_relation(owner, peer, Some(Relation::Requested), None, fx)?;
                     self.tell_peer(owner, peer, ContactOp::Add, dest, fx)?;
@@ -956,7 +966,9 @@ impl HomeStore for SqliteHome {
             },
             ContactOp::Accept | ContactOp::Decline => {
                 if cur != Some(Relation::Pending) {
-                    return Err(StoreError::NotFound(format!("no contact request from {peer}")));
+                    return Err(StoreError::NotFound(format!(
+                        "no contact request from {peer}"
+                    )));
                 }
                 let rel = (op == ContactOp::Accept).then_some(Relation::Accepted);
                 self.set_relation(owner, peer, rel, None, fx)?;
@@ -964,7 +976,9 @@ impl HomeStore for SqliteHome {
             }
             ContactOp::Remove => {
                 if cur.is_none() {
-                    return Err(StoreError::NotFound(format!("{peer} is not in your contacts")));
+                    return Err(StoreError::NotFound(format!(
+                        "{peer} is not in your contacts"
+                    )));
                 }
                 self.set_relation(owner, peer, None, None, fx)?;
                 if cur != Some(Relation::Blocked) {
@@ -1042,7 +1056,9 @@ impl HomeStore for SqliteHome {
         peer_home: Option<&str>,
     ) -> Result<(), StoreError> {
         if !self.user_exists(owner)? {
-            return Err(StoreError::NotFound(format!("no user {owner} on this home")));
+            return Err(StoreError::NotFound(format!(
+                "no user {owner} on this home"
+            )));
         }
         let mut fx = Effects::default();
         self.set_relation(owner, peer, Some(Relation::Accepted), peer_home, &mut fx)?;

@@ -326,7 +326,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     let (state, since) = match c.relation.as_str() {
                         "accepted" => (
                             c.state.clone(),
-                            if c.since > 0 { time(c.since) } else { String::new() },
+                            if c.since > 0 {
+                                time(c.since)
+                            } else {
+                                String::new()
+                            },
                         ),
                         "requested" => ("-".into(), "request sent".into()),
                         "pending" => ("-".into(), "asks you (accept?)".into()),

@@ -55,7 +55,9 @@ fn parse(v: serde_json::Value) -> Result<Config, String> {
             format!("plugins.autoreply.period: {p:?} is not a duration ({e}); write e.g. 30m or 1h")
         })?,
     };
-    let states = f.states.unwrap_or_else(|| vec!["away".into(), "busy".into()]);
+    let states = f
+        .states
+        .unwrap_or_else(|| vec!["away".into(), "busy".into()]);
     for s in &states {
         if !["away", "busy", "offline"].contains(&s.as_str()) {
             return Err(format!(

@@ -171,7 +171,9 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
     }
     // With --rate the senders together offer that many messages a second
     // (for --seconds), by the clock; without it, as fast as home A accepts.
-    let paced = a.rate_set.then(|| Duration::from_secs_f64(a.senders.max(1) as f64 / a.rate.max(1) as f64));
+    let paced = a
+        .rate_set
+        .then(|| Duration::from_secs_f64(a.senders.max(1) as f64 / a.rate.max(1) as f64));
     let messages = if a.rate_set {
         (a.rate * a.seconds) as usize
     } else {

@@ -213,7 +213,11 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
         h.stop();
     }
     let diff = |f: fn(&(u64, u64, u64)) -> u64| -> u64 {
-        after.iter().zip(&before).map(|(x, y)| f(x).saturating_sub(f(y))).sum()
+        after
+            .iter()
+            .zip(&before)
+            .map(|(x, y)| f(x).saturating_sub(f(y)))
+            .sum()
     };
     let (changes, to_agents, to_peers) = (diff(|c| c.0), diff(|c| c.1), diff(|c| c.2));
 
@@ -247,13 +251,15 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
         a.seconds,
         sent as f64 / a.seconds as f64
     );
-    println!(
-        "| changes counted by the homes | {changes} |"
-    );
+    println!("| changes counted by the homes | {changes} |");
     println!(
         "| watchers told (expected {expected} = changes × {}) | {received}{} |",
         a.contacts,
-        if received == expected { "" } else { " **(mismatch)**" }
+        if received == expected {
+            ""
+        } else {
+            " **(mismatch)**"
+        }
     );
     println!(
         "| SetPresence → watcher's agent, p50 / p99 / max | {} / {} / {} |",
@@ -331,7 +337,8 @@ pub(crate) async fn worker() -> anyhow::Result<()> {
     let gate = Arc::new(tokio::sync::Semaphore::new(128));
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    let (up_tx, mut up_rx) = tokio::sync::mpsc::unbounded_channel::<Option<tokio::sync::mpsc::UnboundedSender<()>>>();
+    let (up_tx, mut up_rx) =
+        tokio::sync::mpsc::unbounded_channel::<Option<tokio::sync::mpsc::UnboundedSender<()>>>();
     for (handle, device, secret) in creds.iter().cloned() {
         let (dial, gate, up, lat) = (dial.clone(), gate.clone(), up_tx.clone(), lat.clone());
         tasks.spawn(async move {
@@ -398,7 +405,11 @@ pub(crate) async fn worker() -> anyhow::Result<()> {
             None => break,
         }
     }
-    println!("ready {} {failed} {:.3}", links.len(), t0.elapsed().as_secs_f64());
+    println!(
+        "ready {} {failed} {:.3}",
+        links.len(),
+        t0.elapsed().as_secs_f64()
+    );
     stdin_line().await;
 
     // Changes at the given rate, by the clock (a late tick sends the ones
