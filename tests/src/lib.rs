@@ -191,7 +191,8 @@ pub fn popupd(args: &[&str]) -> Output {
         .expect("run popupd")
 }
 
-fn free_port() -> u16 {
+/// A TCP port free on 127.0.0.1 just now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -419,6 +420,13 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Whether message `id` has reached `state` (a status signal said so).
+    pub fn reached(&self, id: &str, state: &str) -> bool {
+        self.status
+            .get(id)
+            .is_some_and(|v| v.iter().any(|x| x == state))
+    }
+
     /// The last presence seen for `handle`: (state, text).
     pub fn presence_of(&self, handle: &str) -> Option<(&str, &str)> {
         self.presence
@@ -590,6 +598,12 @@ impl Agent {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until message `id` has reached `state`.
+    pub async fn wait_status(&self, id: &str, state: &str, within: Duration) -> anyhow::Result<()> {
+        self.wait_for(&format!("{id} {state}"), within, |s| s.reached(id, state))
+            .await
     }
 
     /// Runs `popupctl --bus BUS ARGS`.

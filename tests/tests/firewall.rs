@@ -102,11 +102,7 @@ async fn agent_behind_inbound_firewall_and_proxy_sends_and_receives() {
 
     let dir = TestDir::new("firewall");
     let net = Network::start(&dir.path).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = popupd_e2e::free_port();
     let proxy_addr = format!("{host_ip}:{port}");
     let _proxy = Proc::spawn(
         &[

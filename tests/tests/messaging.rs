@@ -39,14 +39,7 @@ async fn message_pops_up_across_homes_and_reply_comes_back() {
     })
     .await
     .unwrap();
-    alice
-        .wait_for("delivered", T, |s| {
-            s.status
-                .get(&id)
-                .is_some_and(|v| v.iter().any(|x| x == "delivered"))
-        })
-        .await
-        .unwrap();
+    alice.wait_status(&id, "delivered", T).await.unwrap();
 
     // bob reads it and answers with popupctl.
     let o = bob.popupctl(&["read", &id]);
@@ -62,14 +55,7 @@ async fn message_pops_up_across_homes_and_reply_comes_back() {
         })
         .await
         .unwrap();
-    alice
-        .wait_for("read", T, |s| {
-            s.status
-                .get(&id)
-                .is_some_and(|v| v.iter().any(|x| x == "read"))
-        })
-        .await
-        .unwrap();
+    alice.wait_status(&id, "read", T).await.unwrap();
     let statuses = alice.seen.lock().unwrap().status[&id].clone();
     assert_eq!(
         statuses,
@@ -114,11 +100,7 @@ async fn offline_recipient_gets_everything_in_order_once() {
     }
     alice
         .wait_for("all accepted", T, |s| {
-            ids.iter().all(|id| {
-                s.status
-                    .get(id)
-                    .is_some_and(|v| v.contains(&"accepted".to_string()))
-            })
+            ids.iter().all(|id| s.reached(id, "accepted"))
         })
         .await
         .unwrap();
@@ -139,11 +121,7 @@ async fn offline_recipient_gets_everything_in_order_once() {
     assert_eq!(got, ids, "all 100, in order, once each");
     alice
         .wait_for("all delivered", T, |s| {
-            ids.iter().all(|id| {
-                s.status
-                    .get(id)
-                    .is_some_and(|v| v.contains(&"delivered".to_string()))
-            })
+            ids.iter().all(|id| s.reached(id, "delivered"))
         })
         .await
         .unwrap();
@@ -176,14 +154,7 @@ async fn global_is_asked_once_and_cached_routes_survive_its_loss() {
     net.global.restart().unwrap();
     popupd_e2e::wait_port(&net.global_addr).await.unwrap();
     let ghost = p.send("nobody", "hello?").await.unwrap();
-    alice
-        .wait_for("failed: no such user", T, |s| {
-            s.status
-                .get(&ghost)
-                .is_some_and(|v| v.contains(&"failed".to_string()))
-        })
-        .await
-        .unwrap();
+    alice.wait_status(&ghost, "failed", T).await.unwrap();
     let h = String::from_utf8_lossy(&alice.popupctl(&["history", "nobody"]).stdout).to_string();
     assert!(h.contains("no such user"), "{h}");
 }
@@ -205,11 +176,7 @@ async fn killed_home_loses_nothing_and_doubles_nothing() {
     }
     alice
         .wait_for("2000 accepted", Duration::from_secs(60), |s| {
-            ids.iter().all(|id| {
-                s.status
-                    .get(id)
-                    .is_some_and(|v| v.contains(&"accepted".to_string()))
-            })
+            ids.iter().all(|id| s.reached(id, "accepted"))
         })
         .await
         .unwrap();
@@ -234,11 +201,7 @@ async fn dropped_back_connection_resumes_without_loss_or_doubles() {
     let dir = TestDir::new("drop");
     // alice reaches home A only through a CONNECT proxy; killing it cuts her link.
     let net = Network::start(&dir.path).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = popupd_e2e::free_port();
     let proxy_addr = format!("127.0.0.1:{port}");
     let mut proxy = popupd_e2e::Proc::spawn(
         &[

@@ -56,11 +56,7 @@ async fn bad_plugins_are_refused_or_disabled_and_lose_nothing() {
         .unwrap();
     alice
         .wait_for("all delivered", T, |s| {
-            ids.iter().all(|i| {
-                s.status
-                    .get(i)
-                    .is_some_and(|v| v.contains(&"delivered".into()))
-            })
+            ids.iter().all(|i| s.reached(i, "delivered"))
         })
         .await
         .unwrap();

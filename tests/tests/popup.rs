@@ -70,9 +70,30 @@ async fn wait_file_contains(p: &Path, what: &str) -> String {
     }
 }
 
-/// dunst on `agent`'s private bus and `display`, with `extra` dunstrc lines
-/// in `[global]`; returns once it owns org.freedesktop.Notifications.
-async fn start_dunst(dir: &Path, display: &str, agent: &Agent, extra: &str) -> Proc {
+/// dunst on `agent`'s private bus and `display`; returns once it owns
+/// org.freedesktop.Notifications. With `pick`, its context menu runs a
+/// dmenu-style picker that records the menu in `DIR/menu.txt` and picks the
+/// first entry containing `pick`, as a person would.
+async fn start_dunst(dir: &Path, display: &str, agent: &Agent, pick: Option<&str>) -> Proc {
+    let extra = match pick {
+        None => String::new(),
+        Some(label) => {
+            let picker = dir.join("pick.sh");
+            let menu = dir.join("menu.txt");
+            std::fs::write(
+                &picker,
+                format!("#!/bin/sh\ntee {} | grep -m1 {label}\n", menu.display()),
+            )
+            .unwrap();
+            let st = Command::new("chmod")
+                .arg("+x")
+                .arg(&picker)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            format!("  dmenu = {}\n", picker.display())
+        }
+    };
     let rc = dir.join("dunstrc");
     std::fs::write(&rc, format!("[global]\n  font = Monospace 12\n  markup = full\n  width = 400\n  offset = 20x20\n{extra}[urgency_normal]\n  timeout = 0\n")).unwrap();
     let mut dunst_cmd = vec![
@@ -97,6 +118,17 @@ async fn start_dunst(dir: &Path, display: &str, agent: &Agent, extra: &str) -> P
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     dunst
+}
+
+/// Waits until dunst shows `n` popups.
+async fn wait_displayed(agent: &Agent, n: usize, what: &str) {
+    let deadline = std::time::Instant::now() + T;
+    while String::from_utf8_lossy(&dunstctl(agent, &["count", "displayed"]).stdout).trim()
+        != n.to_string()
+    {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `dunstctl ARGS` against the dunst on `agent`'s bus.
@@ -128,37 +160,11 @@ async fn a_contact_request_pops_up_and_accept_in_it_works() {
         &format!("  plugin_dirs: [{}]\n", pd.display()),
     )
     .await;
-    // dunst's context menu runs a dmenu-style picker: this one records the
-    // menu and picks Accept, as a person would.
     let menu = dir.path.join("menu.txt");
-    let picker = dir.path.join("pick.sh");
-    std::fs::write(
-        &picker,
-        format!("#!/bin/sh\ntee {} | grep -m1 Accept\n", menu.display()),
-    )
-    .unwrap();
-    Command::new("chmod")
-        .arg("+x")
-        .arg(&picker)
-        .status()
-        .unwrap();
-    let _dunst = start_dunst(
-        &dir.path,
-        &display,
-        &bob,
-        &format!("  dmenu = {}\n", picker.display()),
-    )
-    .await;
+    let _dunst = start_dunst(&dir.path, &display, &bob, Some("Accept")).await;
 
     assert!(alice.popupctl(&["contacts", "add", "bob"]).status.success());
-    let deadline = std::time::Instant::now() + T;
-    while String::from_utf8_lossy(&dunstctl(&bob, &["count", "displayed"]).stdout).trim() != "1" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the request never popped up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_displayed(&bob, 1, "the request never popped up").await;
     if have("import") {
         let _ = screenshot(&display, "contact-request-dunst.png");
     }
@@ -197,7 +203,7 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
     )
     .await;
 
-    let _dunst = start_dunst(&dir.path, &display, &bob, "").await;
+    let _dunst = start_dunst(&dir.path, &display, &bob, None).await;
     let monitor_out = dir.path.join("monitor.txt");
     let _monitor = Proc::spawn(
         &[
@@ -241,15 +247,7 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
     );
 
     // It is on screen.
-    let dctl = |args: &[&str]| dunstctl(&bob, args);
-    let deadline = std::time::Instant::now() + T;
-    while String::from_utf8_lossy(&dctl(&["count", "displayed"]).stdout).trim() != "1" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "dunst never displayed it"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_displayed(&bob, 1, "dunst never displayed it").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     if have("import") {
         let shot = screenshot(&display, "popup-dunst.png").expect("screenshot");
@@ -259,15 +257,8 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
     }
 
     // A click (the default action) marks it read, and alice is told.
-    assert!(dctl(&["action", "0"]).status.success());
-    alice
-        .wait_for("read", T, |s| {
-            s.status
-                .get(&id)
-                .is_some_and(|v| v.contains(&"read".into()))
-        })
-        .await
-        .unwrap();
+    assert!(dunstctl(&bob, &["action", "0"]).status.success());
+    alice.wait_status(&id, "read", T).await.unwrap();
 }
 
 /// A notification server that answers every popup with a reply typed
@@ -436,14 +427,7 @@ async fn inline_reply_in_the_popup_reaches_the_sender() {
         })
         .await
         .unwrap();
-    alice
-        .wait_for("read", T, |s| {
-            s.status
-                .get(&id)
-                .is_some_and(|v| v.contains(&"read".into()))
-        })
-        .await
-        .unwrap();
+    alice.wait_status(&id, "read", T).await.unwrap();
     let c = calls.lock().unwrap().clone();
     assert_eq!(c[0].0, "alice");
     assert_eq!(c[0].1, "coffee?");
@@ -478,21 +462,7 @@ async fn reply_button_opens_the_compose_window_and_the_reply_arrives() {
         bin("popupctl").display()
     );
     let (_net, alice, bob) = two_people(&dir.path, "", &extra).await;
-    // dunst's context menu runs a dmenu-style picker: this one picks Reply.
-    let picker = dir.path.join("pick.sh");
-    std::fs::write(&picker, "#!/bin/sh\ngrep -m1 Reply\n").unwrap();
-    Command::new("chmod")
-        .arg("+x")
-        .arg(&picker)
-        .status()
-        .unwrap();
-    let _dunst = start_dunst(
-        &dir.path,
-        &display,
-        &bob,
-        &format!("  dmenu = {}\n", picker.display()),
-    )
-    .await;
+    let _dunst = start_dunst(&dir.path, &display, &bob, Some("Reply")).await;
 
     let id = alice
         .proxy()
@@ -501,14 +471,7 @@ async fn reply_button_opens_the_compose_window_and_the_reply_arrives() {
         .send("bob", "are you coming?")
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + T;
-    while String::from_utf8_lossy(&dunstctl(&bob, &["count", "displayed"]).stdout).trim() != "1" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the message never popped up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_displayed(&bob, 1, "the message never popped up").await;
     // bob opens the popup's menu and picks Reply: a compose window opens on
     // his display.
     let mut arrivals = alice

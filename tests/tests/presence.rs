@@ -159,14 +159,7 @@ async fn contacts_see_each_others_presence_across_homes() {
         ["queued", "accepted"].contains(&status.as_str()),
         "{status}"
     );
-    alice
-        .wait_for("accepted", T, |s| {
-            s.status
-                .get(&id)
-                .is_some_and(|v| v.contains(&"accepted".into()))
-        })
-        .await
-        .unwrap();
+    alice.wait_status(&id, "accepted", T).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         p.message(&id).await.unwrap().status,
@@ -248,14 +241,7 @@ async fn strangers_see_nothing_and_the_blocked_cannot_tell_who_exists() {
     let to_alice = p.send("alice", "hello?").await.unwrap();
     let to_nobody = p.send("nobody", "hello?").await.unwrap();
     for id in [&to_alice, &to_nobody] {
-        carol
-            .wait_for("failed", T, |s| {
-                s.status
-                    .get(id.as_str())
-                    .is_some_and(|v| v.iter().any(|x| x == "failed"))
-            })
-            .await
-            .unwrap();
+        carol.wait_status(id, "failed", T).await.unwrap();
     }
     let reason = |id: &str| {
         let h = ok(carol.popupctl(&["history", "-n", "10", "--json"]));

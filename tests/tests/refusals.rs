@@ -9,7 +9,7 @@ use popupd::protocol::{
     AGENT_PATH, AgentFrame, ErrorCode, HomeFrame, Message, PEER_PATH, PROTOCOL_VERSION, PeerFrame,
     new_id,
 };
-use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, popupd};
+use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, popupd, secret_of};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -36,15 +36,6 @@ async fn next_home(link: &mut Link<net::ClientTls>) -> HomeFrame {
             other => panic!("expected a frame, got {other:?}"),
         }
     }
-}
-
-/// The secret of an agent config written by `popupd user add`.
-fn secret_of(cfg: &std::path::Path) -> String {
-    let y = std::fs::read_to_string(cfg).unwrap();
-    y.lines()
-        .find_map(|l| l.trim().strip_prefix("secret: "))
-        .unwrap()
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +85,7 @@ async fn bad_input_is_refused_clearly_and_breaks_nothing() {
         v: PROTOCOL_VERSION,
         handle: "alice".into(),
         device: "desktop".into(),
-        secret: secret_of(&a_cfg),
+        secret: secret_of(&a_cfg).unwrap(),
         presence: None,
     })
     .await

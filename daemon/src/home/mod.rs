@@ -117,21 +117,16 @@ async fn report_status(home: Arc<Home>) {
     let mut last = (0, 0, 0);
     loop {
         let (users, devices) = home.registry.online();
-        let st = &home.hub.stats;
+        let counters = home.hub.stats.snapshot();
         let line = format!(
             "home {}: {users} users online ({devices} devices), {} peer homes linked; presence: {} changes, {} to agents, {} to peers",
             home.cfg.name,
             home.peers.active(),
-            st.changes.load(std::sync::atomic::Ordering::Relaxed),
-            st.to_agents.load(std::sync::atomic::Ordering::Relaxed),
-            st.to_peers.load(std::sync::atomic::Ordering::Relaxed),
+            counters.0,
+            counters.1,
+            counters.2,
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
-        let counters = (
-            st.changes.load(std::sync::atomic::Ordering::Relaxed),
-            st.to_agents.load(std::sync::atomic::Ordering::Relaxed),
-            st.to_peers.load(std::sync::atomic::Ordering::Relaxed),
-        );
         if counters != last {
             last = counters;
             tracing::debug!(
@@ -321,11 +316,11 @@ pub async fn run(
             }
         });
     }
-    let st = &home.hub.stats;
+    let st = home.hub.stats.snapshot();
     tracing::info!(home = %home.cfg.name,
-        presence_changes = st.changes.load(std::sync::atomic::Ordering::Relaxed),
-        presence_to_agents = st.to_agents.load(std::sync::atomic::Ordering::Relaxed),
-        presence_to_peers = st.to_peers.load(std::sync::atomic::Ordering::Relaxed),
+        presence_changes = st.0,
+        presence_to_agents = st.1,
+        presence_to_peers = st.2,
         "home stopping");
     // Let connections send their goodbyes and in-flight commits finish.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {

@@ -120,6 +120,17 @@ pub struct Stats {
     pub to_peers: AtomicU64,
 }
 
+impl Stats {
+    /// (changes, to agents, to peers) now.
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.changes.load(Ordering::Relaxed),
+            self.to_agents.load(Ordering::Relaxed),
+            self.to_peers.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// The presence hub of one home.
 #[derive(Default)]
 pub struct Hub {

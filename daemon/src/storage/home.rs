@@ -214,8 +214,6 @@ pub trait HomeStore: super::Batchable {
     /// Of `users` (ours), those that accepted at least one user of `home`:
     /// the ones whose presence `home` may see.
     fn visible_to_home(&mut self, home: &str, users: &[String]) -> Result<Vec<String>, StoreError>;
-    /// Homes our users have accepted contacts on.
-    fn contact_homes(&mut self) -> Result<Vec<String>, StoreError>;
     /// Makes `owner` and `peer` accepted contacts on this home's side at
     /// once (bulk setup for administrators and benchmarks); `peer_home` is
     /// the peer's home if not this one.
@@ -365,13 +363,24 @@ impl SqliteHome {
         }
     }
 
-    fn relation(&mut self, owner: &str, peer: &str) -> Result<Option<Relation>, StoreError> {
-        let r: Option<String> = self
+    /// `owner`'s relation with `peer`, and the peer's home if known.
+    fn contact_row(
+        &mut self,
+        owner: &str,
+        peer: &str,
+    ) -> Result<Option<(Relation, Option<String>)>, StoreError> {
+        let r: Option<(String, Option<String>)> = self
             .conn
-            .prepare_cached("SELECT relation FROM contacts WHERE owner = ?1 AND peer = ?2")?
-            .query_row(params![owner, peer], |r| r.get(0))
+            .prepare_cached(
+                "SELECT relation, peer_home FROM contacts WHERE owner = ?1 AND peer = ?2",
+            )?
+            .query_row(params![owner, peer], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        Ok(r.and_then(|r| Relation::parse(&r)))
+        Ok(r.and_then(|(rel, home)| Some((Relation::parse(&rel)?, home))))
+    }
+
+    fn relation(&mut self, owner: &str, peer: &str) -> Result<Option<Relation>, StoreError> {
+        Ok(self.contact_row(owner, peer)?.map(|r| r.0))
     }
 
     /// Sets (or with `None` deletes) `owner`'s relation with `peer`. A
@@ -945,13 +954,9 @@ impl HomeStore for SqliteHome {
         if owner == peer {
             return Err(StoreError::Conflict("that is you".into()));
         }
-        let cur = self.relation(owner, peer)?;
-        let home: Option<String> = self
-            .conn
-            .prepare_cached("SELECT peer_home FROM contacts WHERE owner = ?1 AND peer = ?2")?
-            .query_row(params![owner, peer], |r| r.get(0))
-            .optional()?
-            .flatten();
+        let row = self.contact_row(owner, peer)?;
+        let cur = row.as_ref().map(|r| r.0);
+        let home = row.and_then(|r| r.1);
         let dest = home.as_deref().or(dest);
         match op {
             ContactOp::Add => match cur {
@@ -1039,14 +1044,6 @@ impl HomeStore for SqliteHome {
             }
         }
         Ok(out)
-    }
-
-    fn contact_homes(&mut self) -> Result<Vec<String>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT DISTINCT peer_home FROM contacts WHERE peer_home IS NOT NULL AND relation = 'accepted'",
-        )?;
-        let rows = st.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn link_contacts(

@@ -27,7 +27,7 @@ use anyhow::{Context as _, bail};
 use futures_util::StreamExt;
 use popupd::net::{self, Dial, Recv, tls};
 use popupd::protocol::{AGENT_PATH, AgentFrame, Event, HomeFrame, PROTOCOL_VERSION, new_id};
-use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir};
+use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, secret_of};
 
 mod presence;
 
@@ -110,14 +110,6 @@ pub(crate) fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn secret_of(cfg: &std::path::Path) -> anyhow::Result<String> {
-    let y = std::fs::read_to_string(cfg)?;
-    y.lines()
-        .find_map(|l| l.trim().strip_prefix("secret: "))
-        .map(str::to_owned)
-        .context("no secret in agent config")
 }
 
 async fn login(
@@ -579,6 +571,81 @@ async fn agent_cost() -> anyhow::Result<()> {
 /// here is 20,000 per process).
 pub(crate) const PER_WORKER: usize = 9000;
 
+/// What both kinds of load worker share: accounts to log in (lines
+/// FIRST.. of CREDS) to one home, from one source address.
+pub(crate) struct Logins {
+    pub(crate) creds: Vec<(String, String, String)>,
+    source: std::net::IpAddr,
+    target: std::net::SocketAddr,
+    dial: Dial,
+    /// Handshakes at once.
+    gate: tokio::sync::Semaphore,
+}
+
+impl Logins {
+    /// From the arguments `ADDR NAME CA CREDS FIRST COUNT SOURCE_IP`.
+    pub(crate) fn parse(v: &[String]) -> anyhow::Result<Logins> {
+        anyhow::ensure!(v.len() >= 7, "ADDR NAME CA CREDS FIRST COUNT SOURCE_IP");
+        let creds = std::fs::read_to_string(&v[3])?
+            .lines()
+            .skip(v[4].parse()?)
+            .take(v[5].parse()?)
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                Some((
+                    f.next()?.to_string(),
+                    f.next()?.to_string(),
+                    f.next()?.to_string(),
+                ))
+            })
+            .collect();
+        Ok(Logins {
+            creds,
+            source: v[6].parse()?,
+            target: v[0].parse()?,
+            dial: Dial {
+                address: v[0].clone(),
+                name: v[1].clone(),
+                path: AGENT_PATH,
+                tls: tls::client_config(tls::roots_from(std::path::Path::new(&v[2]))?, None)?,
+                proxy: None,
+            },
+            gate: tokio::sync::Semaphore::new(128),
+        })
+    }
+
+    /// Logs account `i` in, as an agent without presence.
+    pub(crate) async fn login(&self, i: usize) -> anyhow::Result<net::Link<net::ClientTls>> {
+        let _permit = self.gate.acquire().await?;
+        let (handle, device, secret) = self.creds[i].clone();
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(std::net::SocketAddr::new(self.source, 0))?;
+        let tcp = sock.connect(self.target).await?;
+        let mut link = net::dial_over(tcp, &self.dial).await?;
+        link.send(&AgentFrame::Hello {
+            v: PROTOCOL_VERSION,
+            handle,
+            device,
+            secret,
+            presence: None,
+        })
+        .await?;
+        match link.recv::<HomeFrame>().await? {
+            Recv::Frame(HomeFrame::Welcome { .. }) => Ok(link),
+            other => Err(anyhow::anyhow!("{other:?}")),
+        }
+    }
+}
+
+/// Waits for a line (or the end) on stdin: the driver's signal.
+pub(crate) async fn stdin_line() {
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut buf = String::new();
+        std::io::stdin().read_line(&mut buf)
+    })
+    .await;
+}
+
 /// `popupd-bench worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP`: holds
 /// COUNT authenticated back connections (lines FIRST.. of CREDS), pinging
 /// every 25 s like an agent, until stdin closes. Prints `ready N FAILED SECS`.
@@ -588,51 +655,14 @@ async fn worker() -> anyhow::Result<()> {
         v.len() == 7,
         "worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP"
     );
-    let (addr, name, ca) = (v[0].clone(), v[1].clone(), v[2].clone());
-    let creds: Vec<(String, String, String)> = std::fs::read_to_string(&v[3])?
-        .lines()
-        .skip(v[4].parse()?)
-        .take(v[5].parse()?)
-        .filter_map(|l| {
-            let mut f = l.split('\t');
-            Some((
-                f.next()?.to_string(),
-                f.next()?.to_string(),
-                f.next()?.to_string(),
-            ))
-        })
-        .collect();
-    let source: std::net::IpAddr = v[6].parse()?;
-    let target: std::net::SocketAddr = addr.parse()?;
-    let dial = Arc::new(Dial {
-        address: addr,
-        name,
-        path: AGENT_PATH,
-        tls: tls::client_config(tls::roots_from(std::path::Path::new(&ca))?, None)?,
-        proxy: None,
-    });
-    let gate = Arc::new(tokio::sync::Semaphore::new(128));
+    let logins = Arc::new(Logins::parse(&v)?);
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let (up_tx, mut up_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
-    for (handle, device, secret) in creds.iter().cloned() {
-        let (dial, gate, up) = (dial.clone(), gate.clone(), up_tx.clone());
+    for i in 0..logins.creds.len() {
+        let (logins, up) = (logins.clone(), up_tx.clone());
         tasks.spawn(async move {
-            let permit = gate.acquire_owned().await;
-            let link = async {
-                let sock = tokio::net::TcpSocket::new_v4()?;
-                sock.bind(std::net::SocketAddr::new(source, 0))?;
-                let tcp = sock.connect(target).await?;
-                let mut link = net::dial_over(tcp, &dial).await?;
-                link.send(&AgentFrame::Hello { v: PROTOCOL_VERSION, handle, device, secret, presence: None }).await?;
-                match link.recv::<HomeFrame>().await? {
-                    Recv::Frame(HomeFrame::Welcome { .. }) => Ok(link),
-                    other => Err(anyhow::anyhow!("{other:?}")),
-                }
-            }
-            .await;
-            drop(permit);
-            let Ok(mut link) = link else {
+            let Ok(mut link) = logins.login(i).await else {
                 let _ = up.send(false);
                 return;
             };
@@ -648,7 +678,7 @@ async fn worker() -> anyhow::Result<()> {
     }
     drop(up_tx);
     let (mut ok, mut failed) = (0usize, 0usize);
-    while ok + failed < creds.len() {
+    while ok + failed < logins.creds.len() {
         match up_rx.recv().await {
             Some(true) => ok += 1,
             Some(false) => failed += 1,
@@ -657,8 +687,7 @@ async fn worker() -> anyhow::Result<()> {
     }
     println!("ready {ok} {failed} {:.3}", t0.elapsed().as_secs_f64());
     // Hold until the driver closes stdin.
-    let mut buf = String::new();
-    let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut buf)).await;
+    stdin_line().await;
     tasks.abort_all();
     Ok(())
 }

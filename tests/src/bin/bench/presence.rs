@@ -12,17 +12,17 @@
 //! so latency needs no bookkeeping between processes.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use popupd::net::{self, Dial, Recv, tls};
-use popupd::protocol::{AGENT_PATH, AgentFrame, HomeFrame, PROTOCOL_VERSION, PresenceState};
+use popupd::net::Recv;
+use popupd::protocol::{AgentFrame, HomeFrame, PresenceState};
 use popupd_e2e::{HOME_A, HOME_B, Network, TestDir};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use super::{Args, PER_WORKER, ms, pct};
+use super::{Args, Logins, PER_WORKER, ms, pct, stdin_line};
 
 fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -92,7 +92,7 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     let local = a.contacts / 2;
     let remote = a.contacts - local;
     anyhow::ensure!(
-        per_home % 2 == 0 && local / 2 < per_home / 2 && remote <= per_home,
+        per_home.is_multiple_of(2) && local / 2 < per_home / 2 && remote <= per_home,
         "--users must be a multiple of 4 and well above --contacts"
     );
     let dir = TestDir::new("bench-presence");
@@ -293,77 +293,25 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
 /// presence of random users of its own at RATE per second for SECONDS,
 /// recording the latency (µs) of every change it sees as a watcher into
 /// OUT; prints `done SENT RECEIVED` and holds until stdin closes.
-/// Waits for a line (or the end) on stdin: the driver's signal.
-async fn stdin_line() {
-    let _ = tokio::task::spawn_blocking(|| {
-        let mut buf = String::new();
-        std::io::stdin().read_line(&mut buf)
-    })
-    .await;
-}
-
 pub(crate) async fn worker() -> anyhow::Result<()> {
     let v: Vec<String> = std::env::args().skip(2).collect();
     anyhow::ensure!(
         v.len() == 10,
         "presence-worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP RATE SECONDS OUT"
     );
-    let creds: Vec<(String, String, String)> = std::fs::read_to_string(&v[3])?
-        .lines()
-        .skip(v[4].parse()?)
-        .take(v[5].parse()?)
-        .filter_map(|l| {
-            let mut f = l.split('\t');
-            Some((
-                f.next()?.to_string(),
-                f.next()?.to_string(),
-                f.next()?.to_string(),
-            ))
-        })
-        .collect();
-    let source: std::net::IpAddr = v[6].parse()?;
+    let logins = Arc::new(Logins::parse(&v)?);
     let rate: f64 = v[7].parse()?;
     let seconds: u64 = v[8].parse()?;
     let out = PathBuf::from(&v[9]);
-    let target: std::net::SocketAddr = v[0].parse()?;
-    let dial = Arc::new(Dial {
-        address: v[0].clone(),
-        name: v[1].clone(),
-        path: AGENT_PATH,
-        tls: tls::client_config(tls::roots_from(Path::new(&v[2]))?, None)?,
-        proxy: None,
-    });
     let lat: Arc<Mutex<Vec<u32>>> = Arc::default();
-    let gate = Arc::new(tokio::sync::Semaphore::new(128));
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let (up_tx, mut up_rx) =
         tokio::sync::mpsc::unbounded_channel::<Option<tokio::sync::mpsc::UnboundedSender<()>>>();
-    for (handle, device, secret) in creds.iter().cloned() {
-        let (dial, gate, up, lat) = (dial.clone(), gate.clone(), up_tx.clone(), lat.clone());
+    for i in 0..logins.creds.len() {
+        let (logins, up, lat) = (logins.clone(), up_tx.clone(), lat.clone());
         tasks.spawn(async move {
-            let permit = gate.acquire_owned().await;
-            let link = async {
-                let sock = tokio::net::TcpSocket::new_v4()?;
-                sock.bind(std::net::SocketAddr::new(source, 0))?;
-                let tcp = sock.connect(target).await?;
-                let mut link = net::dial_over(tcp, &dial).await?;
-                link.send(&AgentFrame::Hello {
-                    v: PROTOCOL_VERSION,
-                    handle,
-                    device,
-                    secret,
-                    presence: None,
-                })
-                .await?;
-                match link.recv::<HomeFrame>().await? {
-                    Recv::Frame(HomeFrame::Welcome { .. }) => Ok(link),
-                    other => Err(anyhow::anyhow!("{other:?}")),
-                }
-            }
-            .await;
-            drop(permit);
-            let Ok(mut link) = link else {
+            let Ok(mut link) = logins.login(i).await else {
                 let _ = up.send(None);
                 return;
             };
@@ -398,7 +346,7 @@ pub(crate) async fn worker() -> anyhow::Result<()> {
     drop(up_tx);
     let mut links = Vec::new();
     let mut failed = 0usize;
-    while links.len() + failed < creds.len() {
+    while links.len() + failed < logins.creds.len() {
         match up_rx.recv().await {
             Some(Some(tx)) => links.push(tx),
             Some(None) => failed += 1,
