@@ -456,8 +456,10 @@ impl AgentConn {
                 pending.push_back(Box::pin(async move { Done::Accepted(id, p.await) }));
             }
             AgentFrame::Ack { seq } => {
+                // Lazy: if a power cut undoes the ack, the events after the
+                // older ack are sent again and the agent drops what it has.
                 let (h, d) = (self.handle.clone(), self.device.clone());
-                let p = store.submit(move |s| {
+                let p = store.submit_lazy(move |s| {
                     let mut fx = Effects::default();
                     s.ack(&h, &d, seq, &mut fx)?;
                     Ok(fx)

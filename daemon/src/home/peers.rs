@@ -496,7 +496,9 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
         PeerFrame::Ack { n, refused } => {
             inflight.remove(&n);
             let p = match refused {
-                None => store.submit(move |s| {
+                // Lazy: an item a power cut brings back is forwarded again,
+                // and the peer drops it by id.
+                None => store.submit_lazy(move |s| {
                     s.outq_done(n)?;
                     Ok(Effects::default())
                 }),

@@ -10,6 +10,13 @@
 //! **Architecture Invariant:** callers see a result only after the commit
 //! that holds it; submission order is commit order.
 //!
+//! Jobs whose loss in a power cut costs nothing but a repeat (an agent's
+//! ack: the message is delivered again and the agent drops the duplicate)
+//! are submitted *lazy*. A batch of only lazy jobs commits without waiting
+//! for the disk; the next durable commit's fsync covers it too, because the
+//! write-ahead log is written in order. A process crash loses nothing
+//! either way: the commit is in the kernel's page cache.
+//!
 //! The home's store is a trait ([`home::HomeStore`]) so that a deployment that
 //! outgrows one machine can put another engine behind the same methods.
 
@@ -56,6 +63,9 @@ pub trait Batchable: Send {
     fn job_begin(&mut self) -> Result<(), StoreError>;
     /// Ends the job: keep its writes (`ok`) or undo them.
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError>;
+    /// Whether the next commits wait for the disk (called between
+    /// transactions, only when the answer changes).
+    fn set_durable(&mut self, durable: bool) -> Result<(), StoreError>;
 }
 
 impl<T: Batchable + ?Sized> Batchable for Box<T> {
@@ -74,10 +84,18 @@ impl<T: Batchable + ?Sized> Batchable for Box<T> {
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
         (**self).job_end(ok)
     }
+    fn set_durable(&mut self, durable: bool) -> Result<(), StoreError> {
+        (**self).set_durable(durable)
+    }
 }
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-type Job<S> = Box<dyn FnOnce(&mut S) -> (bool, Completion) + Send>;
+
+struct Job<S> {
+    /// Must be on disk before the caller hears of it.
+    durable: bool,
+    run: Box<dyn FnOnce(&mut S) -> (bool, Completion) + Send>,
+}
 
 /// Most jobs in one transaction.
 const MAX_BATCH: usize = 2048;
@@ -103,12 +121,21 @@ impl<S: Batchable + 'static> Batcher<S> {
         std::thread::Builder::new()
             .name(format!("store-{name}"))
             .spawn(move || {
+                let mut durable = None;
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
                         match rx.try_recv() {
                             Ok(j) => batch.push(j),
                             Err(_) => break,
+                        }
+                    }
+                    let want = batch.iter().any(|j| j.durable);
+                    if durable != Some(want) {
+                        match store.set_durable(want) {
+                            Ok(()) => durable = Some(want),
+                            // Stay on the safe side: durable until told otherwise.
+                            Err(e) => tracing::error!("storage: cannot set durability: {e}"),
                         }
                     }
                     run_batch(&mut store, batch);
@@ -118,14 +145,33 @@ impl<S: Batchable + 'static> Batcher<S> {
     }
 
     /// Queues `f` now (so submission order is commit order) and returns a
-    /// future of its result, ready once committed.
+    /// future of its result, ready once committed and on disk.
     pub fn submit<R, F>(&self, f: F) -> Pending<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
     {
+        self.queue(true, f)
+    }
+
+    /// Like [`submit`](Self::submit), for a job that a power cut may undo
+    /// because repeating it is harmless: ready once committed, possibly
+    /// before the disk has it.
+    pub fn submit_lazy<R, F>(&self, f: F) -> Pending<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.queue(false, f)
+    }
+
+    fn queue<R, F>(&self, durable: bool, f: F) -> Pending<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        let job: Job<S> = Box::new(move |s: &mut S| {
+        let run = Box::new(move |s: &mut S| {
             let r = f(s);
             let ok = r.is_ok();
             let done: Completion = Box::new(move |commit| {
@@ -133,6 +179,7 @@ impl<S: Batchable + 'static> Batcher<S> {
             });
             (ok, done)
         });
+        let job = Job { durable, run };
         // If the thread is gone, the job (and its sender) is dropped and the
         // receiver reports Closed.
         let _ = self.tx.send(job);
@@ -163,7 +210,7 @@ fn run_batch<S: Batchable>(store: &mut S, batch: Vec<Job<S>>) {
         if let Err(e) = store.job_begin() {
             tracing::error!("storage: savepoint: {e}");
         }
-        let (ok, c) = job(store);
+        let (ok, c) = (job.run)(store);
         if let Err(e) = store.job_end(ok) {
             tracing::error!("storage: release savepoint: {e}");
         }
@@ -203,6 +250,18 @@ pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, Store
     let c = rusqlite::Connection::open(path)
         .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", path.display())))?;
     c.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Every statement on the hot paths is prepared once and kept: rusqlite's
+    // default of 16 is fewer than the home's message path uses, and an
+    // evicted statement is parsed again on its next use.
+    c.set_prepared_statement_cache_capacity(64);
+    // Keep each statement's plan for good: without this, SQLite re-plans a
+    // statement on every new parameter value where the value could change
+    // the plan (a LIMIT ?, a subquery), which on the ack path cost a full
+    // parse per message.
+    c.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     c.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
@@ -211,25 +270,49 @@ pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, Store
     Ok(c)
 }
 
+/// Runs a statement without parameters from the statement cache: the batch
+/// machinery runs these thousands of times a second.
+fn run_cached(c: &rusqlite::Connection, sql: &str) -> Result<(), rusqlite::Error> {
+    c.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// In WAL mode `NORMAL` skips the fsync at commit; `FULL` does it, and it
+/// covers every earlier commit in the log.
+pub(crate) fn sqlite_set_durable(
+    c: &rusqlite::Connection,
+    durable: bool,
+) -> Result<(), StoreError> {
+    run_cached(
+        c,
+        if durable {
+            "PRAGMA synchronous = FULL"
+        } else {
+            "PRAGMA synchronous = NORMAL"
+        },
+    )?;
+    Ok(())
+}
+
 /// [`Batchable`] for a plain SQLite connection.
 pub(crate) fn sqlite_begin(c: &rusqlite::Connection) -> Result<(), StoreError> {
-    c.execute_batch("BEGIN IMMEDIATE")?;
+    run_cached(c, "BEGIN IMMEDIATE")?;
     Ok(())
 }
 pub(crate) fn sqlite_commit(c: &rusqlite::Connection) -> Result<(), StoreError> {
-    c.execute_batch("COMMIT")?;
+    run_cached(c, "COMMIT")?;
     Ok(())
 }
 pub(crate) fn sqlite_rollback(c: &rusqlite::Connection) {
     let _ = c.execute_batch("ROLLBACK");
 }
 pub(crate) fn sqlite_job_begin(c: &rusqlite::Connection) -> Result<(), StoreError> {
-    c.execute_batch("SAVEPOINT job")?;
+    run_cached(c, "SAVEPOINT job")?;
     Ok(())
 }
 pub(crate) fn sqlite_job_end(c: &rusqlite::Connection, ok: bool) -> Result<(), StoreError> {
     if ok {
-        c.execute_batch("RELEASE job")?;
+        run_cached(c, "RELEASE job")?;
     } else {
         c.execute_batch("ROLLBACK TO job; RELEASE job")?;
     }
@@ -254,6 +337,9 @@ macro_rules! sqlite_batchable {
             }
             fn job_end(&mut self, ok: bool) -> Result<(), $crate::storage::StoreError> {
                 $crate::storage::sqlite_job_end(&self.conn, ok)
+            }
+            fn set_durable(&mut self, durable: bool) -> Result<(), $crate::storage::StoreError> {
+                $crate::storage::sqlite_set_durable(&self.conn, durable)
             }
         }
     };

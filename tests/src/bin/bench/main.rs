@@ -226,12 +226,16 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
     for (i, (h, s)) in senders.iter().enumerate() {
         let mut link = login(&net, 0, HOME_A, h, s, &ca).await?;
         let n = a.recipients.max(1);
+        let senders_n = a.senders.max(1);
         stasks.push(tokio::spawn(async move {
             let mut sent = 0usize;
             let mut accepted = 0usize;
             const WINDOW: usize = 512;
-            // Message k of this sender is due at t0 + k × interval.
-            let due = |k: usize| paced.map(|iv| t0 + iv.mul_f64(k as f64));
+            // Message k of sender i is due at t0 + (k + i/senders) × interval:
+            // the senders take turns, so the home sees an even stream rather
+            // than every sender's message in the same instant.
+            let phase = i as f64 / senders_n as f64;
+            let due = |k: usize| paced.map(|iv| t0 + iv.mul_f64(k as f64 + phase));
             while accepted < per_sender && t0.elapsed() < deadline {
                 while sent < per_sender
                     && sent - accepted < WINDOW
