@@ -173,6 +173,17 @@ enum Done {
 }
 type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
+/// What woke a connection's actor.
+enum Wake {
+    Shutdown,
+    Replaced,
+    Done(Done),
+    Frame(Result<Recv<AgentFrame>, LinkError>),
+    Out(Out),
+    Lag,
+    Tick,
+}
+
 async fn refuse(mut link: Link<ServerTls>, code: ErrorCode, message: &str) {
     let _ = link
         .send(&HomeFrame::Error {
@@ -328,29 +339,64 @@ impl AgentConn {
         let mut bad = 0u32;
         let shutdown = self.home.shutdown.clone();
         loop {
-            let step: Result<(), LinkError> = tokio::select! {
-                _ = shutdown.cancelled() => {
+            // Frames are queued, not written, while more work is ready; the
+            // link is flushed once nothing is. Under load that makes one
+            // TLS record and one write of many frames.
+            let wake = {
+                let flush_due = link.needs_flush();
+                let next = async {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => Wake::Shutdown,
+                        _ = replaced.cancelled() => Wake::Replaced,
+                        Some(d) = pending.next(), if !pending.is_empty() => Wake::Done(d),
+                        r = link.recv::<AgentFrame>() => Wake::Frame(r),
+                        Some(out) = rx.recv() => Wake::Out(out),
+                        _ = lag.notified() => Wake::Lag,
+                        _ = check.tick() => Wake::Tick,
+                    }
+                };
+                if flush_due {
+                    // Every branch above is cancel-safe.
+                    match futures_util::FutureExt::now_or_never(next) {
+                        Some(w) => w,
+                        None => match link.flush().await {
+                            Ok(()) => continue,
+                            Err(e) => return e.to_string(),
+                        },
+                    }
+                } else {
+                    next.await
+                }
+            };
+            let step: Result<(), LinkError> = match wake {
+                Wake::Shutdown => {
                     // Flush what is committed, then say when to come back.
                     while let Some(d) = pending.next().await {
                         let _ = self.finish(link, d).await;
                     }
-                    let _ = link.send(&HomeFrame::Bye {
-                        reconnect_after_ms: 500 + fastrand::u64(0..1500),
-                    }).await;
+                    let _ = link
+                        .send(&HomeFrame::Bye {
+                            reconnect_after_ms: 500 + fastrand::u64(0..1500),
+                        })
+                        .await;
                     return "home shutting down".into();
                 }
-                _ = replaced.cancelled() => return "replaced by a newer connection, or revoked".into(),
-                Some(d) = pending.next(), if !pending.is_empty() => self.finish(link, d).await,
-                r = link.recv::<AgentFrame>() => {
+                Wake::Replaced => return "replaced by a newer connection, or revoked".into(),
+                Wake::Done(d) => self.finish(link, d).await,
+                Wake::Frame(r) => {
                     last_heard = Instant::now();
                     match r {
                         Ok(Recv::Frame(f)) => self.on_frame(link, f, pending).await,
                         Ok(Recv::Bad(e)) => {
                             bad += 1;
                             tracing::info!(peer = %self.peer, handle = %self.handle, "malformed frame: {e}");
-                            let r = link.send(&HomeFrame::Error {
-                                code: ErrorCode::BadFrame, message: e, id: None,
-                            }).await;
+                            let r = link
+                                .send(&HomeFrame::Error {
+                                    code: ErrorCode::BadFrame,
+                                    message: e,
+                                    id: None,
+                                })
+                                .await;
                             if bad > MAX_BAD_FRAMES {
                                 return "too many malformed frames".into();
                             }
@@ -359,26 +405,29 @@ impl AgentConn {
                         Ok(Recv::Alive) => Ok(()),
                         Ok(Recv::Closed) => return "closed by agent".into(),
                         Err(LinkError::TooLarge) => {
-                            let _ = link.send(&HomeFrame::Error {
-                                code: ErrorCode::TooLarge,
-                                message: format!("frames are limited to {} bytes", crate::protocol::MAX_FRAME),
-                                id: None,
-                            }).await;
+                            let _ = link
+                                .send(&HomeFrame::Error {
+                                    code: ErrorCode::TooLarge,
+                                    message: format!(
+                                        "frames are limited to {} bytes",
+                                        crate::protocol::MAX_FRAME
+                                    ),
+                                    id: None,
+                                })
+                                .await;
                             return "frame too large".into();
                         }
                         Err(e) => Err(e),
                     }
                 }
-                Some(out) = rx.recv() => match out {
-                    Out::Event(p) => self.on_push(link, &p).await,
-                    Out::Frame(f) => link.send_text(f.to_string()).await,
-                },
-                _ = lag.notified() => {
+                Wake::Out(Out::Event(p)) => self.on_push(link, &p).await,
+                Wake::Out(Out::Frame(f)) => link.feed_text(f.to_string()).await,
+                Wake::Lag => {
                     // Frames may have been dropped too: resend the list.
                     super::send_contacts(&self.home, &self.handle).await;
                     self.replay(link).await
                 }
-                _ = check.tick() => {
+                Wake::Tick => {
                     if last_heard.elapsed() > idle {
                         return format!("silent for {}", humantime::format_duration(idle));
                     }
@@ -544,7 +593,7 @@ impl AgentConn {
             Done::Accepted(id, Ok((_, fx))) => {
                 tracing::debug!(handle = %self.handle, msg_id = %id, "accepted");
                 self.home.apply(fx);
-                link.send(&HomeFrame::Accepted { id }).await
+                link.feed(&HomeFrame::Accepted { id }).await
             }
             Done::Accepted(id, Err(StoreError::Conflict(m))) => {
                 self.error(link, ErrorCode::Invalid, &m, Some(id)).await
@@ -607,7 +656,7 @@ impl AgentConn {
         if p.seq <= self.sent {
             Ok(())
         } else if p.seq == self.sent + 1 {
-            link.send_text(event_frame(p.seq, &p.event)).await?;
+            link.feed_text(event_frame(p.seq, &p.event)).await?;
             self.sent = p.seq;
             Ok(())
         } else {

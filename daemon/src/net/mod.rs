@@ -59,10 +59,13 @@ impl From<tungstenite::Error> for LinkError {
 /// WebSocket settings for every link. The read buffer is small because a
 /// home holds thousands of mostly idle connections; tungstenite's default
 /// (128 KiB, allocated up front) would cost that much per connection.
+/// Fed frames are gathered up to 8 KiB before they are written, so a busy
+/// link sends one TLS record for many frames; the buffer grows only when
+/// used.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(2048)
-        .write_buffer_size(0)
+        .write_buffer_size(8 * 1024)
         .max_write_buffer_size(4 * MAX_FRAME)
         .max_message_size(Some(MAX_FRAME))
         .max_frame_size(Some(MAX_FRAME))
@@ -84,6 +87,8 @@ pub enum Recv<T> {
 /// A WebSocket carrying JSON frames.
 pub struct Link<S> {
     ws: WebSocketStream<S>,
+    /// Frames were fed since the last flush.
+    unflushed: bool,
 }
 
 impl<S> Link<S>
@@ -91,14 +96,16 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     pub fn new(ws: WebSocketStream<S>) -> Self {
-        Link { ws }
+        Link {
+            ws,
+            unflushed: false,
+        }
     }
 
     /// Queues a frame without flushing; call [`Link::flush`] after a batch.
     pub async fn feed<T: Serialize>(&mut self, frame: &T) -> Result<(), LinkError> {
         let text = serde_json::to_string(frame).map_err(std::io::Error::other)?;
-        self.ws.feed(WsMessage::text(text)).await?;
-        Ok(())
+        self.feed_text(text).await
     }
 
     /// Sends one frame now.
@@ -109,23 +116,31 @@ where
 
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         self.ws.flush().await?;
+        self.unflushed = false;
         Ok(())
+    }
+
+    /// Whether fed frames wait for a [`Link::flush`].
+    pub fn needs_flush(&self) -> bool {
+        self.unflushed
     }
 
     /// Queues a frame already in JSON.
     pub async fn feed_text(&mut self, text: String) -> Result<(), LinkError> {
         self.ws.feed(WsMessage::text(text)).await?;
+        self.unflushed = true;
         Ok(())
     }
 
     /// Sends a frame already in JSON (or raw text, in tests of bad input).
     pub async fn send_text(&mut self, text: String) -> Result<(), LinkError> {
-        self.ws.send(WsMessage::text(text)).await?;
-        Ok(())
+        self.feed_text(text).await?;
+        self.flush().await
     }
 
     pub async fn ping(&mut self) -> Result<(), LinkError> {
         self.ws.send(WsMessage::Ping(Default::default())).await?;
+        self.unflushed = false;
         Ok(())
     }
 
