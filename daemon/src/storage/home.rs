@@ -20,7 +20,10 @@
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use super::{StoreError, open_sqlite, sqlite_batchable};
+use super::{
+    Batchable, Checkpointer, StoreError, open_sqlite, sqlite_begin, sqlite_commit,
+    sqlite_job_begin, sqlite_job_end, sqlite_rollback, sqlite_set_durable,
+};
 use crate::protocol::{ContactOp, Delivery, Event, Message, MsgId, NOT_ACCEPTED, Relation, now_ms};
 
 /// An item of the forward queue.
@@ -228,8 +231,31 @@ pub trait HomeStore: super::Batchable {
 /// [`HomeStore`] on SQLite.
 pub struct SqliteHome {
     conn: rusqlite::Connection,
+    checkpoints: Checkpointer,
 }
-sqlite_batchable!(SqliteHome);
+
+impl Batchable for SqliteHome {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        sqlite_begin(&self.conn)
+    }
+    fn commit(&mut self) -> Result<(), StoreError> {
+        sqlite_commit(&self.conn)?;
+        self.checkpoints.committed();
+        Ok(())
+    }
+    fn rollback(&mut self) {
+        sqlite_rollback(&self.conn)
+    }
+    fn job_begin(&mut self) -> Result<(), StoreError> {
+        sqlite_job_begin(&self.conn)
+    }
+    fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
+        sqlite_job_end(&self.conn, ok)
+    }
+    fn set_durable(&mut self, durable: bool) -> Result<(), StoreError> {
+        sqlite_set_durable(&self.conn, durable)
+    }
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users(
@@ -293,7 +319,8 @@ impl SqliteHome {
     pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
         let conn = open_sqlite(path)?;
         conn.execute_batch(SCHEMA)?;
-        Ok(SqliteHome { conn })
+        let checkpoints = Checkpointer::spawn(&conn, path)?;
+        Ok(SqliteHome { conn, checkpoints })
     }
 
     fn push_event(

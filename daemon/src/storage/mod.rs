@@ -274,6 +274,57 @@ pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, Store
     Ok(c)
 }
 
+/// Moves a busy WAL database's checkpoints off its storage thread.
+///
+/// SQLite checkpoints inside the commit that crosses 1,000 log pages: it
+/// copies the log into the database and fsyncs it, 3 to 7 ms here, and every
+/// job queued behind that commit waits. The owner turns automatic
+/// checkpoints off and calls [`Checkpointer::committed`] after each commit;
+/// every so many commits this thread runs a passive checkpoint on its own
+/// connection, which never blocks the writer.
+pub(crate) struct Checkpointer {
+    tx: mpsc::SyncSender<()>,
+    commits: u32,
+}
+
+/// Commits between checkpoints: about the 1,000 pages SQLite would wait for.
+const CHECKPOINT_EVERY: u32 = 100;
+
+impl Checkpointer {
+    /// Opens a second connection to `path`; `conn` (the writer's) stops
+    /// checkpointing by itself.
+    pub(crate) fn spawn(
+        conn: &rusqlite::Connection,
+        path: &std::path::Path,
+    ) -> Result<Self, StoreError> {
+        let ckpt = open_sqlite(path)?;
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
+        ckpt.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
+        let (tx, rx) = mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    let r = ckpt.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    if let Err(e) = r {
+                        tracing::warn!("storage: checkpoint failed (will retry): {e}");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Db(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(Checkpointer { tx, commits: 0 })
+    }
+
+    pub(crate) fn committed(&mut self) {
+        self.commits += 1;
+        if self.commits >= CHECKPOINT_EVERY {
+            self.commits = 0;
+            // Full means one is already due: nothing more to ask.
+            let _ = self.tx.try_send(());
+        }
+    }
+}
+
 /// Runs a statement without parameters from the statement cache: the batch
 /// machinery runs these thousands of times a second.
 fn run_cached(c: &rusqlite::Connection, sql: &str) -> Result<(), rusqlite::Error> {
