@@ -659,7 +659,17 @@ pub async fn connect_bus(address: &str) -> anyhow::Result<zbus::Connection> {
 /// A virtual X display, `:BASE+n` (each test its own base, as they run at
 /// once); returns it once it accepts clients.
 pub async fn start_xvfb(dir: &Path, base: u32) -> (Proc, String) {
-    let display = format!(":{}", base + std::process::id() % 200);
+    use std::os::unix::net::UnixStream;
+    let sock_of = |n: u32| PathBuf::from(format!("/tmp/.X11-unix/X{n}"));
+    // A display nobody answers on. A server killed with SIGKILL leaves its
+    // socket and lock file behind; those are stale and go.
+    let mut n = base + std::process::id() % 200;
+    while UnixStream::connect(sock_of(n)).is_ok() {
+        n += 1;
+    }
+    let _ = std::fs::remove_file(sock_of(n));
+    let _ = std::fs::remove_file(format!("/tmp/.X{n}-lock"));
+    let display = format!(":{n}");
     let x = Proc::spawn(
         &[
             "Xvfb".into(),
@@ -673,9 +683,8 @@ pub async fn start_xvfb(dir: &Path, base: u32) -> (Proc, String) {
         &dir.join("xvfb.log"),
     )
     .expect("start Xvfb");
-    let sock = PathBuf::from(format!("/tmp/.X11-unix/X{}", &display[1..]));
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
+    while UnixStream::connect(sock_of(n)).is_err() {
         assert!(Instant::now() < deadline, "Xvfb did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -25,7 +25,7 @@ use crate::protocol::{
     PresenceReport, PresenceState, now_ms, valid_handle, valid_id,
 };
 use crate::storage::home::{Effects, Push, SendOutcome};
-use crate::storage::{StoreError, secret_hash};
+use crate::storage::{StoreError, Ticket, secret_hash};
 use crate::task::Shutdown;
 
 /// Pushes queued for one connection before it counts as lagging.
@@ -166,7 +166,10 @@ impl Registry {
 }
 
 enum Done {
-    Accepted(MsgId, Result<(SendOutcome, Effects), StoreError>),
+    /// A message is committed: hand it on now, answer "accepted" once on disk.
+    Committed(MsgId, Result<((SendOutcome, Effects), Ticket), StoreError>),
+    /// The message is on disk (or the disk failed).
+    Accepted(MsgId, Result<(), StoreError>),
     Applied(Result<Effects, StoreError>),
     /// A contact-list change; an error goes back to the agent.
     Contact(String, Result<Effects, StoreError>),
@@ -315,7 +318,7 @@ impl AgentConn {
         // Commits that finished after the link failed still have effects
         // (pushes to recipients, forward-queue wakes): apply them.
         while let Some(d) = pending.next().await {
-            if let Done::Accepted(_, Ok((_, fx)))
+            if let Done::Committed(_, Ok(((_, fx), _)))
             | Done::Applied(Ok(fx))
             | Done::Contact(_, Ok(fx)) = d
             {
@@ -372,7 +375,7 @@ impl AgentConn {
                 Wake::Shutdown => {
                     // Flush what is committed, then say when to come back.
                     while let Some(d) = pending.next().await {
-                        let _ = self.finish(link, d).await;
+                        let _ = self.finish(link, d, pending).await;
                     }
                     let _ = link
                         .send(&HomeFrame::Bye {
@@ -382,7 +385,7 @@ impl AgentConn {
                     return "home shutting down".into();
                 }
                 Wake::Replaced => return "replaced by a newer connection, or revoked".into(),
-                Wake::Done(d) => self.finish(link, d).await,
+                Wake::Done(d) => self.finish(link, d, pending).await,
                 Wake::Frame(r) => {
                     last_heard = Instant::now();
                     match r {
@@ -497,12 +500,12 @@ impl AgentConn {
                     .cached(&msg.to)
                     .map(|r| r.home)
                     .filter(|h| *h != self.home.cfg.name);
-                let p = store.submit(move |s| {
+                let p = store.submit_early(move |s| {
                     let mut fx = Effects::default();
                     let o = s.accept_send(&msg, dest.as_deref(), &mut fx)?;
                     Ok((o, fx))
                 });
-                pending.push_back(Box::pin(async move { Done::Accepted(id, p.await) }));
+                pending.push_back(Box::pin(async move { Done::Committed(id, p.await) }));
             }
             AgentFrame::Ack { seq } => {
                 // Lazy: if a power cut undoes the ack, the events after the
@@ -588,17 +591,27 @@ impl AgentConn {
         Ok(())
     }
 
-    async fn finish(&mut self, link: &mut Link<ServerTls>, d: Done) -> Result<(), LinkError> {
+    async fn finish(
+        &mut self,
+        link: &mut Link<ServerTls>,
+        d: Done,
+        pending: &mut FuturesOrdered<Pending>,
+    ) -> Result<(), LinkError> {
         match d {
-            Done::Accepted(id, Ok((_, fx))) => {
-                tracing::debug!(handle = %self.handle, msg_id = %id, "accepted");
+            Done::Committed(id, Ok(((_, fx), ticket))) => {
                 self.home.apply(fx);
+                let on_disk = self.home.store.on_disk(ticket);
+                pending.push_back(Box::pin(async move { Done::Accepted(id, on_disk.await) }));
+                Ok(())
+            }
+            Done::Accepted(id, Ok(())) => {
+                tracing::debug!(handle = %self.handle, msg_id = %id, "accepted");
                 link.feed(&HomeFrame::Accepted { id }).await
             }
-            Done::Accepted(id, Err(StoreError::Conflict(m))) => {
+            Done::Committed(id, Err(StoreError::Conflict(m))) => {
                 self.error(link, ErrorCode::Invalid, &m, Some(id)).await
             }
-            Done::Accepted(id, Err(e)) => {
+            Done::Committed(id, Err(e)) | Done::Accepted(id, Err(e)) => {
                 tracing::error!(msg_id = %id, "storing a message failed: {e}");
                 self.error(
                     link,

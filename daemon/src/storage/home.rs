@@ -21,8 +21,8 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Batchable, Checkpointer, StoreError, open_sqlite, sqlite_begin, sqlite_commit,
-    sqlite_job_begin, sqlite_job_end, sqlite_rollback, sqlite_set_durable,
+    Batchable, Checkpointer, StoreError, Syncer, open_sqlite, sqlite_begin, sqlite_commit,
+    sqlite_job_begin, sqlite_job_end, sqlite_rollback,
 };
 use crate::protocol::{ContactOp, Delivery, Event, Message, MsgId, NOT_ACCEPTED, Relation, now_ms};
 
@@ -232,6 +232,10 @@ pub trait HomeStore: super::Batchable {
 pub struct SqliteHome {
     conn: rusqlite::Connection,
     checkpoints: Checkpointer,
+    /// The write-ahead log, which the [`Syncer`] fsyncs: commits here do not
+    /// wait for the disk themselves (`synchronous = NORMAL`), so that a new
+    /// message can reach its recipient while the disk catches up.
+    wal_path: std::path::PathBuf,
 }
 
 impl Batchable for SqliteHome {
@@ -252,8 +256,16 @@ impl Batchable for SqliteHome {
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
         sqlite_job_end(&self.conn, ok)
     }
-    fn set_durable(&mut self, durable: bool) -> Result<(), StoreError> {
-        sqlite_set_durable(&self.conn, durable)
+    fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
+        // SQLite keeps the log file while a connection is open (the
+        // checkpointer's, at least), so one handle serves for good.
+        let wal = std::fs::File::open(&self.wal_path)
+            .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", self.wal_path.display())))?;
+        let path = self.wal_path.clone();
+        Ok(Some(Box::new(move || {
+            wal.sync_data()
+                .map_err(|e| StoreError::Db(format!("fsync {}: {e}", path.display())))
+        })))
     }
 }
 
@@ -319,8 +331,15 @@ impl SqliteHome {
     pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
         let conn = open_sqlite(path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         let checkpoints = Checkpointer::spawn(&conn, path)?;
-        Ok(SqliteHome { conn, checkpoints })
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        Ok(SqliteHome {
+            conn,
+            checkpoints,
+            wal_path: wal_path.into(),
+        })
     }
 
     fn push_event(

@@ -10,15 +10,21 @@
 //! **Architecture Invariant:** callers see a result only after the commit
 //! that holds it; submission order is commit order.
 //!
-//! Jobs whose loss in a power cut costs nothing but a repeat (an agent's
-//! ack: the message is delivered again and the agent drops the duplicate)
-//! are submitted *lazy*. A batch of only lazy jobs commits without waiting
-//! for the disk; the next durable commit's fsync covers it too, because the
-//! write-ahead log is written in order. A process crash loses nothing
-//! either way: the commit is in the kernel's page cache.
+//! Not every caller needs to wait for the disk. A job says when its
+//! caller hears of it ([`Batcher::submit`] and its siblings):
 //!
-//! The home's store is a trait ([`home::HomeStore`]) so that a deployment that
-//! outgrows one machine can put another engine behind the same methods.
+//! - *on disk* (the default): after the commit is durable;
+//! - *early*: after the commit, with a [`Ticket`] that resolves once the
+//!   disk has it. A home hands a new message to its recipient at once and
+//!   tells the sender "accepted" only with the ticket. A power cut in between
+//!   loses the message only at the home: the sender, never told, sends it
+//!   again under the same id, and the recipient's agent drops the repeat;
+//! - *lazy*: after the commit, and no fsync is asked for (an agent's ack: if
+//!   a power cut undoes it, the events are sent again and dropped as repeats).
+//!
+//! A store whose commits are durable by themselves (the agent's, the global
+//! server's) treats all three alike. A process crash loses nothing in any
+//! case: a commit is in the kernel's page cache.
 
 pub mod agent;
 pub mod global;
@@ -29,7 +35,7 @@ use std::pin::Pin;
 use std::sync::mpsc;
 use std::task::{Context, Poll};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// Storage errors.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -63,10 +69,16 @@ pub trait Batchable: Send {
     fn job_begin(&mut self) -> Result<(), StoreError>;
     /// Ends the job: keep its writes (`ok`) or undo them.
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError>;
-    /// Whether the next commits wait for the disk (called between
-    /// transactions, only when the answer changes).
-    fn set_durable(&mut self, durable: bool) -> Result<(), StoreError>;
+    /// For a store whose commits do not wait for the disk by themselves: a
+    /// function, run on a thread of its own, that makes every commit so far
+    /// durable. The default, `None`, is for stores whose commits do.
+    fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
+        Ok(None)
+    }
 }
+
+/// See [`Batchable::syncer`].
+pub type Syncer = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
 
 impl<T: Batchable + ?Sized> Batchable for Box<T> {
     fn begin(&mut self) -> Result<(), StoreError> {
@@ -84,17 +96,38 @@ impl<T: Batchable + ?Sized> Batchable for Box<T> {
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
         (**self).job_end(ok)
     }
-    fn set_durable(&mut self, durable: bool) -> Result<(), StoreError> {
-        (**self).set_durable(durable)
+    fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
+        (**self).syncer()
     }
 }
 
-type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// When a job's caller hears of it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum When {
+    Lazy,
+    Early,
+    OnDisk,
+}
+
+/// Called with the commit's (or the sync's) outcome and the batch number.
+type Completion = Box<dyn FnOnce(Result<(), StoreError>, u64) + Send>;
 
 struct Job<S> {
-    /// Must be on disk before the caller hears of it.
-    durable: bool,
+    when: When,
     run: Box<dyn FnOnce(&mut S) -> (bool, Completion) + Send>,
+}
+
+/// A committed batch; [`Batcher::on_disk`] waits until the disk has it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket(u64);
+
+/// How far the store's syncs have come.
+#[derive(Clone, Copy, Default)]
+struct Synced {
+    /// Every batch up to this one is on disk.
+    upto: u64,
+    /// The last batch whose sync failed: it and those before it may not be.
+    failed: u64,
 }
 
 /// Most jobs in one transaction.
@@ -103,12 +136,14 @@ const MAX_BATCH: usize = 2048;
 /// A handle to a store's thread. Cheap to clone.
 pub struct Batcher<S> {
     tx: mpsc::Sender<Job<S>>,
+    synced: watch::Receiver<Synced>,
 }
 
 impl<S> Clone for Batcher<S> {
     fn clone(&self) -> Self {
         Batcher {
             tx: self.tx.clone(),
+            synced: self.synced.clone(),
         }
     }
 }
@@ -118,10 +153,44 @@ impl<S: Batchable + 'static> Batcher<S> {
     /// handle is dropped.
     pub fn spawn(name: &str, mut store: S) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job<S>>();
+        let (synced_tx, synced) = watch::channel(Synced::default());
+        let syncer = store.syncer().map_err(std::io::Error::other)?;
+        // With a syncer, fsyncs run on their own thread: the next batch
+        // commits while the last one's sync is under way, and one fsync
+        // serves every batch that finished before it started.
+        let to_sync = match syncer {
+            Some(mut sync) => {
+                let synced_tx = synced_tx.clone();
+                let (sync_tx, sync_rx) = mpsc::channel::<(u64, Vec<Completion>)>();
+                std::thread::Builder::new()
+                    .name(format!("sync-{name}"))
+                    .spawn(move || {
+                        while let Ok((mut n, mut waiting)) = sync_rx.recv() {
+                            while let Ok((m, more)) = sync_rx.try_recv() {
+                                n = m;
+                                waiting.extend(more);
+                            }
+                            let r = sync();
+                            if let Err(e) = &r {
+                                tracing::error!("storage: sync failed: {e}");
+                            }
+                            for c in waiting {
+                                c(r.clone(), n);
+                            }
+                            synced_tx.send_modify(|s| match r {
+                                Ok(()) => s.upto = n,
+                                Err(_) => s.failed = n,
+                            });
+                        }
+                    })?;
+                Some(sync_tx)
+            }
+            None => None,
+        };
         std::thread::Builder::new()
             .name(format!("store-{name}"))
             .spawn(move || {
-                let mut durable = None;
+                let mut n = 0u64;
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -130,18 +199,31 @@ impl<S: Batchable + 'static> Batcher<S> {
                             Err(_) => break,
                         }
                     }
-                    let want = batch.iter().any(|j| j.durable);
-                    if durable != Some(want) {
-                        match store.set_durable(want) {
-                            Ok(()) => durable = Some(want),
-                            // Stay on the safe side: durable until told otherwise.
-                            Err(e) => tracing::error!("storage: cannot set durability: {e}"),
+                    n += 1;
+                    let needs_sync = batch.iter().any(|j| j.when != When::Lazy);
+                    let (commit, done) = run_batch(&mut store, batch);
+                    let Some(to_sync) = &to_sync else {
+                        // Committed is durable here.
+                        for (_, c) in done {
+                            c(commit.clone(), n);
+                        }
+                        synced_tx.send_modify(|s| s.upto = n);
+                        continue;
+                    };
+                    let mut after_sync = Vec::new();
+                    for (when, c) in done {
+                        if when == When::OnDisk && commit.is_ok() {
+                            after_sync.push(c);
+                        } else {
+                            c(commit.clone(), n);
                         }
                     }
-                    run_batch(&mut store, batch);
+                    if needs_sync && commit.is_ok() && to_sync.send((n, after_sync)).is_err() {
+                        tracing::error!("storage: the sync thread has stopped");
+                    }
                 }
             })?;
-        Ok(Batcher { tx })
+        Ok(Batcher { tx, synced })
     }
 
     /// Queues `f` now (so submission order is commit order) and returns a
@@ -151,35 +233,64 @@ impl<S: Batchable + 'static> Batcher<S> {
         R: Send + 'static,
         F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
     {
-        self.queue(true, f)
+        self.queue(When::OnDisk, f, |r, _| r)
+    }
+
+    /// Like [`submit`](Self::submit), but ready once committed, with a
+    /// ticket for [`on_disk`](Self::on_disk).
+    pub fn submit_early<R, F>(&self, f: F) -> Pending<(R, Ticket)>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.queue(When::Early, f, |r, n| (r, Ticket(n)))
     }
 
     /// Like [`submit`](Self::submit), for a job that a power cut may undo
-    /// because repeating it is harmless: ready once committed, possibly
-    /// before the disk has it.
+    /// because repeating it is harmless: ready once committed, and no sync
+    /// is asked for.
     pub fn submit_lazy<R, F>(&self, f: F) -> Pending<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
     {
-        self.queue(false, f)
+        self.queue(When::Lazy, f, |r, _| r)
     }
 
-    fn queue<R, F>(&self, durable: bool, f: F) -> Pending<R>
+    /// Ready once the batch of `t` is on disk.
+    pub fn on_disk(&self, t: Ticket) -> impl Future<Output = Result<(), StoreError>> + use<S> {
+        let mut synced = self.synced.clone();
+        async move {
+            let s = synced
+                .wait_for(|s| s.upto >= t.0 || s.failed >= t.0)
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            if s.failed >= t.0 {
+                Err(StoreError::Db(
+                    "the disk did not confirm a write (fsync failed)".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn queue<R, T, F>(&self, when: When, f: F, out: fn(R, u64) -> T) -> Pending<T>
     where
         R: Send + 'static,
+        T: Send + 'static,
         F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let run = Box::new(move |s: &mut S| {
             let r = f(s);
             let ok = r.is_ok();
-            let done: Completion = Box::new(move |commit| {
-                let _ = tx.send(commit.and(r));
+            let done: Completion = Box::new(move |commit, n| {
+                let _ = tx.send(commit.and(r).map(|r| out(r, n)));
             });
             (ok, done)
         });
-        let job = Job { durable, run };
+        let job = Job { when, run };
         // If the thread is gone, the job (and its sender) is dropped and the
         // receiver reports Closed.
         let _ = self.tx.send(job);
@@ -196,14 +307,16 @@ impl<S: Batchable + 'static> Batcher<S> {
     }
 }
 
-fn run_batch<S: Batchable>(store: &mut S, batch: Vec<Job<S>>) {
+/// Runs a batch in one transaction; gives the commit's outcome and each
+/// job's completion, not yet called.
+fn run_batch<S: Batchable>(
+    store: &mut S,
+    batch: Vec<Job<S>>,
+) -> (Result<(), StoreError>, Vec<(When, Completion)>) {
     if let Err(e) = store.begin() {
-        for job in batch {
-            // Run nothing; tell everyone.
-            drop(job);
-            tracing::error!("storage: cannot begin a transaction: {e}");
-        }
-        return;
+        // Run nothing; the dropped jobs tell their callers.
+        tracing::error!("storage: cannot begin a transaction: {e}");
+        return (Err(e), Vec::new());
     }
     let mut done = Vec::with_capacity(batch.len());
     for job in batch {
@@ -214,16 +327,14 @@ fn run_batch<S: Batchable>(store: &mut S, batch: Vec<Job<S>>) {
         if let Err(e) = store.job_end(ok) {
             tracing::error!("storage: release savepoint: {e}");
         }
-        done.push(c);
+        done.push((job.when, c));
     }
     let commit = store.commit();
     if let Err(e) = &commit {
         tracing::error!("storage: commit failed: {e}");
         store.rollback();
     }
-    for c in done {
-        c(commit.clone());
-    }
+    (commit, done)
 }
 
 /// A submitted job's result, ready after its batch commits.
@@ -332,23 +443,6 @@ fn run_cached(c: &rusqlite::Connection, sql: &str) -> Result<(), rusqlite::Error
     Ok(())
 }
 
-/// In WAL mode `NORMAL` skips the fsync at commit; `FULL` does it, and it
-/// covers every earlier commit in the log.
-pub(crate) fn sqlite_set_durable(
-    c: &rusqlite::Connection,
-    durable: bool,
-) -> Result<(), StoreError> {
-    run_cached(
-        c,
-        if durable {
-            "PRAGMA synchronous = FULL"
-        } else {
-            "PRAGMA synchronous = NORMAL"
-        },
-    )?;
-    Ok(())
-}
-
 /// [`Batchable`] for a plain SQLite connection.
 pub(crate) fn sqlite_begin(c: &rusqlite::Connection) -> Result<(), StoreError> {
     run_cached(c, "BEGIN IMMEDIATE")?;
@@ -392,9 +486,6 @@ macro_rules! sqlite_batchable {
             }
             fn job_end(&mut self, ok: bool) -> Result<(), $crate::storage::StoreError> {
                 $crate::storage::sqlite_job_end(&self.conn, ok)
-            }
-            fn set_durable(&mut self, durable: bool) -> Result<(), $crate::storage::StoreError> {
-                $crate::storage::sqlite_set_durable(&self.conn, durable)
             }
         }
     };

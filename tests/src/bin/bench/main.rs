@@ -29,7 +29,9 @@ use popupd::net::{self, Dial, Recv, tls};
 use popupd::protocol::{AGENT_PATH, AgentFrame, Event, HomeFrame, PROTOCOL_VERSION, new_id};
 use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, secret_of};
 
+mod offline;
 mod presence;
+mod report;
 
 struct Args {
     /// Recipients on the senders' home instead of the other one.
@@ -47,6 +49,9 @@ struct Args {
     users: usize,
     contacts: usize,
     only: Option<String>,
+    /// `--messages` was given (offline defaults to 20,000 otherwise).
+    messages_set: bool,
+    json: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -62,6 +67,8 @@ fn parse_args() -> anyhow::Result<Args> {
         users: 10_000,
         contacts: 50,
         only: None,
+        messages_set: false,
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -69,7 +76,12 @@ fn parse_args() -> anyhow::Result<Args> {
         match k.as_str() {
             "--senders" => a.senders = v()?.parse()?,
             "--recipients" => a.recipients = v()?.parse()?,
-            "--messages" => a.messages = v()?.parse()?,
+            "--messages" => {
+                a.messages = v()?.parse()?;
+                a.messages_set = true;
+            }
+            "--json" => a.json = Some(v()?.into()),
+            "--plots" => report::set_plots(v()?.into()),
             "--rate" => {
                 a.rate = v()?.parse()?;
                 a.rate_set = true;
@@ -84,12 +96,16 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--users" => a.users = v()?.parse()?,
             "--contacts" => a.contacts = v()?.parse()?,
-            "throughput" | "latency" | "agent" | "idle" | "presence" => a.only = Some(k),
+            "throughput" | "latency" | "agent" | "idle" | "presence" | "offline" => {
+                a.only = Some(k)
+            }
             "-h" | "--help" => {
                 println!(
-                    "popupd-bench [throughput|latency|agent|idle|presence] [--connections 1000,5000,18500] [--senders N] [--recipients N] [--messages N] [--rate PER_S] [--seconds S] [--users N] [--contacts N]\n\
+                    "popupd-bench [throughput|latency|agent|idle|presence|offline] [--connections 1000,5000,18500] [--senders N] [--recipients N] [--messages N] [--rate PER_S] [--seconds S] [--users N] [--contacts N] [--json FILE] [--plots DIR]\n\
                      Defaults: 10 senders on home A, 10 recipients on home B, 50000 messages; latency at 100 msg/s for 10 s;\n\
                      presence: 10000 users over two homes, 50 contacts each (half on the other home), 1000 changes/s for 10 s.\n\
+                     offline: 100 senders store 20000 messages (--messages) for 1000 offline recipients, who then all log in.\n\
+                     --json FILE writes every figure as JSON; --plots DIR draws SVG charts (latency distribution, RSS against connections).\n\
                      Without a scenario: throughput, latency and agent."
                 );
                 std::process::exit(0);
@@ -176,6 +192,8 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
     let base = Instant::now();
     let deadline = Duration::from_secs(120);
     let lat = Arc::new(Mutex::new(Vec::with_capacity(total)));
+    // Send → `accepted` (on disk at home A), per message.
+    let acc_lat = Arc::new(Mutex::new(Vec::with_capacity(total)));
 
     // Recipients: store nothing, ack everything, note latencies.
     let mut rtasks = Vec::new();
@@ -227,7 +245,11 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         let mut link = login(&net, 0, HOME_A, h, s, &ca).await?;
         let n = a.recipients.max(1);
         let senders_n = a.senders.max(1);
+        let acc_lat = acc_lat.clone();
         stasks.push(tokio::spawn(async move {
+            // Answers come in the order sent.
+            let mut in_flight = std::collections::VecDeque::with_capacity(WINDOW);
+            let mut acc = Vec::with_capacity(per_sender);
             let mut sent = 0usize;
             let mut accepted = 0usize;
             const WINDOW: usize = 512;
@@ -236,7 +258,7 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
             // than every sender's message in the same instant.
             let phase = i as f64 / senders_n as f64;
             let due = |k: usize| paced.map(|iv| t0 + iv.mul_f64(k as f64 + phase));
-            while accepted < per_sender && t0.elapsed() < deadline {
+            'run: while accepted < per_sender && t0.elapsed() < deadline {
                 while sent < per_sender
                     && sent - accepted < WINDOW
                     && due(sent).is_none_or(|d| Instant::now() >= d)
@@ -254,12 +276,13 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
                         .await
                         .is_err()
                     {
-                        return accepted;
+                        break 'run;
                     }
+                    in_flight.push_back(Instant::now());
                     sent += 1;
                 }
                 if link.flush().await.is_err() {
-                    return accepted;
+                    break 'run;
                 }
                 let next = due(sent).filter(|_| sent < per_sender && sent - accepted < WINDOW);
                 if sent == accepted {
@@ -271,13 +294,19 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
                 }
                 tokio::select! {
                     r = tokio::time::timeout(Duration::from_secs(20), link.recv::<HomeFrame>()) => match r {
-                        Ok(Ok(Recv::Frame(HomeFrame::Accepted { .. }))) => accepted += 1,
+                        Ok(Ok(Recv::Frame(HomeFrame::Accepted { .. }))) => {
+                            accepted += 1;
+                            if let Some(t) = in_flight.pop_front() {
+                                acc.push(t.elapsed());
+                            }
+                        }
                         Ok(Ok(_)) => {}
-                        _ => return accepted,
+                        _ => break 'run,
                     },
                     _ = tokio::time::sleep_until(next.unwrap_or(t0 + deadline).into()), if next.is_some() => {}
                 }
             }
+            acc_lat.lock().unwrap_or_else(|e| e.into_inner()).extend(acc);
             accepted
         }));
     }
@@ -298,48 +327,109 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         .zip(&cpu0)
         .map(|(h, c)| h.cpu_time().saturating_sub(*c))
         .collect();
+    let mut acc = acc_lat.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    acc.sort();
     let mut l = lat.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let delivered = l.len();
     l.sort();
     for t in rtasks {
         t.abort();
     }
-    println!(
-        "\n## throughput: {} senders on {HOME_A} → {} recipients on {}, 100-byte-ish messages, fsync'd group commit",
-        a.senders,
-        a.recipients,
-        [HOME_A, HOME_B][rhome]
+    let scenario = match (a.one_home, a.rate_set) {
+        (true, true) => format!("throughput-one-home-{}", a.rate),
+        (true, false) => "throughput-one-home".to_string(),
+        (false, true) => format!("throughput-{}", a.rate),
+        (false, false) => "throughput".to_string(),
+    };
+    let mut t = report::Table::new(
+        &scenario,
+        &format!(
+            "throughput: {} senders on {HOME_A} → {} recipients on {}, 100-byte-ish messages, fsync'd group commit",
+            a.senders,
+            a.recipients,
+            [HOME_A, HOME_B][rhome]
+        ),
     );
-    println!("| figure | value |\n|---|---|");
-    println!("| messages accepted | {accepted} of {total} |");
-    println!(
-        "| accepted/s (home A, durable) | {:.0} |",
-        accepted as f64 / t_acc.as_secs_f64()
+    t.text("messages accepted", &format!("{accepted} of {total}"));
+    let per_s = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
+    let per_msg = |c: Duration, n: usize| c.as_micros() as f64 / n.max(1) as f64;
+    t.row(
+        "accepted/s (home A, durable)",
+        per_s(accepted, t_acc),
+        "msg/s",
+        &format!("{:.0}", per_s(accepted, t_acc)),
     );
-    println!(
-        "| delivered/s end to end (A → B → recipient) | {:.0} |",
-        delivered as f64 / t_del.as_secs_f64()
+    t.row(
+        "delivered/s end to end",
+        per_s(delivered, t_del),
+        "msg/s",
+        &format!("{:.0}", per_s(delivered, t_del)),
     );
-    println!(
-        "| home A CPU per message | {:.1} µs |",
-        cpu[0].as_micros() as f64 / accepted.max(1) as f64
+    t.row(
+        "home A CPU per message",
+        per_msg(cpu[0], accepted),
+        "µs",
+        &format!("{:.1} µs", per_msg(cpu[0], accepted)),
     );
-    println!(
-        "| home B CPU per message | {:.1} µs |",
-        cpu[1].as_micros() as f64 / delivered.max(1) as f64
-    );
+    if !a.one_home {
+        t.row(
+            "home B CPU per message",
+            per_msg(cpu[1], delivered),
+            "µs",
+            &format!("{:.1} µs", per_msg(cpu[1], delivered)),
+        );
+    }
     let offered = if a.rate_set {
         format!("{} msg/s offered", a.rate)
     } else {
         "at saturation".to_string()
     };
-    println!(
-        "| send → receive latency p50 / p99 / p999 / max ({offered}) | {} / {} / {} / {} |",
-        ms(pct(&l, 0.5)),
-        ms(pct(&l, 0.99)),
-        ms(pct(&l, 0.999)),
-        ms(pct(&l, 1.0))
-    );
+    for (what, l) in [("send → receive", &l), ("send → accepted (on disk)", &acc)] {
+        t.text(
+            &format!("{what} latency p50 / p99 / p999 / max ({offered})"),
+            &format!(
+                "{} / {} / {} / {}",
+                ms(pct(l, 0.5)),
+                ms(pct(l, 0.99)),
+                ms(pct(l, 0.999)),
+                ms(pct(l, 1.0))
+            ),
+        );
+        for (name, p) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
+            report::record(
+                &scenario,
+                &format!("{what} latency {name}"),
+                pct(l, p).as_secs_f64() * 1000.0,
+                "ms",
+            );
+        }
+    }
+    t.finish()?;
+    // The latency distribution: share of messages at or under each latency.
+    let cdf = |l: &[Duration]| -> Vec<(f64, f64)> {
+        (0..=200)
+            .map(|i| {
+                let q = i as f64 / 200.0;
+                (pct(l, q).as_secs_f64() * 1000.0, q * 100.0)
+            })
+            .collect()
+    };
+    report::plot(
+        &format!("latency-{scenario}"),
+        &format!("Latency distribution, {offered}"),
+        "latency (ms)",
+        "% of messages at or under",
+        &[
+            report::Series {
+                name: "send → recipient has it".into(),
+                points: cdf(&l),
+            },
+            report::Series {
+                name: "send → accepted (on disk)".into(),
+                points: cdf(&acc),
+            },
+        ],
+    )?;
     if delivered != accepted {
         bail!("{accepted} accepted but {delivered} delivered");
     }
@@ -426,6 +516,20 @@ async fn main() -> anyhow::Result<()> {
     }
     if a.only.as_deref() == Some("presence") {
         presence::run(&a).await?;
+    }
+    if a.only.as_deref() == Some("offline") {
+        let mut a = a;
+        if !a.messages_set {
+            a.messages = 20_000;
+        }
+        offline::run(&a).await?;
+        if let Some(j) = &a.json {
+            report::write_json(j)?;
+        }
+        return Ok(());
+    }
+    if let Some(j) = &a.json {
+        report::write_json(j)?;
     }
     Ok(())
 }
