@@ -32,6 +32,7 @@ use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, secret_of};
 mod offline;
 mod presence;
 mod report;
+mod storm;
 
 struct Args {
     /// Recipients on the senders' home instead of the other one.
@@ -96,14 +97,15 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--users" => a.users = v()?.parse()?,
             "--contacts" => a.contacts = v()?.parse()?,
-            "throughput" | "latency" | "agent" | "idle" | "presence" | "offline" => {
+            "throughput" | "latency" | "agent" | "idle" | "presence" | "offline" | "storm" => {
                 a.only = Some(k)
             }
             "-h" | "--help" => {
                 println!(
-                    "popupd-bench [throughput|latency|agent|idle|presence|offline] [--connections 1000,5000,18500] [--senders N] [--recipients N] [--messages N] [--rate PER_S] [--seconds S] [--users N] [--contacts N] [--json FILE] [--plots DIR]\n\
+                    "popupd-bench [throughput|latency|agent|idle|presence|offline|storm] [--connections 1000,5000,18500] [--senders N] [--recipients N] [--messages N] [--rate PER_S] [--seconds S] [--users N] [--contacts N] [--json FILE] [--plots DIR]\n\
                      Defaults: 10 senders on home A, 10 recipients on home B, 50000 messages; latency at 100 msg/s for 10 s;\n\
                      presence: 10000 users over two homes, 50 contacts each (half on the other home), 1000 changes/s for 10 s.\n\
+                     storm: --connections N (default 10000) agents on one home, which is killed with SIGKILL and started again.\n\
                      offline: 100 senders store 20000 messages (--messages) for 1000 offline recipients, who then all log in.\n\
                      --json FILE writes every figure as JSON; --plots DIR draws SVG charts (latency distribution, RSS against connections).\n\
                      Without a scenario: throughput, latency and agent."
@@ -517,6 +519,9 @@ async fn main() -> anyhow::Result<()> {
     if a.only.as_deref() == Some("presence") {
         presence::run(&a).await?;
     }
+    if a.only.as_deref() == Some("storm") {
+        storm::run(&a).await?;
+    }
     if a.only.as_deref() == Some("offline") {
         let mut a = a;
         if !a.messages_set {
@@ -754,33 +759,53 @@ pub(crate) async fn stdin_line() {
     .await;
 }
 
-/// `popupd-bench worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP`: holds
-/// COUNT authenticated back connections (lines FIRST.. of CREDS), pinging
-/// every 25 s like an agent, until stdin closes. Prints `ready N FAILED SECS`.
+/// `popupd-bench worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP [reconnect]`:
+/// holds COUNT authenticated back connections (lines FIRST.. of CREDS),
+/// pinging every 25 s like an agent, until stdin closes. Prints `ready N
+/// FAILED SECS`. With `reconnect`, a dropped connection dials again with the
+/// agent's own jittered backoff, and `back N` is printed once every
+/// connection has come back after a drop.
 async fn worker() -> anyhow::Result<()> {
     let v: Vec<String> = std::env::args().skip(2).collect();
     anyhow::ensure!(
-        v.len() == 7,
-        "worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP"
+        v.len() == 7 || v.len() == 8,
+        "worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP [reconnect]"
     );
+    let reconnect = v.get(7).is_some_and(|x| x == "reconnect");
     let logins = Arc::new(Logins::parse(&v)?);
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    let (up_tx, mut up_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    // (connection, logged in?) for every login attempt that ends.
+    let (up_tx, mut up_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, bool)>();
     for i in 0..logins.creds.len() {
         let (logins, up) = (logins.clone(), up_tx.clone());
         tasks.spawn(async move {
-            let Ok(mut link) = logins.login(i).await else {
-                let _ = up.send(false);
-                return;
-            };
-            let _ = up.send(true);
+            let mut backoff =
+                popupd::task::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+            let mut first = true;
             loop {
-                let wait = Duration::from_millis(20_000 + fastrand_ms());
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => if link.ping().await.is_err() { return },
-                    r = link.recv::<HomeFrame>() => if !matches!(r, Ok(Recv::Alive) | Ok(Recv::Frame(_))) { return },
+                match logins.login(i).await {
+                    Ok(mut link) => {
+                        let _ = up.send((i, true));
+                        backoff.reset();
+                        loop {
+                            let wait = Duration::from_millis(20_000 + fastrand_ms());
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => if link.ping().await.is_err() { break },
+                                r = link.recv::<HomeFrame>() => if !matches!(r, Ok(Recv::Alive) | Ok(Recv::Frame(_))) { break },
+                            }
+                        }
+                    }
+                    Err(_) if first => {
+                        let _ = up.send((i, false));
+                    }
+                    Err(_) => {}
                 }
+                first = false;
+                if !reconnect {
+                    return;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         });
     }
@@ -788,12 +813,22 @@ async fn worker() -> anyhow::Result<()> {
     let (mut ok, mut failed) = (0usize, 0usize);
     while ok + failed < logins.creds.len() {
         match up_rx.recv().await {
-            Some(true) => ok += 1,
-            Some(false) => failed += 1,
+            Some((_, true)) => ok += 1,
+            Some((_, false)) => failed += 1,
             None => break,
         }
     }
     println!("ready {ok} {failed} {:.3}", t0.elapsed().as_secs_f64());
+    if reconnect {
+        tokio::spawn(async move {
+            let mut back = std::collections::HashSet::new();
+            while let Some((i, ok)) = up_rx.recv().await {
+                if ok && back.insert(i) && back.len() == logins.creds.len() {
+                    println!("back {}", back.len());
+                }
+            }
+        });
+    }
     // Hold until the driver closes stdin.
     stdin_line().await;
     tasks.abort_all();
@@ -842,6 +877,7 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
     );
     let mut workers: Vec<tokio::process::Child> = Vec::new();
     let mut held = 0usize;
+    let mut points = vec![(0.0, base as f64 / 1024.0)];
     for &size in &a.sizes {
         let t0 = Instant::now();
         let mut readers = Vec::new();
@@ -883,6 +919,14 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
         let c0 = home.cpu_time();
         tokio::time::sleep(Duration::from_secs(10)).await;
         let cpu = home.cpu_time().saturating_sub(c0);
+        let per_conn = (rss.saturating_sub(base)) as f64 / size as f64;
+        let idle_cpu = cpu.as_secs_f64() / 10.0 * 100.0;
+        let sc = format!("idle-{size}");
+        report::record(&sc, "home RSS", rss as f64 / 1024.0, "MiB");
+        report::record(&sc, "bytes per connection", per_conn, "KiB");
+        report::record(&sc, "logins/s", added as f64 / secs, "1/s");
+        report::record(&sc, "home CPU idle", idle_cpu, "% of a core");
+        points.push((size as f64, rss as f64 / 1024.0));
         println!(
             "| {size}{} | {:.1} MiB | {:.1} KiB | {:.0} | {:.2} % of a core |",
             if failed > 0 {
@@ -891,11 +935,21 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
                 String::new()
             },
             rss as f64 / 1024.0,
-            (rss.saturating_sub(base)) as f64 / size as f64,
+            per_conn,
             added as f64 / secs,
-            cpu.as_secs_f64() / 10.0 * 100.0
+            idle_cpu
         );
     }
     drop(workers);
+    report::plot(
+        "idle-rss",
+        "Home RSS against idle back connections",
+        "authenticated TLS WebSocket connections",
+        "home RSS (MiB)",
+        &[report::Series {
+            name: "home RSS".into(),
+            points,
+        }],
+    )?;
     Ok(())
 }

@@ -1,0 +1,271 @@
+//! `popupd-bench storm`: kill -9 a home under 10,000 connected agents.
+//!
+//! Worker processes hold `--users` back connections (default 10,000) to one
+//! home and dial again with the agent's own jittered backoff when they drop.
+//! Meanwhile one sender streams 500 messages a second to one recipient,
+//! both reconnecting and the sender re-sending what was not yet accepted
+//! under the same ids, as the agent's outbox does. The home is killed with
+//! SIGKILL and started again. Prints the time until every agent is back and
+//! counts messages accepted but never delivered (lost) and messages
+//! delivered more than once (the agent drops such repeats by id).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use popupd::net::{self, Recv};
+use popupd::protocol::{AgentFrame, Event, HomeFrame, new_id};
+use popupd::task::Backoff;
+use popupd_e2e::{HOME_A, Network, TestDir};
+use tokio::io::AsyncBufReadExt;
+
+use super::{Args, Logins, PER_WORKER, report};
+
+/// Messages a second from the one sender.
+const RATE: u64 = 500;
+
+/// Logs in account `i`, retrying with the agent's backoff until `deadline`.
+async fn login_retrying(
+    logins: &Logins,
+    i: usize,
+    deadline: Instant,
+) -> anyhow::Result<net::Link<net::ClientTls>> {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    loop {
+        match logins.login(i).await {
+            Ok(l) => return Ok(l),
+            Err(e) if Instant::now() > deadline => return Err(e.context("gave up logging in")),
+            Err(_) => tokio::time::sleep(backoff.next_delay()).await,
+        }
+    }
+}
+
+/// Streams messages to `o1` until `stop`, then until all are accepted;
+/// returns the accepted ids.
+async fn sender(logins: Arc<Logins>, stop: Arc<AtomicBool>) -> anyhow::Result<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut outbox: VecDeque<String> = VecDeque::new();
+    let mut accepted = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    loop {
+        let mut link = login_retrying(&logins, 0, deadline).await?;
+        // Everything not yet accepted goes again, under the same id.
+        for id in &outbox {
+            link.feed(&send_frame(id)).await?;
+        }
+        link.flush().await?;
+        loop {
+            let stopping = stop.load(Ordering::Relaxed);
+            if stopping && outbox.is_empty() {
+                return Ok(accepted);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "sender timed out");
+            tokio::select! {
+                _ = tick.tick(), if !stopping => {
+                    let id = new_id();
+                    let r = link.send(&send_frame(&id)).await;
+                    outbox.push_back(id);
+                    if r.is_err() { break }
+                }
+                r = link.recv::<HomeFrame>() => match r {
+                    Ok(Recv::Frame(HomeFrame::Accepted { id })) => {
+                        if let Some(p) = outbox.iter().position(|x| *x == id) {
+                            outbox.remove(p);
+                            accepted.push(id);
+                        }
+                    }
+                    Ok(Recv::Frame(_) | Recv::Alive | Recv::Bad(_)) => {}
+                    Ok(Recv::Closed) | Err(_) => break,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(100)), if stopping => {}
+            }
+        }
+    }
+}
+
+fn send_frame(id: &str) -> AgentFrame {
+    AgentFrame::Send {
+        id: id.to_string(),
+        from: None,
+        to: "o1".into(),
+        text: "storm".into(),
+        reply_to: None,
+    }
+}
+
+/// Reads `o1`'s mailbox forever, counting deliveries per id.
+async fn recipient(logins: Arc<Logins>, got: Arc<Mutex<HashMap<String, u32>>>) {
+    let far = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let Ok(mut link) = login_retrying(&logins, 1, far).await else {
+            return;
+        };
+        while let Ok(Ok(r)) =
+            tokio::time::timeout(Duration::from_secs(60), link.recv::<HomeFrame>()).await
+        {
+            match r {
+                Recv::Frame(HomeFrame::Event { seq, event }) => {
+                    if let Event::Message(m) = event {
+                        *got.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(m.id)
+                            .or_default() += 1;
+                    }
+                    if link.send(&AgentFrame::Ack { seq }).await.is_err() {
+                        break;
+                    }
+                }
+                Recv::Closed => break,
+                _ => {}
+            }
+        }
+    }
+}
+
+pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
+    let n = a.users;
+    let dir = TestDir::new("bench-storm");
+    let mut net = Network::start_with(&dir.path, "90s").await?;
+    // n agents, then the sender and the recipient.
+    let out = std::process::Command::new(popupd_e2e::bin("popupd"))
+        .args(["user", "add-many", "o", &(n + 2).to_string(), "-c"])
+        .arg(net.home_config(0))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "add-many: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // add-many names them o0, o1, …: the stream uses o0 → o1, the workers
+    // the rest.
+    let creds = dir.path.join("creds.tsv");
+    std::fs::write(&creds, &out.stdout)?;
+    let ca = dir.path.join("pki/ca.crt");
+    let args = |first: usize, count: usize, ip: &str| -> Vec<String> {
+        vec![
+            net.home_addrs[0].clone(),
+            HOME_A.into(),
+            ca.display().to_string(),
+            creds.display().to_string(),
+            first.to_string(),
+            count.to_string(),
+            ip.into(),
+        ]
+    };
+    let stream = Arc::new(Logins::parse(&args(0, 2, "127.0.0.2"))?);
+
+    let mut workers = Vec::new();
+    let mut readers = Vec::new();
+    let mut held = 2usize;
+    while held < n + 2 {
+        let count = (n + 2 - held).min(PER_WORKER);
+        let ip = format!("127.0.0.{}", 10 + workers.len());
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("worker")
+            .args(args(held, count, &ip))
+            .arg("reconnect")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        readers.push(tokio::io::BufReader::new(stdout).lines());
+        workers.push(child);
+        held += count;
+    }
+    let mut failed = 0usize;
+    for r in &mut readers {
+        let line = tokio::time::timeout(Duration::from_secs(300), r.next_line())
+            .await??
+            .unwrap_or_default();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        failed += f.get(2).and_then(|x| x.parse::<usize>().ok()).unwrap_or(0);
+    }
+    if failed > 0 {
+        bail!("{failed} of {n} agents could not log in");
+    }
+
+    let got: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rtask = tokio::spawn(recipient(stream.clone(), got.clone()));
+    let stask = tokio::spawn(sender(stream.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let t_kill = Instant::now();
+    net.homes[0].restart()?;
+    popupd_e2e::wait_port(&net.home_addrs[0]).await?;
+    let t_listen = t_kill.elapsed();
+    for r in &mut readers {
+        let left = Duration::from_secs(120).saturating_sub(t_kill.elapsed());
+        let line = tokio::time::timeout(left, r.next_line())
+            .await
+            .context("agents did not all come back within 120 s")??
+            .unwrap_or_default();
+        anyhow::ensure!(line.starts_with("back"), "worker said {line:?}");
+    }
+    let t_back = t_kill.elapsed();
+
+    // Keep the stream going a little, then let it finish.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let accepted = stask.await??;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (lost, repeats) = loop {
+        let (lost, repeats) = {
+            let g = got.lock().unwrap_or_else(|e| e.into_inner());
+            let lost = accepted.iter().filter(|id| !g.contains_key(*id)).count();
+            let repeats: u32 = g.values().map(|c| c - 1).sum();
+            (lost, repeats)
+        };
+        if lost == 0 || Instant::now() > deadline {
+            break (lost, repeats);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    rtask.abort();
+    drop(workers);
+
+    let mut t = report::Table::new(
+        "storm",
+        &format!(
+            "reconnect storm: {n} agents on {HOME_A}, which is killed with SIGKILL and started again; one sender streams {RATE} msg/s throughout"
+        ),
+    );
+    t.row(
+        "home listening again after the kill",
+        t_listen.as_secs_f64(),
+        "s",
+        &format!("{:.2} s", t_listen.as_secs_f64()),
+    );
+    t.row(
+        "every agent back (logged in again) after the kill",
+        t_back.as_secs_f64(),
+        "s",
+        &format!("{:.2} s", t_back.as_secs_f64()),
+    );
+    t.row(
+        "messages accepted across the restart",
+        accepted.len() as f64,
+        "",
+        &accepted.len().to_string(),
+    );
+    t.row(
+        "accepted but never delivered",
+        lost as f64,
+        "",
+        &lost.to_string(),
+    );
+    t.row(
+        "delivered again after the restart (the agent drops these by id)",
+        repeats as f64,
+        "",
+        &repeats.to_string(),
+    );
+    t.finish()?;
+    if lost > 0 {
+        bail!("{lost} accepted messages were not delivered");
+    }
+    Ok(())
+}
