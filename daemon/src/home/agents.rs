@@ -337,8 +337,11 @@ impl AgentConn {
         pending: &mut FuturesOrdered<Pending>,
     ) -> String {
         let idle = self.home.cfg.idle_timeout;
-        let mut check = tokio::time::interval(idle / 4);
+        // One timer per connection, moved on only when it fires: an idle
+        // connection wakes for it once per `idle_timeout`, not on a tick.
         let mut last_heard = Instant::now();
+        let check = tokio::time::sleep(idle);
+        tokio::pin!(check);
         let mut bad = 0u32;
         let shutdown = self.home.shutdown.clone();
         loop {
@@ -355,7 +358,7 @@ impl AgentConn {
                         r = link.recv::<AgentFrame>() => Wake::Frame(r),
                         Some(out) = rx.recv() => Wake::Out(out),
                         _ = lag.notified() => Wake::Lag,
-                        _ = check.tick() => Wake::Tick,
+                        _ = &mut check => Wake::Tick,
                     }
                 };
                 if flush_due {
@@ -431,9 +434,10 @@ impl AgentConn {
                     self.replay(link).await
                 }
                 Wake::Tick => {
-                    if last_heard.elapsed() > idle {
+                    if last_heard.elapsed() >= idle {
                         return format!("silent for {}", humantime::format_duration(idle));
                     }
+                    check.as_mut().reset((last_heard + idle).into());
                     Ok(())
                 }
             };
