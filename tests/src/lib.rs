@@ -461,10 +461,14 @@ impl Agent {
         let bus = Bus::start(dir, handle).await?;
         let mut yaml = std::fs::read_to_string(config)?;
         yaml.push_str(&format!(
-            "  bus: \"{}\"\n  data_dir: {}\n  keepalive: 1s\n{extra}",
+            "  bus: \"{}\"\n  data_dir: {}\n{extra}",
             bus.address,
             dir.join("data").join(handle).display()
         ));
+        if !extra.contains("keepalive") {
+            // Quick failure detection in tests.
+            yaml.push_str("  keepalive: 1s\n");
+        }
         if !extra.contains("plugin_dirs") {
             // No plugins unless the test asks: the machine's own must not leak in.
             yaml.push_str("  plugin_dirs: []\n");

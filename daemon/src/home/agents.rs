@@ -187,6 +187,8 @@ enum Wake {
     Tick,
 }
 
+/// Callers box this future: it holds the whole link, and a connection's
+/// task would otherwise keep room for it at every place it may be called.
 async fn refuse(mut link: Link<ServerTls>, code: ErrorCode, message: &str) {
     let _ = link
         .send(&HomeFrame::Error {
@@ -200,13 +202,23 @@ async fn refuse(mut link: Link<ServerTls>, code: ErrorCode, message: &str) {
 
 /// Serves one back connection until it closes.
 pub async fn serve(home: Arc<Home>, mut link: Link<ServerTls>, peer: SocketAddr) {
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, link.recv::<AgentFrame>()).await {
+    let first = match Box::pin(tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        link.recv::<AgentFrame>(),
+    ))
+    .await
+    {
         Ok(Ok(Recv::Frame(f))) => f,
         Ok(Ok(Recv::Bad(e))) => {
-            return refuse(link, ErrorCode::BadFrame, &format!("expected hello: {e}")).await;
+            return Box::pin(refuse(
+                link,
+                ErrorCode::BadFrame,
+                &format!("expected hello: {e}"),
+            ))
+            .await;
         }
         Ok(Err(LinkError::TooLarge)) => {
-            return refuse(link, ErrorCode::TooLarge, "frame too large").await;
+            return Box::pin(refuse(link, ErrorCode::TooLarge, "frame too large")).await;
         }
         _ => return,
     };
@@ -218,32 +230,37 @@ pub async fn serve(home: Arc<Home>, mut link: Link<ServerTls>, peer: SocketAddr)
         presence,
     } = first
     else {
-        return refuse(link, ErrorCode::NotAuthenticated, "send hello first").await;
+        return Box::pin(refuse(
+            link,
+            ErrorCode::NotAuthenticated,
+            "send hello first",
+        ))
+        .await;
     };
     if v != PROTOCOL_VERSION {
         let msg = format!("this home speaks protocol {PROTOCOL_VERSION}, not {v}; upgrade popupd");
-        return refuse(link, ErrorCode::UnsupportedVersion, &msg).await;
+        return Box::pin(refuse(link, ErrorCode::UnsupportedVersion, &msg)).await;
     }
     let hash = secret_hash(&secret);
     let (h, d) = (handle.clone(), device.clone());
-    let acked = match home.store.run(move |s| s.check_device(&h, &d, &hash)).await {
+    let acked = match Box::pin(home.store.run(move |s| s.check_device(&h, &d, &hash))).await {
         Ok(Some(a)) => a,
         Ok(None) => {
             tracing::warn!(%peer, %handle, %device, "agent authentication failed");
-            return refuse(
+            return Box::pin(refuse(
                 link,
                 ErrorCode::AuthFailed,
                 "unknown handle, device or secret; ask the home's administrator for a new device (popupd user add)",
-            )
+            ))
             .await;
         }
         Err(e) => {
             tracing::error!("checking device: {e}");
-            return refuse(
+            return Box::pin(refuse(
                 link,
                 ErrorCode::Internal,
                 "storage failure; try again later",
-            )
+            ))
             .await;
         }
     };
@@ -252,7 +269,7 @@ pub async fn serve(home: Arc<Home>, mut link: Link<ServerTls>, peer: SocketAddr)
         handle: handle.clone(),
         home: home.cfg.name.clone(),
     };
-    if link.send(&welcome).await.is_err() {
+    if Box::pin(link.send(&welcome)).await.is_err() {
         return;
     }
     let reg = home.registry.register(&handle, &device);
@@ -263,7 +280,7 @@ pub async fn serve(home: Arc<Home>, mut link: Link<ServerTls>, peer: SocketAddr)
     });
     home.hub
         .device_up(&home.registry, &handle, &device, reg.id, report);
-    super::send_contacts(&home, &handle).await;
+    Box::pin(super::send_contacts(&home, &handle)).await;
     let mut conn = AgentConn {
         home: home.clone(),
         handle: handle.clone(),
@@ -272,11 +289,11 @@ pub async fn serve(home: Arc<Home>, mut link: Link<ServerTls>, peer: SocketAddr)
         sent: acked,
         peer,
     };
-    let why = conn.run(&mut link, reg.rx, reg.lag, reg.replaced).await;
+    let why = Box::pin(conn.run(&mut link, reg.rx, reg.lag, reg.replaced)).await;
     home.registry.unregister(&handle, reg.id);
     home.hub.device_down(&handle, &conn.device, reg.id);
     tracing::info!(%peer, %handle, device = %conn.device, "agent offline: {why}");
-    link.close().await;
+    Box::pin(link.close()).await;
     // The person keeps showing their presence for the grace period, so a
     // quick reconnect changes nothing for their contacts.
     let grace = home.cfg.presence_grace;
@@ -310,7 +327,7 @@ impl AgentConn {
         lag: Arc<Notify>,
         replaced: Shutdown,
     ) -> String {
-        if let Err(e) = self.replay(link).await {
+        if let Err(e) = Box::pin(self.replay(link)).await {
             return e.to_string();
         }
         let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
@@ -348,6 +365,11 @@ impl AgentConn {
             // Frames are queued, not written, while more work is ready; the
             // link is flushed once nothing is. Under load that makes one
             // TLS record and one write of many frames.
+            //
+            // The handlers below are boxed while they run: an idle
+            // connection's task then holds only what this wait needs, not
+            // room for the largest handler (10 KB of 24 per connection
+            // before, by heaptrack).
             let wake = {
                 let flush_due = link.needs_flush();
                 let next = async {
@@ -378,7 +400,7 @@ impl AgentConn {
                 Wake::Shutdown => {
                     // Flush what is committed, then say when to come back.
                     while let Some(d) = pending.next().await {
-                        let _ = self.finish(link, d, pending).await;
+                        let _ = Box::pin(self.finish(link, d, pending)).await;
                     }
                     let _ = link
                         .send(&HomeFrame::Bye {
@@ -388,11 +410,11 @@ impl AgentConn {
                     return "home shutting down".into();
                 }
                 Wake::Replaced => return "replaced by a newer connection, or revoked".into(),
-                Wake::Done(d) => self.finish(link, d, pending).await,
+                Wake::Done(d) => Box::pin(self.finish(link, d, pending)).await,
                 Wake::Frame(r) => {
                     last_heard = Instant::now();
                     match r {
-                        Ok(Recv::Frame(f)) => self.on_frame(link, f, pending).await,
+                        Ok(Recv::Frame(f)) => Box::pin(self.on_frame(link, f, pending)).await,
                         Ok(Recv::Bad(e)) => {
                             bad += 1;
                             tracing::info!(peer = %self.peer, handle = %self.handle, "malformed frame: {e}");
@@ -426,12 +448,12 @@ impl AgentConn {
                         Err(e) => Err(e),
                     }
                 }
-                Wake::Out(Out::Event(p)) => self.on_push(link, &p).await,
+                Wake::Out(Out::Event(p)) => Box::pin(self.on_push(link, &p)).await,
                 Wake::Out(Out::Frame(f)) => link.feed_text(f.to_string()).await,
                 Wake::Lag => {
                     // Frames may have been dropped too: resend the list.
-                    super::send_contacts(&self.home, &self.handle).await;
-                    self.replay(link).await
+                    Box::pin(super::send_contacts(&self.home, &self.handle)).await;
+                    Box::pin(self.replay(link)).await
                 }
                 Wake::Tick => {
                     if last_heard.elapsed() >= idle {

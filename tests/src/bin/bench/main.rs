@@ -602,6 +602,26 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Context switches of every thread of `pid` so far: how often it woke.
+fn wakeups(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            st.lines()
+                .filter_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                })
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 pub(crate) fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS")
 }
@@ -623,7 +643,20 @@ async fn agent_cost() -> anyhow::Result<()> {
         "  plugin_dirs: [{}]\n  plugins:\n    exec: {{ rules: [ {{ from: nobody, command: [\"true\"] }} ] }}\n    autoreply: {{ text: \"away\" }}\n",
         pd.display()
     );
-    let (_net, alice, bob) = popupd_e2e::two_people(&dir.path, "", &extra).await;
+    let (net, alice, bob) = popupd_e2e::two_people(&dir.path, "", &extra).await;
+    // Carol: an agent as installed (no plugins, the default 25 s keepalive),
+    // left alone for a minute.
+    let keepalive = Duration::from_secs(25);
+    let c = net.add_user(0, "carol")?;
+    let carol = Agent::start(&dir.path, "carol", &c, "  keepalive: 25s\n", &[]).await?;
+    carol.wait_connected(true, Duration::from_secs(20)).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cpid = carol.proc.pid().context("carol's pid")?;
+    let (w0, t0) = (wakeups(cpid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let per_period =
+        (wakeups(cpid) - w0) as f64 / (t0.elapsed().as_secs_f64() / keepalive.as_secs_f64());
+    let (c_rss, c_anon) = (rss_kib(cpid), status_kib(cpid, "RssAnon"));
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
         .name("org.freedesktop.Notifications")
@@ -658,8 +691,25 @@ async fn agent_cost() -> anyhow::Result<()> {
         .collect();
     l.sort();
     let busy = rss_kib(pid);
-    println!("\n## agent: one agent with the notify, exec and autoreply plugins loaded");
+    println!(
+        "\n## agent: one agent with the notify, exec and autoreply plugins loaded; one without"
+    );
     println!("| figure | value |\n|---|---|");
+    println!(
+        "| agent without plugins, idle a minute: resident memory | {:.1} MiB ({:.1} MiB anonymous) |",
+        c_rss as f64 / 1024.0,
+        c_anon as f64 / 1024.0
+    );
+    println!(
+        "| same: wake-ups (context switches, all threads) per 25 s keepalive period | {per_period:.1} |"
+    );
+    report::record("agent", "idle agent RSS", c_rss as f64 / 1024.0, "MiB");
+    report::record(
+        "agent",
+        "idle agent wake-ups per keepalive period",
+        per_period,
+        "",
+    );
     println!(
         "| resident memory, idle 10 s after connecting | {:.1} MiB ({:.1} MiB anonymous, {:.1} MiB file-backed: mapped code) |",
         idle as f64 / 1024.0,
