@@ -308,12 +308,17 @@ pub async fn run(
         tokio::spawn(async move {
             let _permit = permit;
             // Boxed, so the task of a long-lived idle connection does not
-            // keep room for the (large, finished) handshake state.
-            match Box::pin(net::accept(tcp, &acceptor, &[AGENT_PATH, PEER_PATH])).await {
-                Ok((link, AGENT_PATH)) => Box::pin(agents::serve(home, link, peer)).await,
-                Ok((link, _)) => Box::pin(peers::serve_inbound(home, link, peer)).await,
-                Err(e) => tracing::debug!(%peer, "handshake failed: {e}"),
-            }
+            // keep room for the (large, finished) handshake state, nor for
+            // the link it moved into the connection's own future: the
+            // accept result is gone before that future is awaited.
+            type Served = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+            let served: Served =
+                match Box::pin(net::accept(tcp, &acceptor, &[AGENT_PATH, PEER_PATH])).await {
+                    Ok((link, AGENT_PATH)) => Box::pin(agents::serve(home, link, peer)),
+                    Ok((link, _)) => Box::pin(peers::serve_inbound(home, link, peer)),
+                    Err(e) => return tracing::debug!(%peer, "handshake failed: {e}"),
+                };
+            served.await
         });
     }
     let st = home.hub.stats.snapshot();

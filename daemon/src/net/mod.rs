@@ -56,15 +56,16 @@ impl From<tungstenite::Error> for LinkError {
     }
 }
 
-/// WebSocket settings for every link. The read buffer is small because a
-/// home holds thousands of mostly idle connections; tungstenite's default
-/// (128 KiB, allocated up front) would cost that much per connection.
+/// WebSocket settings for every link. The read buffer is small (1 KiB; a
+/// larger frame grows it while it is read) because a home holds thousands
+/// of mostly idle connections; tungstenite's default (128 KiB, allocated up
+/// front) would cost that much per connection.
 /// Fed frames are gathered up to 8 KiB before they are written, so a busy
 /// link sends one TLS record for many frames; the buffer grows only when
 /// used.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(2048)
+        .read_buffer_size(1024)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(4 * MAX_FRAME)
         .max_message_size(Some(MAX_FRAME))
