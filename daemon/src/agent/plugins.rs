@@ -61,6 +61,8 @@ struct Loaded {
     tx: Mutex<Option<mpsc::Sender<Call>>>,
     /// When the current call started, and which callback it is.
     busy: Mutex<Option<(Instant, &'static str)>>,
+    /// Wakes the deadline watch when a call starts (shared by all plugins).
+    calls: Arc<tokio::sync::Notify>,
 }
 
 impl Loaded {
@@ -90,6 +92,7 @@ impl Plugins {
         let cfg = &agent.cfg;
         let crashed = crashed_last_time(&cfg.data_dir);
         let mut seen = std::collections::HashSet::new();
+        let calls = Arc::new(tokio::sync::Notify::new());
         for dir in &cfg.plugin_dirs {
             let Ok(rd) = std::fs::read_dir(dir) else {
                 continue;
@@ -129,6 +132,7 @@ impl Plugins {
                     state: Mutex::new(State::Starting),
                     tx: Mutex::new(None),
                     busy: Mutex::new(None),
+                    calls: calls.clone(),
                 });
                 start(agent, decl, loaded.clone(), config);
                 self.loaded
@@ -137,31 +141,51 @@ impl Plugins {
                     .push(loaded);
             }
         }
-        // The deadline watch.
+        // The deadline watch. It sleeps until a call starts and checks every
+        // 250 ms only while one runs: an idle agent does not wake for it.
+        if self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return;
+        }
         let (me, deadline) = (Arc::downgrade(agent), cfg.plugin_deadline);
+        let shutdown = agent.shutdown.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
             loop {
-                tick.tick().await;
-                let Some(agent) = me.upgrade() else { return };
-                if agent.shutdown.is_cancelled() {
-                    return;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = calls.notified() => {}
                 }
-                for p in agent
-                    .plugins
-                    .loaded
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                {
-                    let busy = *p.busy.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some((since, what)) = busy {
-                        if since.elapsed() > deadline && !matches!(p.state(), State::Disabled(_)) {
-                            p.disable(format!(
-                                "{what} did not return within {}",
-                                humantime::format_duration(deadline)
-                            ));
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let Some(agent) = me.upgrade() else { return };
+                    let mut any = false;
+                    for p in agent
+                        .plugins
+                        .loaded
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                    {
+                        let busy = *p.busy.lock().unwrap_or_else(|e| e.into_inner());
+                        // A disabled plugin's hung call is no longer watched.
+                        if let Some((since, what)) = busy
+                            && !matches!(p.state(), State::Disabled(_))
+                        {
+                            any = true;
+                            if since.elapsed() > deadline {
+                                p.disable(format!(
+                                    "{what} did not return within {}",
+                                    humantime::format_duration(deadline)
+                                ));
+                            }
                         }
+                    }
+                    if !any {
+                        break;
                     }
                 }
             }
@@ -361,6 +385,7 @@ fn call(
     f: impl FnOnce(&mut ErrBuf) -> i32,
 ) -> (i32, String) {
     *p.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), what));
+    p.calls.notify_one();
     let _ = std::fs::write(marker, what);
     let mut err = ErrBuf::default();
     let rc = f(&mut err);
