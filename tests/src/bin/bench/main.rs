@@ -643,12 +643,16 @@ async fn agent_cost() -> anyhow::Result<()> {
         "  plugin_dirs: [{}]\n  plugins:\n    exec: {{ rules: [ {{ from: nobody, command: [\"true\"] }} ] }}\n    autoreply: {{ text: \"away\" }}\n",
         pd.display()
     );
-    let (net, alice, bob) = popupd_e2e::two_people(&dir.path, "", &extra).await;
+    let (_net, alice, bob) = popupd_e2e::two_people(&dir.path, "", &extra).await;
     // Carol: an agent as installed (no plugins, the default 25 s keepalive),
-    // left alone for a minute.
+    // left alone for a minute, on a network whose homes wait 90 s before
+    // calling a link dead (the test default, 10 s, is shorter than her
+    // keepalive).
     let keepalive = Duration::from_secs(25);
-    let c = net.add_user(0, "carol")?;
-    let carol = Agent::start(&dir.path, "carol", &c, "  keepalive: 25s\n", &[]).await?;
+    let idle_dir = TestDir::new("bench-agent-idle");
+    let idle_net = Network::start_with(&idle_dir.path, "90s").await?;
+    let c = idle_net.add_user(0, "carol")?;
+    let carol = Agent::start(&idle_dir.path, "carol", &c, "  keepalive: 25s\n", &[]).await?;
     carol.wait_connected(true, Duration::from_secs(20)).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let cpid = carol.proc.pid().context("carol's pid")?;
