@@ -543,4 +543,73 @@ mod tests {
         assert_eq!(sum, 4);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A store whose commits wait for a syncer that the test holds back.
+    struct Gated {
+        syncs: Arc<std::sync::atomic::AtomicUsize>,
+        gate: Arc<std::sync::Mutex<()>>,
+    }
+
+    impl Batchable for Gated {
+        fn begin(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn commit(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn rollback(&mut self) {}
+        fn job_begin(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn job_end(&mut self, _: bool) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
+            let (syncs, gate) = (self.syncs.clone(), self.gate.clone());
+            Ok(Some(Box::new(move || {
+                let _held = gate.lock().unwrap_or_else(|e| e.into_inner());
+                syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            })))
+        }
+    }
+
+    use std::sync::Arc;
+
+    async fn wait<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(5), f)
+            .await
+            .expect("timed out")
+    }
+
+    #[tokio::test]
+    async fn early_answers_before_the_sync_on_disk_after_lazy_never_waits() {
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let gate = Arc::new(std::sync::Mutex::new(()));
+        let b = Batcher::spawn(
+            "gated",
+            Gated {
+                syncs: syncs.clone(),
+                gate: gate.clone(),
+            },
+        )
+        .unwrap();
+        // Lazy: answered, and no sync asked for.
+        wait(b.submit_lazy(|_| Ok(1))).await.unwrap();
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // With the disk held back, an early job is answered, its ticket and
+        // a durable job are not.
+        let held = gate.lock().unwrap();
+        let (r, ticket) = wait(b.submit_early(|_| Ok(2))).await.unwrap();
+        assert_eq!(r, 2);
+        let mut on_disk = Box::pin(b.on_disk(ticket));
+        let mut durable = Box::pin(b.submit(|_| Ok(3)));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(futures_util::FutureExt::now_or_never(&mut on_disk).is_none());
+        assert!(futures_util::FutureExt::now_or_never(&mut durable).is_none());
+        drop(held);
+        wait(on_disk).await.unwrap();
+        assert_eq!(wait(durable).await.unwrap(), 3);
+        assert!(syncs.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    }
 }
