@@ -602,6 +602,30 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Makes accounts PREFIX0.. PREFIX{n-1} on home `home` with `popupd user
+/// add-many`; returns the file of their credentials (handle, device,
+/// secret per line, as the load workers read them).
+pub(crate) fn add_many(
+    net: &Network,
+    dir: &TestDir,
+    home: usize,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<std::path::PathBuf> {
+    let out = std::process::Command::new(popupd_e2e::bin("popupd"))
+        .args(["user", "add-many", prefix, &n.to_string(), "-c"])
+        .arg(net.home_config(home))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "add-many: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let creds = dir.path.join(format!("creds-{prefix}.tsv"));
+    std::fs::write(&creds, &out.stdout)?;
+    Ok(creds)
+}
+
 /// Context switches of every thread of `pid` so far: how often it woke.
 fn wakeups(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -905,18 +929,8 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
     let net = Network::start_with(&dir.path, "90s").await?;
     let max = a.sizes.iter().copied().max().unwrap_or(1000);
     let t = Instant::now();
-    let out = std::process::Command::new(popupd_e2e::bin("popupd"))
-        .args(["user", "add-many", "u", &max.to_string(), "-c"])
-        .arg(net.home_config(0))
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "add-many: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let creds = add_many(&net, &dir, 0, "u", max)?;
     let made = t.elapsed();
-    let creds = dir.path.join("creds.tsv");
-    std::fs::write(&creds, &out.stdout)?;
     let ca = dir.path.join("pki/ca.crt");
     let home = &net.homes[0];
     let pid = home.pid().context("home pid")?;

@@ -25,17 +25,7 @@ const DEADLINE: Duration = Duration::from_secs(300);
 
 /// Makes `n` accounts named PREFIX0.. on home 0; returns a login list.
 fn accounts(net: &Network, dir: &TestDir, prefix: &str, n: usize) -> anyhow::Result<Logins> {
-    let out = std::process::Command::new(popupd_e2e::bin("popupd"))
-        .args(["user", "add-many", prefix, &n.to_string(), "-c"])
-        .arg(net.home_config(0))
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "add-many: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let creds = dir.path.join(format!("{prefix}.tsv"));
-    std::fs::write(&creds, &out.stdout)?;
+    let creds = super::add_many(net, dir, 0, prefix, n)?;
     let args: Vec<String> = vec![
         net.home_addrs[0].clone(),
         HOME_A.into(),

@@ -102,18 +102,7 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     let t = Instant::now();
     let mut creds: Vec<PathBuf> = Vec::new();
     for (i, prefix) in ["a", "b"].into_iter().enumerate() {
-        let out = std::process::Command::new(popupd_e2e::bin("popupd"))
-            .args(["user", "add-many", prefix, &per_home.to_string(), "-c"])
-            .arg(net.home_config(i))
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "add-many: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let f = dir.path.join(format!("creds-{prefix}.tsv"));
-        std::fs::write(&f, &out.stdout)?;
-        creds.push(f);
+        creds.push(super::add_many(&net, &dir, i, prefix, per_home)?);
     }
     let accounts = t.elapsed();
     let t = Instant::now();

@@ -129,19 +129,9 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     let dir = TestDir::new("bench-storm");
     let mut net = Network::start_with(&dir.path, "90s").await?;
     // n agents, then the sender and the recipient.
-    let out = std::process::Command::new(popupd_e2e::bin("popupd"))
-        .args(["user", "add-many", "o", &(n + 2).to_string(), "-c"])
-        .arg(net.home_config(0))
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "add-many: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     // add-many names them o0, o1, …: the stream uses o0 → o1, the workers
     // the rest.
-    let creds = dir.path.join("creds.tsv");
-    std::fs::write(&creds, &out.stdout)?;
+    let creds = super::add_many(&net, &dir, 0, "o", n + 2)?;
     let ca = dir.path.join("pki/ca.crt");
     let args = |first: usize, count: usize, ip: &str| -> Vec<String> {
         vec![
