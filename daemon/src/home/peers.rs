@@ -406,19 +406,8 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             if !valid_handle(&from) || !valid_handle(&to) {
                 return refuse(link, n, ErrorCode::Invalid, "bad handle").await;
             }
-            if let Err(e) = check_sender(home, peer, &from).await {
-                return match e {
-                    Some(e) => Err(e),
-                    None => {
-                        refuse(
-                            link,
-                            n,
-                            ErrorCode::SpoofedSender,
-                            "sender does not live on your home",
-                        )
-                        .await
-                    }
-                };
+            if !check_sender(home, link, peer, n, &from).await? {
+                return Ok(());
             }
             let from_home = peer.to_owned();
             let p = store.submit(move |s| {
@@ -456,19 +445,8 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             if !valid_id(&msg.id) || msg.text.is_empty() || msg.text.len() > MAX_TEXT {
                 return refuse(link, n, ErrorCode::Invalid, "bad id or text length").await;
             }
-            if let Err(e) = check_sender(home, peer, &msg.from).await {
-                return match e {
-                    Some(e) => Err(e),
-                    None => {
-                        refuse(
-                            link,
-                            n,
-                            ErrorCode::SpoofedSender,
-                            "sender does not live on your home",
-                        )
-                        .await
-                    }
-                };
+            if !check_sender(home, link, peer, n, &msg.from).await? {
+                return Ok(());
             }
             let from = peer.to_owned();
             let p = store.submit(move |s| {
@@ -538,20 +516,28 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// The sender of an item must live on the home this link belongs to.
-/// `Err(None)`: they do not (refuse the item); `Err(Some)`: the directory
+/// The sender of item `n` must live on the home this link belongs to.
+/// `Ok(false)`: they do not, and the item is refused; `Err`: the directory
 /// could not say (drop the link; the peer sends the item again).
-async fn check_sender(home: &Arc<Home>, peer: &str, from: &str) -> Result<(), Option<LinkError>> {
+async fn check_sender<S: AsyncRead + AsyncWrite + Unpin>(
+    home: &Arc<Home>,
+    link: &mut Link<S>,
+    peer: &str,
+    n: u64,
+    from: &str,
+) -> Result<bool, LinkError> {
     match home.dir.lookup(from).await {
-        Ok(Some(r)) if r.home == peer => Ok(()),
+        Ok(Some(r)) if r.home == peer => Ok(true),
         Ok(_) => {
             tracing::warn!(peer, claimed = %from,
                 "spoofed sender refused: the directory does not place this user on that home");
-            Err(None)
+            let why = "sender does not live on your home";
+            refuse(link, n, ErrorCode::SpoofedSender, why).await?;
+            Ok(false)
         }
-        Err(e) => Err(Some(LinkError::Io(std::io::Error::other(format!(
+        Err(e) => Err(LinkError::Io(std::io::Error::other(format!(
             "cannot check the sender's home: {e}"
-        ))))),
+        )))),
     }
 }
 

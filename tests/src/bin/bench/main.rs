@@ -828,6 +828,37 @@ impl Logins {
     }
 }
 
+/// A load worker's output, a line at a time.
+pub(crate) type WorkerLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+
+/// Starts this program again with `args` as a load worker, held by its stdin.
+pub(crate) fn spawn_worker(
+    args: &[String],
+) -> anyhow::Result<(tokio::process::Child, WorkerLines)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("worker stdout")?;
+    Ok((child, tokio::io::BufReader::new(stdout).lines()))
+}
+
+/// Reads each worker's `ready OK FAILED SECS` line; the sum of FAILED.
+pub(crate) async fn logins_failed(readers: &mut [WorkerLines]) -> anyhow::Result<usize> {
+    let mut failed = 0usize;
+    for r in readers {
+        let line = tokio::time::timeout(Duration::from_secs(300), r.next_line())
+            .await??
+            .unwrap_or_default();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        failed += f.get(2).and_then(|x| x.parse::<usize>().ok()).unwrap_or(0);
+    }
+    Ok(failed)
+}
+
 /// Waits for a line (or the end) on stdin: the driver's signal.
 pub(crate) async fn stdin_line() {
     let _ = tokio::task::spawn_blocking(|| {
@@ -924,7 +955,6 @@ fn fastrand_ms() -> u64 {
 /// Idle back connections on one home: memory per connection, login rate,
 /// CPU while idle.
 async fn idle(a: &Args) -> anyhow::Result<()> {
-    use tokio::io::AsyncBufReadExt;
     let dir = TestDir::new("bench-idle");
     let net = Network::start_with(&dir.path, "90s").await?;
     let max = a.sizes.iter().copied().max().unwrap_or(1000);
@@ -952,28 +982,21 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
         while held < size {
             let n = (size - held).min(PER_WORKER);
             let ip = format!("127.0.0.{}", 10 + workers.len());
-            let mut child = tokio::process::Command::new(std::env::current_exe()?)
-                .args(["worker", &net.home_addrs[0], HOME_A])
-                .arg(&ca)
-                .arg(&creds)
-                .args([held.to_string(), n.to_string(), ip])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()?;
-            let stdout = child.stdout.take().context("worker stdout")?;
-            readers.push(tokio::io::BufReader::new(stdout).lines());
+            let (child, lines) = spawn_worker(&[
+                "worker".into(),
+                net.home_addrs[0].clone(),
+                HOME_A.into(),
+                ca.display().to_string(),
+                creds.display().to_string(),
+                held.to_string(),
+                n.to_string(),
+                ip,
+            ])?;
+            readers.push(lines);
             workers.push(child);
             held += n;
         }
-        let mut failed = 0usize;
-        for mut r in readers {
-            let line = tokio::time::timeout(Duration::from_secs(300), r.next_line())
-                .await??
-                .unwrap_or_default();
-            let f: Vec<&str> = line.split_whitespace().collect();
-            failed += f.get(2).and_then(|x| x.parse::<usize>().ok()).unwrap_or(0);
-        }
+        let failed = logins_failed(&mut readers).await?;
         let secs = t0.elapsed().as_secs_f64();
         let added = size
             - a.sizes

@@ -19,7 +19,6 @@ use popupd::net::{self, Recv};
 use popupd::protocol::{AgentFrame, Event, HomeFrame, new_id};
 use popupd::task::Backoff;
 use popupd_e2e::{HOME_A, Network, TestDir};
-use tokio::io::AsyncBufReadExt;
 
 use super::{Args, Logins, PER_WORKER, report};
 
@@ -152,27 +151,15 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     while held < n + 2 {
         let count = (n + 2 - held).min(PER_WORKER);
         let ip = format!("127.0.0.{}", 10 + workers.len());
-        let mut child = tokio::process::Command::new(std::env::current_exe()?)
-            .arg("worker")
-            .args(args(held, count, &ip))
-            .arg("reconnect")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child.stdout.take().context("worker stdout")?;
-        readers.push(tokio::io::BufReader::new(stdout).lines());
+        let mut worker_args = vec!["worker".to_string()];
+        worker_args.extend(args(held, count, &ip));
+        worker_args.push("reconnect".into());
+        let (child, lines) = super::spawn_worker(&worker_args)?;
+        readers.push(lines);
         workers.push(child);
         held += count;
     }
-    let mut failed = 0usize;
-    for r in &mut readers {
-        let line = tokio::time::timeout(Duration::from_secs(300), r.next_line())
-            .await??
-            .unwrap_or_default();
-        let f: Vec<&str> = line.split_whitespace().collect();
-        failed += f.get(2).and_then(|x| x.parse::<usize>().ok()).unwrap_or(0);
-    }
+    let failed = super::logins_failed(&mut readers).await?;
     if failed > 0 {
         bail!("{failed} of {n} agents could not log in");
     }
