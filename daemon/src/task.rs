@@ -7,7 +7,15 @@
 //! and dialer tasks stop when they see the token). When a role ends on its
 //! own, `main` cancels the root, so one failed role stops the process.
 
+use std::io;
+use std::os::fd::OwnedFd;
 use std::time::Duration;
+
+use rustix::time::{
+    Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create,
+    timerfd_settime,
+};
+use tokio::io::unix::AsyncFd;
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
@@ -48,6 +56,58 @@ pub async fn sleep_or_shutdown(d: Duration, shutdown: &Shutdown) -> bool {
     }
 }
 
+/// A periodic timer on a Linux timerfd, for an idle agent's keepalive.
+///
+/// tokio's hierarchical timer wheel wakes its thread once per wheel level
+/// on the way down to a long deadline: a 25 s period costs three wake-ups,
+/// not one. An idle agent does nothing but keep its link alive, so that
+/// one long periodic timer is a timerfd, and the kernel wakes the runtime
+/// once, at the deadline. It counts `CLOCK_BOOTTIME`, so the first tick
+/// after a suspend comes at once and a link that died while the lid was
+/// shut is found quickly.
+#[derive(Debug)]
+pub struct Ticker {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Ticker {
+    /// Ticks every `period` (at least a millisecond), the first time one
+    /// period from now.
+    pub fn new(period: Duration) -> io::Result<Ticker> {
+        let period = period.max(Duration::from_millis(1));
+        let fd = timerfd_create(
+            TimerfdClockId::Boottime,
+            TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
+        )?;
+        let every = Timespec {
+            tv_sec: period.as_secs() as _,
+            tv_nsec: period.subsec_nanos() as _,
+        };
+        let spec = Itimerspec {
+            it_interval: every,
+            it_value: every,
+        };
+        timerfd_settime(&fd, TimerfdTimerFlags::empty(), &spec)?;
+        // SAFETY: the AsyncFd owns the descriptor and neither closes nor
+        // replaces it while registered; it is dropped with the AsyncFd.
+        #[allow(unsafe_code)]
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?;
+        Ok(Ticker { fd })
+    }
+
+    /// Waits for the next tick. Ticks missed meanwhile count as one.
+    pub async fn tick(&mut self) -> io::Result<()> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let mut expirations = [0u8; 8];
+            match ready.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut expirations)?)) {
+                Ok(r) => return r.map(drop),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +126,27 @@ mod tests {
         );
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn ticker_ticks_once_per_period_and_merges_missed_ticks() {
+        let period = Duration::from_millis(100);
+        let start = std::time::Instant::now();
+        let mut t = Ticker::new(period).expect("timerfd");
+        t.tick().await.expect("tick");
+        let first = start.elapsed();
+        assert!(first >= period, "not before one period: {first:?}");
+        // Miss three periods: the next tick is at once, and only one.
+        std::thread::sleep(period * 3 + Duration::from_millis(5));
+        let late = std::time::Instant::now();
+        t.tick().await.expect("tick");
+        assert!(late.elapsed() < period / 2, "missed ticks fire at once");
+        let next = std::time::Instant::now();
+        t.tick().await.expect("tick");
+        assert!(
+            next.elapsed() >= period / 2,
+            "missed ticks merged into one: {:?}",
+            next.elapsed()
+        );
     }
 }

@@ -22,7 +22,7 @@ use crate::protocol::{
     now_ms,
 };
 use crate::storage::StoreError;
-use crate::task::{Backoff, sleep_or_shutdown};
+use crate::task::{Backoff, Ticker, sleep_or_shutdown};
 
 /// A link silent for this many keepalive intervals is dead.
 const DEAD_AFTER: u32 = 3;
@@ -166,8 +166,10 @@ async fn session_loop(
 ) -> (String, Option<Duration>) {
     let mut inflight: HashSet<String> = HashSet::new();
     let keepalive = agent.cfg.keepalive;
-    let mut ping = tokio::time::interval(keepalive);
-    ping.tick().await;
+    let mut ping = match Ticker::new(keepalive) {
+        Ok(t) => t,
+        Err(e) => return (format!("cannot start the keepalive timer: {e}"), None),
+    };
     let mut last_heard = Instant::now();
     let mut last_seq = agent.store.run(|s| s.last_seq()).await.unwrap_or(0);
     let mut unacked: Option<u64> = None;
@@ -242,7 +244,10 @@ async fn session_loop(
                     Err(e) => Err(e),
                 }
             }
-            _ = ping.tick() => {
+            t = ping.tick() => {
+                if let Err(e) = t {
+                    return (format!("keepalive timer failed: {e}"), None);
+                }
                 if last_heard.elapsed() > keepalive * DEAD_AFTER {
                     return (format!("no answer for {}; link is dead",
                         humantime::format_duration(keepalive * DEAD_AFTER)), None);

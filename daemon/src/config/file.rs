@@ -33,7 +33,7 @@ pub struct ConfigFile {
 pub struct LogFile {
     /// Tracing filter, e.g. `info`, `debug`, `popupd=debug,zbus=warn`.
     /// `RUST_LOG` overrides it.
-    pub level: Option<String>,
+    pub level: Option<Spanned<String>>,
 }
 
 /// `global:`

@@ -299,11 +299,24 @@ impl Cx {
                 ));
             }
         }
+        let level = match f.log.and_then(|l| l.level) {
+            None => "info".to_string(),
+            Some(l) => match l.value.parse::<tracing_subscriber::filter::Targets>() {
+                Ok(_) => l.value,
+                Err(e) => {
+                    return Err(self.err(
+                        &l,
+                        "log.level",
+                        format!("{:?} is not a log filter: {e}", l.value),
+                        "write a level (error, warn, info, debug, trace), optionally \
+                         followed by TARGET=LEVEL pairs, e.g. info,popupd=debug",
+                    ));
+                }
+            },
+        };
         Ok(Config {
             source: path.to_path_buf(),
-            log: LogConfig {
-                level: f.log.and_then(|l| l.level).unwrap_or_else(|| "info".into()),
-            },
+            log: LogConfig { level },
             global,
             homes,
             agent,
