@@ -56,6 +56,20 @@ pub async fn sleep_or_shutdown(d: Duration, shutdown: &Shutdown) -> bool {
     }
 }
 
+/// `t` rounded up to the next multiple of `grain` since the process began.
+///
+/// Timers that only need to fire "about then" go on this grid, so that
+/// many of them fire in one wake-up of the runtime: a home pinging 19,000
+/// quiet agents wakes once a second for all that are due, not 800 times.
+pub fn on_grid(t: tokio::time::Instant, grain: Duration) -> tokio::time::Instant {
+    static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(tokio::time::Instant::now);
+    let grain_ns = grain.as_nanos().max(1);
+    let since = t.saturating_duration_since(start).as_nanos();
+    let slots = since.div_ceil(grain_ns);
+    start + Duration::from_nanos(u64::try_from(slots * grain_ns).unwrap_or(u64::MAX))
+}
+
 /// A periodic timer on a Linux timerfd, for an idle agent's keepalive.
 ///
 /// tokio's hierarchical timer wheel wakes its thread once per wheel level
@@ -68,6 +82,7 @@ pub async fn sleep_or_shutdown(d: Duration, shutdown: &Shutdown) -> bool {
 #[derive(Debug)]
 pub struct Ticker {
     fd: AsyncFd<OwnedFd>,
+    period: Duration,
 }
 
 impl Ticker {
@@ -79,20 +94,17 @@ impl Ticker {
             TimerfdClockId::Boottime,
             TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
         )?;
-        let every = Timespec {
-            tv_sec: period.as_secs() as _,
-            tv_nsec: period.subsec_nanos() as _,
-        };
-        let spec = Itimerspec {
-            it_interval: every,
-            it_value: every,
-        };
-        timerfd_settime(&fd, TimerfdTimerFlags::empty(), &spec)?;
+        arm(&fd, period)?;
         // SAFETY: the AsyncFd owns the descriptor and neither closes nor
         // replaces it while registered; it is dropped with the AsyncFd.
         #[allow(unsafe_code)]
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?;
-        Ok(Ticker { fd })
+        Ok(Ticker { fd, period })
+    }
+
+    /// Starts the period again from now: the next tick is one period away.
+    pub fn reset(&mut self) -> io::Result<()> {
+        arm(self.fd.get_ref(), self.period)
     }
 
     /// Waits for the next tick. Ticks missed meanwhile count as one.
@@ -106,6 +118,19 @@ impl Ticker {
             }
         }
     }
+}
+
+fn arm(fd: &OwnedFd, period: Duration) -> io::Result<()> {
+    let every = Timespec {
+        tv_sec: period.as_secs() as _,
+        tv_nsec: period.subsec_nanos() as _,
+    };
+    let spec = Itimerspec {
+        it_interval: every,
+        it_value: every,
+    };
+    timerfd_settime(fd, TimerfdTimerFlags::empty(), &spec)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -148,5 +173,22 @@ mod tests {
             "missed ticks merged into one: {:?}",
             next.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn timers_on_a_grid_fire_together() {
+        let grain = Duration::from_millis(500);
+        let now = tokio::time::Instant::now();
+        let line = on_grid(now, grain);
+        assert!(
+            line >= now && line - now <= grain,
+            "never early, at most one grain late"
+        );
+        assert_eq!(on_grid(line, grain), line, "a grid instant stays put");
+        let ms = Duration::from_millis;
+        // Deadlines within one grain fire at its end, together.
+        assert_eq!(on_grid(line + ms(10), grain), line + grain);
+        assert_eq!(on_grid(line + ms(400), grain), line + grain);
+        assert_eq!(on_grid(line + ms(510), grain), line + grain * 2);
     }
 }

@@ -258,3 +258,37 @@ async fn dropped_back_connection_resumes_without_loss_or_doubles() {
     let set: HashSet<&String> = got.iter().collect();
     assert!(ids.iter().all(|i| set.contains(i)), "nothing lost");
 }
+
+/// An agent that never pings (its keepalive is an hour) stays connected
+/// well past the home's `idle_timeout` (10 s here), because the home pings
+/// a quiet link and the agent answers; a message then reaches it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_pings_a_quiet_agent_and_keeps_it() {
+    let dir = TestDir::new("home-pings");
+    let (net, alice, bob) = two_people(&dir.path, "", "  keepalive: 1h\n").await;
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    let home_b = net.homes[1].log_text();
+    assert!(
+        !home_b.contains("silent for"),
+        "home B dropped bob's quiet link:\n{home_b}"
+    );
+    let ups = bob.proc.log_text().matches("back connection up").count();
+    assert_eq!(
+        ups,
+        1,
+        "bob's link stayed up; log:\n{}",
+        bob.proc.log_text()
+    );
+    let id = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("bob", "still there?")
+        .await
+        .unwrap();
+    bob.wait_for("the message", Duration::from_secs(3), |s| {
+        s.received.iter().any(|(i, _, _)| *i == id)
+    })
+    .await
+    .unwrap();
+}

@@ -222,6 +222,12 @@ async fn session_loop(
             },
             r = link.recv::<HomeFrame>() => {
                 last_heard = Instant::now();
+                // The keepalive pings a quiet link only: the home pings
+                // its agents itself (docs/protocol.md, keepalive), so an
+                // idle agent wakes once per period, to answer.
+                if let Err(e) = ping.reset() {
+                    return (format!("keepalive timer failed: {e}"), None);
+                }
                 match r {
                     Ok(Recv::Frame(HomeFrame::Bye { reconnect_after_ms })) => {
                         return ("home is restarting".into(), Some(Duration::from_millis(reconnect_after_ms)));

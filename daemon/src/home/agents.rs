@@ -26,7 +26,7 @@ use crate::protocol::{
 };
 use crate::storage::home::{Effects, Push, SendOutcome};
 use crate::storage::{StoreError, Ticket, secret_hash};
-use crate::task::Shutdown;
+use crate::task::{Shutdown, on_grid};
 
 /// Pushes queued for one connection before it counts as lagging.
 const QUEUE: usize = 512;
@@ -34,6 +34,8 @@ const QUEUE: usize = 512;
 const PAGE: usize = 256;
 /// Malformed frames tolerated on one connection before it is closed.
 const MAX_BAD_FRAMES: u32 = 16;
+/// The grid the keepalive timers of agent links fire on.
+const GRID: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the registry hands a connection: a mailbox event (numbered, acked,
 /// re-read from disk if lost) or a ready frame (presence, contact list)
@@ -365,13 +367,24 @@ impl AgentConn {
         pending: &mut FuturesOrdered<Pending>,
     ) -> String {
         let idle = self.home.cfg.idle_timeout;
-        // One timer per connection, moved on only when it fires: an idle
-        // connection wakes for it once per `idle_timeout`, not on a tick.
+        // The home pings a link quiet for a quarter of `idle_timeout`. One
+        // timer per connection, moved on only when it fires, and on a
+        // one-second grid: the pings to every quiet agent due in the same
+        // second go out in one wake-up, and their pongs come back together.
+        let ping_after = idle / 4;
         let mut last_heard = Instant::now();
-        let check = tokio::time::sleep(idle);
+        let check = tokio::time::sleep_until(on_grid((last_heard + ping_after).into(), GRID));
         tokio::pin!(check);
         let mut bad = 0u32;
+        // The waits on shared signals are made once, not per turn of the
+        // loop: each new one would take the signal's lock to join its wait
+        // list and again to leave it, and every connection shares the
+        // home's shutdown token.
         let shutdown = self.home.shutdown.clone();
+        let stopping = shutdown.cancelled();
+        let replaced = replaced.cancelled();
+        let lagged = lag.notified();
+        tokio::pin!(stopping, replaced, lagged);
         loop {
             // Frames are queued, not written, while more work is ready; the
             // link is flushed once nothing is. Under load that makes one
@@ -385,12 +398,12 @@ impl AgentConn {
                 let flush_due = link.needs_flush();
                 let next = async {
                     tokio::select! {
-                        _ = shutdown.cancelled() => Wake::Shutdown,
-                        _ = replaced.cancelled() => Wake::Replaced,
+                        _ = &mut stopping => Wake::Shutdown,
+                        _ = &mut replaced => Wake::Replaced,
                         Some(d) = pending.next(), if !pending.is_empty() => Wake::Done(d),
                         r = link.recv::<AgentFrame>() => Wake::Frame(r),
                         Some(out) = rx.recv() => Wake::Out(out),
-                        _ = lag.notified() => Wake::Lag,
+                        _ = &mut lagged => Wake::Lag,
                         _ = &mut check => Wake::Tick,
                     }
                 };
@@ -462,16 +475,27 @@ impl AgentConn {
                 Wake::Out(Out::Event(p)) => Box::pin(self.on_push(link, &p)).await,
                 Wake::Out(Out::Frame(f)) => link.feed_text(f.to_string()).await,
                 Wake::Lag => {
+                    lagged.set(lag.notified());
                     // Frames may have been dropped too: resend the list.
                     Box::pin(super::send_contacts(&self.home, &self.handle)).await;
                     Box::pin(self.replay(link)).await
                 }
                 Wake::Tick => {
-                    if last_heard.elapsed() >= idle {
+                    let quiet = last_heard.elapsed();
+                    if quiet >= idle {
                         return format!("silent for {}", humantime::format_duration(idle));
                     }
-                    check.as_mut().reset((last_heard + idle).into());
-                    Ok(())
+                    let mut next = last_heard + ping_after;
+                    let r = if quiet + GRID >= ping_after {
+                        next = Instant::now() + ping_after;
+                        link.ping().await
+                    } else {
+                        Ok(())
+                    };
+                    check
+                        .as_mut()
+                        .reset(on_grid(next.min(last_heard + idle).into(), GRID));
+                    r
                 }
             };
             if let Err(e) = step {

@@ -868,9 +868,13 @@ pub(crate) async fn stdin_line() {
     .await;
 }
 
+/// A simulated agent's keepalive: it pings a link quiet for this long, as
+/// an agent with the default config does.
+const KEEPALIVE: Duration = Duration::from_secs(25);
+
 /// `popupd-bench worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP [reconnect]`:
 /// holds COUNT authenticated back connections (lines FIRST.. of CREDS),
-/// pinging every 25 s like an agent, until stdin closes. Prints `ready N
+/// pinging a link quiet for 25 s like an agent, until stdin closes. Prints `ready N
 /// FAILED SECS`. With `reconnect`, a dropped connection dials again with the
 /// agent's own jittered backoff, and `back N` is printed once every
 /// connection has come back after a drop.
@@ -898,7 +902,10 @@ async fn worker() -> anyhow::Result<()> {
                         let _ = up.send((i, true));
                         backoff.reset();
                         loop {
-                            let wait = Duration::from_millis(20_000 + fastrand_ms());
+                            // Like an agent: ping only a link quiet
+                            // for a whole keepalive period (the home
+                            // pings its agents sooner).
+                            let wait = KEEPALIVE;
                             tokio::select! {
                                 _ = tokio::time::sleep(wait) => if link.ping().await.is_err() { break },
                                 r = link.recv::<HomeFrame>() => if !matches!(r, Ok(Recv::Alive) | Ok(Recv::Frame(_))) { break },
@@ -944,14 +951,6 @@ async fn worker() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fastrand_ms() -> u64 {
-    (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
-        % 10_000) as u64
-}
-
 /// Idle back connections on one home: memory per connection, login rate,
 /// CPU while idle.
 async fn idle(a: &Args) -> anyhow::Result<()> {
@@ -971,7 +970,7 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
         made.as_secs_f64()
     );
     println!(
-        "| connections | home RSS | bytes per connection | logins/s (TLS + auth) | home CPU idle (keepalive 25 s) |\n|---|---|---|---|---|"
+        "| connections | home RSS | bytes per connection | logins/s (TLS + auth) | home CPU idle, one 25 s keepalive period (each connection pinged once) |\n|---|---|---|---|---|"
     );
     let mut workers: Vec<tokio::process::Child> = Vec::new();
     let mut held = 0usize;
@@ -1005,13 +1004,17 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
                 .filter(|s| *s < size)
                 .max()
                 .unwrap_or(0);
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The home pings a link quiet for idle_timeout / 4 (22.5 s here),
+        // and workers ping one quiet for 25 s: wait until the newest
+        // connections have been pinged once, then measure one whole
+        // keepalive period, in which every connection is pinged once.
+        tokio::time::sleep(KEEPALIVE).await;
         let rss = rss_kib(pid);
         let c0 = home.cpu_time();
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        tokio::time::sleep(KEEPALIVE).await;
         let cpu = home.cpu_time().saturating_sub(c0);
         let per_conn = (rss.saturating_sub(base)) as f64 / size as f64;
-        let idle_cpu = cpu.as_secs_f64() / 10.0 * 100.0;
+        let idle_cpu = cpu.as_secs_f64() / KEEPALIVE.as_secs_f64() * 100.0;
         let sc = format!("idle-{size}");
         report::record(&sc, "home RSS", rss as f64 / 1024.0, "MiB");
         report::record(&sc, "bytes per connection", per_conn, "KiB");
