@@ -977,6 +977,7 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
     let mut points = vec![(0.0, base as f64 / 1024.0)];
     for &size in &a.sizes {
         let t0 = Instant::now();
+        let login_cpu0 = home.cpu_time();
         let mut readers = Vec::new();
         while held < size {
             let n = (size - held).min(PER_WORKER);
@@ -997,6 +998,9 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
         }
         let failed = logins_failed(&mut readers).await?;
         let secs = t0.elapsed().as_secs_f64();
+        // The home's own CPU per login: what it could do with the load
+        // generator off its cores.
+        let login_cpu = home.cpu_time().saturating_sub(login_cpu0);
         let added = size
             - a.sizes
                 .iter()
@@ -1019,10 +1023,12 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
         report::record(&sc, "home RSS", rss as f64 / 1024.0, "MiB");
         report::record(&sc, "bytes per connection", per_conn, "KiB");
         report::record(&sc, "logins/s", added as f64 / secs, "1/s");
+        let per_login = login_cpu.as_secs_f64() * 1e6 / added.max(1) as f64;
+        report::record(&sc, "home CPU per login", per_login, "µs");
         report::record(&sc, "home CPU idle", idle_cpu, "% of a core");
         points.push((size as f64, rss as f64 / 1024.0));
         println!(
-            "| {size}{} | {:.1} MiB | {:.1} KiB | {:.0} | {:.2} % of a core |",
+            "| {size}{} | {:.1} MiB | {:.1} KiB | {:.0} ({per_login:.0} µs of home CPU each) | {:.2} % of a core |",
             if failed > 0 {
                 format!(" ({failed} failed)")
             } else {
