@@ -44,8 +44,10 @@ pub fn have(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A scratch directory, removed when the test passes and kept (with its
-/// logs printed) when it fails.
+/// A scratch directory under `$TMPDIR/popupd-e2e`, removed when the test
+/// passes and kept (with its logs printed) when it fails. With
+/// `POPUPD_KEEP_DIRS` set it is kept either way, to read the logs and
+/// databases of a passing test or a benchmark afterwards.
 pub struct TestDir {
     pub path: PathBuf,
 }
@@ -78,6 +80,8 @@ impl Drop for TestDir {
                     }
                 }
             }
+        } else if std::env::var_os("POPUPD_KEEP_DIRS").is_some() {
+            eprintln!("POPUPD_KEEP_DIRS: files kept in {}", self.path.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.path);
         }
