@@ -424,11 +424,23 @@ pub struct Seen {
 }
 
 impl Seen {
-    /// Whether message `id` has reached `state` (a status signal said so).
+    /// Whether message `id` has reached `state` or a later one (a status
+    /// signal said so). A status only moves forward, and a step can be
+    /// skipped: the home hands a message on at commit and says "accepted"
+    /// after the fsync, so "delivered" may come first, and then the agent
+    /// never signals "accepted".
     pub fn reached(&self, id: &str, state: &str) -> bool {
-        self.status
-            .get(id)
-            .is_some_and(|v| v.iter().any(|x| x == state))
+        fn rank(s: &str) -> Option<u8> {
+            ["accepted", "delivered", "read"]
+                .iter()
+                .position(|x| *x == s)
+                .map(|i| i as u8)
+        }
+        self.status.get(id).is_some_and(|v| {
+            v.iter().any(|x| {
+                x == state || matches!((rank(x), rank(state)), (Some(a), Some(b)) if a >= b)
+            })
+        })
     }
 
     /// The last presence seen for `handle`: (state, text).
