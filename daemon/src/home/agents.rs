@@ -207,6 +207,7 @@ async fn refuse(mut link: Link<ServerTls>, code: ErrorCode, message: &str) {
 /// A plain function around an `async move` block, not an `async fn`: an
 /// `async fn` moves its arguments into locals and keeps room for both, and
 /// the link alone is 1.5 KB of every idle connection.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn serve(
     home: Arc<Home>,
     mut link: Link<ServerTls>,
@@ -485,17 +486,15 @@ impl AgentConn {
                     if quiet >= idle {
                         return format!("silent for {}", humantime::format_duration(idle));
                     }
-                    let mut next = last_heard + ping_after;
-                    let r = if quiet + GRID >= ping_after {
-                        next = Instant::now() + ping_after;
-                        link.ping().await
-                    } else {
-                        Ok(())
-                    };
+                    // Quiet for about a ping interval (within a grid step:
+                    // the pong to our last ping came just after it): ping
+                    // now, and look again one interval on.
+                    let ping = quiet + GRID >= ping_after;
+                    let next = if ping { Instant::now() } else { last_heard } + ping_after;
                     check
                         .as_mut()
                         .reset(on_grid(next.min(last_heard + idle).into(), GRID));
-                    r
+                    if ping { link.ping().await } else { Ok(()) }
                 }
             };
             if let Err(e) = step {

@@ -594,7 +594,12 @@ impl Stopwatch {
 
 /// A `/proc/PID/status` figure in KiB (`VmRSS`, `RssAnon`, `RssFile`).
 fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    status_field(format!("/proc/{pid}/status"), field)
+}
+
+/// The number after `FIELD:` in a `/proc` status file, 0 if absent.
+fn status_field(path: impl AsRef<std::path::Path>, field: &str) -> u64 {
+    std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
@@ -634,14 +639,9 @@ fn wakeups(pid: u32) -> u64 {
     tasks
         .flatten()
         .map(|t| {
-            let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            st.lines()
-                .filter_map(|l| {
-                    l.strip_prefix("voluntary_ctxt_switches:")
-                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-                })
-                .filter_map(|v| v.trim().parse::<u64>().ok())
-                .sum::<u64>()
+            let st = t.path().join("status");
+            status_field(&st, "voluntary_ctxt_switches")
+                + status_field(&st, "nonvoluntary_ctxt_switches")
         })
         .sum()
 }
@@ -672,18 +672,18 @@ async fn agent_cost() -> anyhow::Result<()> {
     // left alone for a minute, on a network whose homes wait 90 s before
     // calling a link dead (the test default, 10 s, is shorter than her
     // keepalive).
-    let keepalive = Duration::from_secs(25);
     let idle_dir = TestDir::new("bench-agent-idle");
     let idle_net = Network::start_with(&idle_dir.path, "90s").await?;
     let c = idle_net.add_user(0, "carol")?;
-    let carol = Agent::start(&idle_dir.path, "carol", &c, "  keepalive: 25s\n", &[]).await?;
+    let keepalive = format!("  keepalive: {}s\n", KEEPALIVE.as_secs());
+    let carol = Agent::start(&idle_dir.path, "carol", &c, &keepalive, &[]).await?;
     carol.wait_connected(true, Duration::from_secs(20)).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let cpid = carol.proc.pid().context("carol's pid")?;
     let (w0, t0) = (wakeups(cpid), Instant::now());
     tokio::time::sleep(Duration::from_secs(60)).await;
     let per_period =
-        (wakeups(cpid) - w0) as f64 / (t0.elapsed().as_secs_f64() / keepalive.as_secs_f64());
+        (wakeups(cpid) - w0) as f64 / (t0.elapsed().as_secs_f64() / KEEPALIVE.as_secs_f64());
     let (c_rss, c_anon) = (rss_kib(cpid), status_kib(cpid, "RssAnon"));
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let _server = zbus::connection::Builder::address(bob.bus.address.as_str())
@@ -831,13 +831,39 @@ impl Logins {
 /// A load worker's output, a line at a time.
 pub(crate) type WorkerLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
 
-/// Starts this program again with `args` as a load worker, held by its stdin.
+/// What a load worker and [`Logins::parse`] read: `ADDR NAME CA CREDS FIRST
+/// COUNT SOURCE_IP`, for lines FIRST.. of CREDS on home A of `net`.
+pub(crate) fn login_args(
+    net: &Network,
+    ca: &std::path::Path,
+    creds: &std::path::Path,
+    first: usize,
+    count: usize,
+    ip: &str,
+) -> Vec<String> {
+    vec![
+        net.home_addrs[0].clone(),
+        HOME_A.into(),
+        ca.display().to_string(),
+        creds.display().to_string(),
+        first.to_string(),
+        count.to_string(),
+        ip.into(),
+    ]
+}
+
+/// Starts this program again as a load worker for `logins` (from
+/// [`login_args`]), held by its stdin; with `reconnect` it dials again
+/// after a drop.
 pub(crate) fn spawn_worker(
-    args: &[String],
+    logins: &[String],
+    reconnect: bool,
 ) -> anyhow::Result<(tokio::process::Child, WorkerLines)> {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(args)
+        .arg("worker")
+        .args(logins)
+        .args(reconnect.then_some("reconnect"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -874,7 +900,8 @@ const KEEPALIVE: Duration = Duration::from_secs(25);
 
 /// `popupd-bench worker ADDR NAME CA CREDS FIRST COUNT SOURCE_IP [reconnect]`:
 /// holds COUNT authenticated back connections (lines FIRST.. of CREDS),
-/// pinging a link quiet for 25 s like an agent, until stdin closes. Prints `ready N
+/// pinging a link quiet for [`KEEPALIVE`] like an agent, until stdin closes.
+/// Prints `ready N
 /// FAILED SECS`. With `reconnect`, a dropped connection dials again with the
 /// agent's own jittered backoff, and `back N` is printed once every
 /// connection has come back after a drop.
@@ -905,9 +932,8 @@ async fn worker() -> anyhow::Result<()> {
                             // Like an agent: ping only a link quiet
                             // for a whole keepalive period (the home
                             // pings its agents sooner).
-                            let wait = KEEPALIVE;
                             tokio::select! {
-                                _ = tokio::time::sleep(wait) => if link.ping().await.is_err() { break },
+                                _ = tokio::time::sleep(KEEPALIVE) => if link.ping().await.is_err() { break },
                                 r = link.recv::<HomeFrame>() => if !matches!(r, Ok(Recv::Alive) | Ok(Recv::Frame(_))) { break },
                             }
                         }
@@ -982,16 +1008,7 @@ async fn idle(a: &Args) -> anyhow::Result<()> {
         while held < size {
             let n = (size - held).min(PER_WORKER);
             let ip = format!("127.0.0.{}", 10 + workers.len());
-            let (child, lines) = spawn_worker(&[
-                "worker".into(),
-                net.home_addrs[0].clone(),
-                HOME_A.into(),
-                ca.display().to_string(),
-                creds.display().to_string(),
-                held.to_string(),
-                n.to_string(),
-                ip,
-            ])?;
+            let (child, lines) = spawn_worker(&login_args(&net, &ca, &creds, held, n, &ip), false)?;
             readers.push(lines);
             workers.push(child);
             held += n;

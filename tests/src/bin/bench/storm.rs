@@ -132,17 +132,7 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     // the rest.
     let creds = super::add_many(&net, &dir, 0, "o", n + 2)?;
     let ca = dir.path.join("pki/ca.crt");
-    let args = |first: usize, count: usize, ip: &str| -> Vec<String> {
-        vec![
-            net.home_addrs[0].clone(),
-            HOME_A.into(),
-            ca.display().to_string(),
-            creds.display().to_string(),
-            first.to_string(),
-            count.to_string(),
-            ip.into(),
-        ]
-    };
+    let args = |first, count, ip: &str| super::login_args(&net, &ca, &creds, first, count, ip);
     let stream = Arc::new(Logins::parse(&args(0, 2, "127.0.0.2"))?);
 
     let mut workers = Vec::new();
@@ -151,10 +141,7 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     while held < n + 2 {
         let count = (n + 2 - held).min(PER_WORKER);
         let ip = format!("127.0.0.{}", 10 + workers.len());
-        let mut worker_args = vec!["worker".to_string()];
-        worker_args.extend(args(held, count, &ip));
-        worker_args.push("reconnect".into());
-        let (child, lines) = super::spawn_worker(&worker_args)?;
+        let (child, lines) = super::spawn_worker(&args(held, count, &ip), true)?;
         readers.push(lines);
         workers.push(child);
         held += count;
