@@ -45,20 +45,27 @@ pkg=/root/$(basename "$deb")
 echo "== boot"
 systemd-nspawn -D "$root" -b --register=no --keep-unit --private-network -M "$machine" > "$log" 2>&1 &
 nspawn=$!
+# The container's PID 1 is the child of systemd-nspawn that runs systemd.
+# nspawn first forks an intermediate child that sets up namespaces and
+# exits, so a child that is not (yet) systemd is not the leader.
 leader=
-for _ in $(seq 100); do
-  leader=$(pgrep -P "$nspawn" | head -1 || true)
+for _ in $(seq 200); do
+  for pid in $(pgrep -P "$nspawn" || true); do
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = systemd ] && leader=$pid
+  done
   [ -n "$leader" ] && break
   sleep 0.1
 done
 [ -n "$leader" ] || { cat "$log"; echo "container did not start"; exit 1; }
 ct() { nsenter -t "$leader" -a "$@"; }
+state=
 for _ in $(seq 150); do
   state=$(ct systemctl is-system-running 2>/dev/null || true)
   case "$state" in running|degraded) break ;; esac
   sleep 0.2
 done
 echo "   system is $state"
+case "$state" in running|degraded) ;; *) cat "$log"; echo "FAIL: the container did not boot"; exit 1 ;; esac
 
 # The journal takes a moment to show what was just logged.
 journal_has() {
