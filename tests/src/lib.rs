@@ -513,8 +513,11 @@ impl Agent {
             seen,
             config: file,
         };
-        a.wait_name().await?;
+        // Listen before the agent owns its name: it links to its home as
+        // soon as it does, and a message queued there may be signalled at
+        // once.
         a.record().await?;
+        a.wait_name().await?;
         Ok(a)
     }
 
