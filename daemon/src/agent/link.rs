@@ -15,7 +15,7 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 
 use super::dbus::AgentIface;
-use super::{Agent, Up};
+use super::{Agent, Up, memory};
 use crate::net::{self, ClientTls, Dial, Link, LinkError, Recv, tls};
 use crate::protocol::{
     AGENT_PATH, AgentFrame, Delivery, ErrorCode, Event, HomeFrame, Message, PROTOCOL_VERSION,
@@ -181,7 +181,13 @@ async fn session_loop(
     if let Err(e) = send_reads(agent, link).await {
         return (e.to_string(), None);
     }
+    // Whether anything but keepalives went by since the agent last gave
+    // back its idle code pages (agent::memory); start-up counts.
+    let mut traffic = true;
     loop {
+        // Set by the two keepalive arms: a ping or pong heard, or our own
+        // ping due. Either means the link was quiet for a whole period.
+        let mut quiet = false;
         let step: Result<(), LinkError> = tokio::select! {
             biased;
             _ = agent.shutdown.cancelled() => return ("agent stopping".into(), None),
@@ -245,12 +251,13 @@ async fn session_loop(
                         Ok(())
                     }
                     Ok(Recv::Bad(e)) => { tracing::warn!("malformed frame from home: {e}"); Ok(()) }
-                    Ok(Recv::Alive) => Ok(()),
+                    Ok(Recv::Alive) => { quiet = true; Ok(()) }
                     Ok(Recv::Closed) => return ("closed by home".into(), None),
                     Err(e) => Err(e),
                 }
             }
             t = ping.tick() => {
+                quiet = true;
                 if let Err(e) = t {
                     return (format!("keepalive timer failed: {e}"), None);
                 }
@@ -269,6 +276,14 @@ async fn session_loop(
         };
         if let Err(e) = step {
             return (e.to_string(), None);
+        }
+        if !quiet {
+            traffic = true;
+        } else if std::mem::take(&mut traffic) {
+            match memory::release_code_pages() {
+                Ok(n) => tracing::debug!("quiet: released {} KiB of mapped code", n / 1024),
+                Err(e) => tracing::debug!("quiet: cannot read /proc/self/smaps: {e}"),
+            }
         }
     }
 }

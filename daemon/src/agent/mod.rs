@@ -7,6 +7,7 @@
 //! - [`presence`]: this device's presence (by hand, or away when idle, from
 //!   [`idle`]) and the contact list with their presence.
 //! - [`plugins`]: the plugin host.
+//! - [`memory`]: gives back the pages of code an idle agent no longer runs.
 //!
 //! **Architecture Invariant:** a received message is acked to the home only
 //! after it is committed to local history, and signalled only the first
@@ -16,6 +17,7 @@
 pub mod dbus;
 pub mod idle;
 pub mod link;
+pub mod memory;
 pub mod plugins;
 pub mod presence;
 
