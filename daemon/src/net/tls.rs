@@ -38,13 +38,25 @@ pub enum TlsError {
 
 /// The crypto provider of the whole process.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(aws_lc_rs())
 }
 
-/// Makes aws-lc-rs the process default, for libraries that ask rustls for
-/// the default provider. Safe to call more than once.
+/// Makes ours the process default, for libraries that ask rustls for the
+/// default provider. Safe to call more than once.
 pub fn install_default_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = aws_lc_rs().install_default();
+}
+
+/// aws-lc-rs with TLS 1.3's AES-128-GCM-SHA256 suite first (rustls puts
+/// AES-256-GCM-SHA384 first). Both ends of a link are popupd, so this order
+/// decides. AES-128 is what most TLS 1.3 stacks prefer, and its SHA-256 key
+/// schedule runs on the CPU's SHA extensions where SHA-384 has none: SHA-384
+/// was a tenth of a home's CPU during a login storm (docs/performance.md).
+fn aws_lc_rs() -> CryptoProvider {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    p
 }
 
 /// Reads every certificate of a PEM file.
