@@ -236,14 +236,14 @@ async fn answer(g: &Arc<Global>, home: &str, req: GlobalRequest) -> GlobalReply 
             let n = g.lookups.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::info!(%handle, from = %home, lookups = n, "lookup");
             let h = handle.clone();
-            match g.store.run(move |s| s.lookup(&h)).await {
+            match g.store.read(move |s| s.lookup(&h)).await {
                 Ok(route) => GlobalReply::Route { req, route },
                 Err(e) => err(req, ErrorCode::Internal, e.to_string()),
             }
         }
         GlobalRequest::LookupHome { req, home: name } => {
             let n = name.clone();
-            match g.store.run(move |s| s.home_address(&n)).await {
+            match g.store.read(move |s| s.home_address(&n)).await {
                 Ok(address) => GlobalReply::Route {
                     req,
                     route: address.map(|address| Route {

@@ -256,7 +256,7 @@ pub fn serve(
         }
         let hash = secret_hash(&secret);
         let (h, d) = (handle.clone(), device.clone());
-        let acked = match Box::pin(home.store.run(move |s| s.check_device(&h, &d, &hash))).await {
+        let acked = match Box::pin(home.store.read(move |s| s.check_device(&h, &d, &hash))).await {
             Ok(Some(a)) => a,
             Ok(None) => {
                 tracing::warn!(%peer, %handle, %device, "agent authentication failed");
@@ -745,7 +745,7 @@ impl AgentConn {
             let page = self
                 .home
                 .store
-                .run(move |s| s.mailbox_after(&h, after, PAGE))
+                .read(move |s| s.mailbox_after(&h, after, PAGE))
                 .await
                 .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
             let n = page.len();

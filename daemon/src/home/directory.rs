@@ -313,7 +313,7 @@ async fn serve(
     // Claim every local handle again, in case the directory lost them.
     let handles = home
         .store
-        .run(|s| s.all_handles())
+        .read(|s| s.all_handles())
         .await
         .unwrap_or_default();
     for h in handles {

@@ -80,7 +80,7 @@ async fn refresh_contacts(home: Arc<Home>, users: Vec<String>) {
         send_contacts(&home, &u).await;
         for h in home.hub.subscriber_homes(&u) {
             let (h2, u2) = (h.clone(), vec![u.clone()]);
-            match home.store.run(move |s| s.visible_to_home(&h2, &u2)).await {
+            match home.store.read(move |s| s.visible_to_home(&h2, &u2)).await {
                 Ok(v) if v.is_empty() => home.hub.revoke(&u, &h),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(handle = %u, "re-checking presence subscriptions: {e}"),
@@ -93,7 +93,7 @@ async fn refresh_contacts(home: Arc<Home>, users: Vec<String>) {
 /// it to their online devices. Does nothing for a user who is offline.
 pub async fn send_contacts(home: &Arc<Home>, handle: &str) {
     let h = handle.to_owned();
-    let rows = match home.store.run(move |s| s.contacts(&h)).await {
+    let rows = match home.store.read(move |s| s.contacts(&h)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(%handle, "reading contacts: {e}");
@@ -174,7 +174,7 @@ async fn drop_revoked(home: Arc<Home>) {
             return;
         }
         let mark = home.registry.mark();
-        match home.store.run(|s| s.all_devices()).await {
+        match home.store.read(|s| s.all_devices()).await {
             Ok(list) => {
                 let allowed: std::collections::HashSet<(String, String)> =
                     list.into_iter().collect();

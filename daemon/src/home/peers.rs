@@ -139,7 +139,7 @@ async fn leave(home: &Arc<Home>, peer: &str) {
         return ensure_link(home, peer);
     }
     let p = peer.to_owned();
-    let waiting = home.store.run(move |s| s.outq(Some(&p))).await;
+    let waiting = home.store.read(move |s| s.outq(Some(&p))).await;
     if waiting.is_ok_and(|w| !w.is_empty()) {
         kick(home, peer, None);
     }
@@ -171,7 +171,7 @@ async fn dialer(home: Arc<Home>, dest: String) {
             continue;
         }
         let d = dest.clone();
-        match home.store.run(move |s| s.outq(Some(&d))).await {
+        match home.store.read(move |s| s.outq(Some(&d))).await {
             Ok(w) if w.is_empty() => break,
             _ => {}
         }
@@ -571,7 +571,7 @@ async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
     let p = peer.to_owned();
     let items = home
         .store
-        .run(move |s| {
+        .read(move |s| {
             if wanted.all {
                 s.outq(Some(&p))
             } else {
@@ -622,7 +622,7 @@ pub async fn route(home: Arc<Home>) {
                 _ = tokio::time::sleep(d) => {}
             }
         }
-        let items = match home.store.run(|s| s.outq(None)).await {
+        let items = match home.store.read(|s| s.outq(None)).await {
             Ok(i) => i,
             Err(e) => {
                 tracing::error!("router: {e}");
@@ -693,7 +693,7 @@ pub async fn route(home: Arc<Home>) {
 /// never a message.
 pub async fn resume_queued(home: Arc<Home>) {
     loop {
-        match home.store.run(|s| s.outq_dests()).await {
+        match home.store.read(|s| s.outq_dests()).await {
             Ok(dests) => {
                 for d in dests {
                     kick(&home, &d, None);

@@ -257,6 +257,18 @@ impl<S: Batchable + 'static> Batcher<S> {
         self.queue(When::Lazy, f, |r, _| r)
     }
 
+    /// Runs `f`, which only reads, and waits for it: ready once its batch
+    /// commits, and no sync is asked for. It may see commits of other jobs
+    /// that are not on disk yet, as every reader of the store may; a reply
+    /// that waits for the disk is [`run`](Self::run)'s.
+    pub async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.queue(When::Lazy, f, |r, _| r).await
+    }
+
     /// Ready once the batch of `t` is on disk.
     pub fn on_disk(&self, t: Ticket) -> impl Future<Output = Result<(), StoreError>> + use<S> {
         let mut synced = self.synced.clone();
@@ -585,7 +597,7 @@ mod tests {
     #[tokio::test]
     // The guard is the held-back disk; the sync thread is what waits on it.
     #[allow(clippy::await_holding_lock)]
-    async fn early_answers_before_the_sync_on_disk_after_lazy_never_waits() {
+    async fn early_and_reads_answer_before_the_sync_on_disk_after_lazy_never_waits() {
         let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let gate = Arc::new(std::sync::Mutex::new(()));
         let b = Batcher::spawn(
@@ -606,6 +618,8 @@ mod tests {
         assert_eq!(r, 2);
         let mut on_disk = Box::pin(b.on_disk(ticket));
         let mut durable = Box::pin(b.submit(|_| Ok(3)));
+        // A read is answered although a sync is held back behind it.
+        assert_eq!(wait(b.read(|_| Ok(4))).await.unwrap(), 4);
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(futures_util::FutureExt::now_or_never(&mut on_disk).is_none());
         assert!(futures_util::FutureExt::now_or_never(&mut durable).is_none());
