@@ -244,7 +244,7 @@ impl Batchable for SqliteHome {
     }
     fn commit(&mut self) -> Result<(), StoreError> {
         sqlite_commit(&self.conn)?;
-        self.checkpoints.committed();
+        self.checkpoints.committed(&self.conn);
         Ok(())
     }
     fn rollback(&mut self) {
