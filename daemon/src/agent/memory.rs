@@ -28,8 +28,11 @@ pub fn release_code_pages() -> io::Result<usize> {
         // of the file. MADV_DONTNEED only removes the page-table entries;
         // the next access maps the same bytes again from the page cache. No
         // Rust object lives in these pages (they are code and constants),
-        // and no other thread of the agent maps or remaps files meanwhile
-        // (plugins are loaded once, at start).
+        // and no other thread of the agent maps or remaps files meanwhile:
+        // plugins are loaded once, at start, and the only later library
+        // loads (glibc's name-service modules, by the first lookup of the
+        // home's name) are done before the link's first session, which is
+        // where this is called from.
         let advised = unsafe {
             rustix::mm::madvise(m.start as *mut _, m.len, rustix::mm::Advice::LinuxDontNeed)
         };

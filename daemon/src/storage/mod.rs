@@ -267,7 +267,7 @@ impl<S: Batchable + 'static> Batcher<S> {
         R: Send + 'static,
         F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
     {
-        self.queue(When::Lazy, f, |r, _| r).await
+        self.submit_lazy(f).await
     }
 
     /// Ready once the batch of `t` is on disk.
@@ -410,15 +410,16 @@ pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, Store
 /// A passive checkpoint copies the log as far as it was when it began, and
 /// the writer starts the log over only once all of it is copied. Under
 /// steady load new commits always arrive meanwhile, so the log never started
-/// over and grew by 22 KB a message (885 MB after 40,000). So once this
-/// thread has copied the bulk, the owner copies the few pages committed
-/// since, on its own connection between two batches (a small copy and an
-/// fsync), and its next transaction starts the log over.
+/// over and grew by 22 KB a message (885 MB after 40,000). So when this
+/// thread finds the log past [`TAIL_AFTER`], the owner copies the few pages
+/// committed since, on its own connection between two batches (a small copy
+/// and two fsyncs), and its next transaction starts the log over.
 pub(crate) struct Checkpointer {
     tx: mpsc::SyncSender<()>,
     commits: u32,
     every: u32,
-    /// Set by the thread after each checkpoint: the owner finishes it.
+    /// Set by the thread after a checkpoint that found the log past
+    /// [`TAIL_AFTER`]: the owner finishes it.
     tail_due: Arc<AtomicBool>,
 }
 
