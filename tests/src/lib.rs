@@ -430,17 +430,16 @@ impl Seen {
     /// after the fsync, so "delivered" may come first, and then the agent
     /// never signals "accepted".
     pub fn reached(&self, id: &str, state: &str) -> bool {
-        fn rank(s: &str) -> Option<u8> {
-            ["accepted", "delivered", "read"]
-                .iter()
-                .position(|x| *x == s)
-                .map(|i| i as u8)
-        }
-        self.status.get(id).is_some_and(|v| {
-            v.iter().any(|x| {
-                x == state || matches!((rank(x), rank(state)), (Some(a), Some(b)) if a >= b)
-            })
-        })
+        use popupd::protocol::Delivery;
+        // `Delivery` is ordered the way a status moves; `failed` ends it
+        // instead and is reached only by name.
+        let later = |x: &str| match (Delivery::parse(x), Delivery::parse(state)) {
+            (Some(a), Some(b)) => a != Delivery::Failed && a >= b,
+            _ => false,
+        };
+        self.status
+            .get(id)
+            .is_some_and(|v| v.iter().any(|x| x == state || later(x)))
     }
 
     /// The last presence seen for `handle`: (state, text).
