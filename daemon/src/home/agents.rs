@@ -25,7 +25,7 @@ use crate::protocol::{
     PresenceReport, PresenceState, now_ms, valid_handle, valid_id,
 };
 use crate::storage::home::{Effects, Push, SendOutcome};
-use crate::storage::{StoreError, Ticket, secret_hash};
+use crate::storage::{StoreError, secret_hash};
 use crate::task::{Shutdown, on_grid};
 
 /// Pushes queued for one connection before it counts as lagging.
@@ -167,14 +167,14 @@ impl Registry {
     }
 }
 
+/// A store job's answer. What the job caused (events for recipients,
+/// forward-queue wakes) is done by then, on the store thread at commit.
 enum Done {
-    /// A message is committed: hand it on now, answer "accepted" once on disk.
-    Committed(MsgId, Result<((SendOutcome, Effects), Ticket), StoreError>),
-    /// The message is on disk (or the disk failed).
-    Accepted(MsgId, Result<(), StoreError>),
-    Applied(Result<Effects, StoreError>),
+    /// The message is on disk (or storing it failed).
+    Accepted(MsgId, Result<SendOutcome, StoreError>),
+    Applied(Result<(), StoreError>),
     /// A contact-list change; an error goes back to the agent.
-    Contact(String, Result<Effects, StoreError>),
+    Contact(String, Result<(), StoreError>),
 }
 type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
@@ -345,18 +345,9 @@ impl AgentConn {
             return e.to_string();
         }
         let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-        let why = self.run_loop(link, rx, lag, replaced, &mut pending).await;
-        // Commits that finished after the link failed still have effects
-        // (pushes to recipients, forward-queue wakes): apply them.
-        while let Some(d) = pending.next().await {
-            if let Done::Committed(_, Ok(((_, fx), _)))
-            | Done::Applied(Ok(fx))
-            | Done::Contact(_, Ok(fx)) = d
-            {
-                self.home.apply(fx);
-            }
-        }
-        why
+        // Jobs still pending when the link fails have their effects all the
+        // same: the store thread applies them at commit.
+        self.run_loop(link, rx, lag, replaced, &mut pending).await
     }
 
     async fn run_loop(
@@ -425,7 +416,7 @@ impl AgentConn {
                 Wake::Shutdown => {
                     // Flush what is committed, then say when to come back.
                     while let Some(d) = pending.next().await {
-                        let _ = Box::pin(self.finish(link, d, pending)).await;
+                        let _ = Box::pin(self.finish(link, d)).await;
                     }
                     let _ = link
                         .send(&HomeFrame::Bye {
@@ -435,7 +426,7 @@ impl AgentConn {
                     return "home shutting down".into();
                 }
                 Wake::Replaced => return "replaced by a newer connection, or revoked".into(),
-                Wake::Done(d) => Box::pin(self.finish(link, d, pending)).await,
+                Wake::Done(d) => Box::pin(self.finish(link, d)).await,
                 Wake::Frame(r) => {
                     last_heard = Instant::now();
                     match r {
@@ -560,30 +551,35 @@ impl AgentConn {
                     .cached(&msg.to)
                     .map(|r| r.home)
                     .filter(|h| *h != self.home.cfg.name);
-                let p = store.submit_early(move |s| {
+                // The recipient gets it at commit; the sender hears
+                // "accepted" once it is on disk.
+                let home = self.home.clone();
+                let p = store.submit_then(move |s| {
                     let mut fx = Effects::default();
                     let o = s.accept_send(&msg, dest.as_deref(), &mut fx)?;
-                    Ok((o, fx))
+                    Ok((o, move || home.apply(fx)))
                 });
-                pending.push_back(Box::pin(async move { Done::Committed(id, p.await) }));
+                pending.push_back(Box::pin(async move { Done::Accepted(id, p.await) }));
             }
             AgentFrame::Ack { seq } => {
                 // Lazy: if a power cut undoes the ack, the events after the
                 // older ack are sent again and the agent drops what it has.
-                let (h, d) = (self.handle.clone(), self.device.clone());
-                let p = store.submit_lazy(move |s| {
+                // Nothing comes back to this connection.
+                let (h, d, home) = (self.handle.clone(), self.device.clone(), self.home.clone());
+                store.lazy_then(move |s| {
                     let mut fx = Effects::default();
-                    s.ack(&h, &d, seq, &mut fx)?;
-                    Ok(fx)
+                    s.ack(&h, &d, seq, &mut fx).inspect_err(
+                        |e| tracing::error!(handle = %h, "storing an ack failed: {e}"),
+                    )?;
+                    Ok(move || home.apply(fx))
                 });
-                pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
             }
             AgentFrame::Read { id } => {
-                let h = self.handle.clone();
-                let p = store.submit(move |s| {
+                let (h, home) = (self.handle.clone(), self.home.clone());
+                let p = store.submit_then(move |s| {
                     let mut fx = Effects::default();
                     s.mark_read(&h, &id, &mut fx)?;
-                    Ok(fx)
+                    Ok(((), move || home.apply(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
             }
@@ -610,12 +606,11 @@ impl AgentConn {
                     .cached(&handle)
                     .map(|r| r.home)
                     .filter(|h| *h != self.home.cfg.name);
-                let owner = self.handle.clone();
-                let peer = handle.clone();
-                let p = store.submit(move |s| {
+                let (owner, peer, home) = (self.handle.clone(), handle.clone(), self.home.clone());
+                let p = store.submit_then(move |s| {
                     let mut fx = Effects::default();
                     s.contact_op(&owner, &peer, op, dest.as_deref(), &mut fx)?;
-                    Ok(fx)
+                    Ok(((), move || home.apply(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Contact(handle, p.await) }));
             }
@@ -651,27 +646,16 @@ impl AgentConn {
         Ok(())
     }
 
-    async fn finish(
-        &mut self,
-        link: &mut Link<ServerTls>,
-        d: Done,
-        pending: &mut FuturesOrdered<Pending>,
-    ) -> Result<(), LinkError> {
+    async fn finish(&mut self, link: &mut Link<ServerTls>, d: Done) -> Result<(), LinkError> {
         match d {
-            Done::Committed(id, Ok(((_, fx), ticket))) => {
-                self.home.apply(fx);
-                let on_disk = self.home.store.on_disk(ticket);
-                pending.push_back(Box::pin(async move { Done::Accepted(id, on_disk.await) }));
-                Ok(())
-            }
-            Done::Accepted(id, Ok(())) => {
+            Done::Accepted(id, Ok(_)) => {
                 tracing::debug!(handle = %self.handle, msg_id = %id, "accepted");
                 link.feed(&HomeFrame::Accepted { id }).await
             }
-            Done::Committed(id, Err(StoreError::Conflict(m))) => {
+            Done::Accepted(id, Err(StoreError::Conflict(m))) => {
                 self.error(link, ErrorCode::Invalid, &m, Some(id)).await
             }
-            Done::Committed(id, Err(e)) | Done::Accepted(id, Err(e)) => {
+            Done::Accepted(id, Err(e)) => {
                 tracing::error!(msg_id = %id, "storing a message failed: {e}");
                 self.error(
                     link,
@@ -681,18 +665,12 @@ impl AgentConn {
                 )
                 .await
             }
-            Done::Applied(Ok(fx)) => {
-                self.home.apply(fx);
-                Ok(())
-            }
+            Done::Applied(Ok(())) => Ok(()),
             Done::Applied(Err(e)) => {
                 tracing::error!(handle = %self.handle, "storage failure: {e}");
                 Ok(())
             }
-            Done::Contact(_, Ok(fx)) => {
-                self.home.apply(fx);
-                Ok(())
-            }
+            Done::Contact(_, Ok(())) => Ok(()),
             Done::Contact(peer, Err(StoreError::Conflict(m) | StoreError::NotFound(m))) => {
                 let why = format!("{peer}: {m}");
                 self.error(link, ErrorCode::Invalid, &why, None).await

@@ -253,11 +253,13 @@ pub async fn serve_inbound(home: Arc<Home>, mut link: Link<ServerTls>, addr: Soc
     leave(&home, &name).await;
 }
 
+/// A store job's answer. What the job caused (events for our users,
+/// forward-queue wakes) is done by then, on the store thread at commit.
 enum Done {
     /// Stored (or refused for good): answer the peer.
-    Ack(u64, Result<Effects, StoreError>),
+    Ack(u64, Result<(), StoreError>),
     /// Our own bookkeeping.
-    Applied(Result<Effects, StoreError>),
+    Applied(Result<(), StoreError>),
     /// The users a `subscribe` may see.
     Subscribe(Result<Vec<String>, StoreError>),
 }
@@ -287,12 +289,8 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     home.hub.link_down(&home.registry, id);
-    // Commits that finished after the link failed still have effects.
-    while let Some(d) = pending.next().await {
-        if let Done::Ack(_, Ok(fx)) | Done::Applied(Ok(fx)) = d {
-            home.apply(fx);
-        }
-    }
+    // Jobs still pending have their effects all the same: the store thread
+    // applies them at commit.
     why
 }
 
@@ -335,10 +333,7 @@ async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
             _ = home.shutdown.cancelled() => return "shutting down".into(),
             _ = kick.notify.notified() => send_queued(home, link, peer, &mut inflight, kick.take()).await,
             Some(d) = pending.next(), if !pending.is_empty() => match d {
-                Done::Ack(n, Ok(fx)) => {
-                    home.apply(fx);
-                    link.send(&PeerFrame::Ack { n, refused: None }).await
-                }
+                Done::Ack(n, Ok(())) => link.send(&PeerFrame::Ack { n, refused: None }).await,
                 Done::Ack(n, Err(StoreError::NotFound(m))) => {
                     link.send(&PeerFrame::Ack { n, refused: Some(Refusal {
                         code: ErrorCode::NoSuchUser, message: m,
@@ -362,7 +357,7 @@ async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     tracing::error!(peer, "storage failure: {e}");
                     Err(LinkError::Io(std::io::Error::other(e)))
                 }
-                Done::Applied(Ok(fx)) => { home.apply(fx); Ok(()) }
+                Done::Applied(Ok(())) => Ok(()),
             },
             Some(f) = pl.presence.recv() => link.send_text(f).await,
             r = link.recv::<PeerFrame>() => {
@@ -409,18 +404,19 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             if !check_sender(home, link, peer, n, &from).await? {
                 return Ok(());
             }
-            let from_home = peer.to_owned();
-            let p = store.submit(move |s| {
+            let (from_home, h) = (peer.to_owned(), home.clone());
+            let p = store.submit_then(move |s| {
                 let mut fx = Effects::default();
                 s.contact_from_peer(&from_home, &from, &to, op, &mut fx)?;
-                Ok(fx)
+                Ok(((), move || h.apply(fx)))
             });
             pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
         }
         PeerFrame::Subscribe { users } => {
             let users: Vec<String> = users.into_iter().filter(|u| valid_handle(u)).collect();
             let from_home = peer.to_owned();
-            let p = store.submit(move |s| s.visible_to_home(&from_home, &users));
+            // Only reads.
+            let p = store.submit_lazy(move |s| s.visible_to_home(&from_home, &users));
             pending.push_back(Box::pin(async move { Done::Subscribe(p.await) }));
         }
         PeerFrame::Unsubscribe { users } => home.hub.unsubscribe(link_id, &users),
@@ -448,11 +444,13 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             if !check_sender(home, link, peer, n, &msg.from).await? {
                 return Ok(());
             }
-            let from = peer.to_owned();
-            let p = store.submit(move |s| {
+            // The recipient gets it at commit; the peer's ack waits for
+            // the disk.
+            let (from, h) = (peer.to_owned(), home.clone());
+            let p = store.submit_then(move |s| {
                 let mut fx = Effects::default();
                 s.accept_remote(&from, &msg, &mut fx)?;
-                Ok(fx)
+                Ok(((), move || h.apply(fx)))
             });
             pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
         }
@@ -463,23 +461,28 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             state,
             reason,
         } => {
-            let from = peer.to_owned();
-            let p = store.submit(move |s| {
+            let (from, h) = (peer.to_owned(), home.clone());
+            let p = store.submit_then(move |s| {
                 let mut fx = Effects::default();
                 s.apply_receipt(&id, &to, Some(&from), state, reason.as_deref(), &mut fx)?;
-                Ok(fx)
+                Ok(((), move || h.apply(fx)))
             });
             pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
         }
         PeerFrame::Ack { n, refused } => {
             inflight.remove(&n);
-            let p = match refused {
+            match refused {
                 // Lazy: an item a power cut brings back is forwarded again,
                 // and the peer drops it by id.
-                None => store.submit_lazy(move |s| {
-                    s.outq_done(n)?;
-                    Ok(Effects::default())
-                }),
+                None => {
+                    let peer = peer.to_owned();
+                    store.lazy_then(move |s| {
+                        s.outq_done(n).inspect_err(|e| {
+                            tracing::error!(peer, n, "storing a peer's ack failed: {e}")
+                        })?;
+                        Ok(|| {})
+                    })
+                }
                 Some(r) => {
                     tracing::warn!(peer, n, "peer refused an item: {}", r.message);
                     let reason = match r.code {
@@ -488,19 +491,19 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
                     };
                     let gone = r.code == ErrorCode::NoSuchUser;
                     let h = home.clone();
-                    store.submit(move |s| {
+                    let p = store.submit_then(move |s| {
                         let mut fx = Effects::default();
-                        if let Some(item) = s.outq_fail(n, &reason, &mut fx)? {
-                            if gone {
-                                // The user left that home: ask the directory afresh next time.
-                                h.dir.invalidate(item.dest_handle());
-                            }
+                        if let Some(item) = s.outq_fail(n, &reason, &mut fx)?
+                            && gone
+                        {
+                            // The user left that home: ask the directory afresh next time.
+                            h.dir.invalidate(item.dest_handle());
                         }
-                        Ok(fx)
-                    })
+                        Ok(((), move || h.apply(fx)))
+                    });
+                    pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
                 }
-            };
-            pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
+            }
         }
         PeerFrame::Error { code, message } => {
             tracing::warn!(peer, ?code, "peer reports: {message}");

@@ -14,16 +14,21 @@
 //! caller hears of it ([`Batcher::submit`] and its siblings):
 //!
 //! - *on disk* (the default): after the commit is durable;
-//! - *early*: after the commit, with a [`Ticket`] that resolves once the
-//!   disk has it. A home hands a new message to its recipient at once and
-//!   tells the sender "accepted" only with the ticket. A power cut in between
-//!   loses the message only at the home: the sender, never told, sends it
-//!   again under the same id, and the recipient's agent drops the repeat;
 //! - *lazy*: after the commit, and no fsync is asked for (an agent's ack: if
 //!   a power cut undoes it, the events are sent again and dropped as repeats).
 //!
+//! A job may also leave work for the moment its batch commits
+//! ([`Batcher::submit_then`], [`Batcher::lazy_then`]): the store thread does
+//! it right after the commit, in commit order, before the disk has the batch
+//! and before any caller hears. A home hands a new message to its recipient
+//! that way and tells the sender "accepted" only once it is on disk. A power
+//! cut in between loses the message only at the home: the sender, never
+//! told, sends it again under the same id, and the recipient's agent drops
+//! the repeat. Doing it on the store thread, not in the caller's task, saves
+//! a hand-off per message and keeps each user's events in order.
+//!
 //! A store whose commits are durable by themselves (the agent's, the global
-//! server's) treats all three alike. A process crash loses nothing in any
+//! server's) treats both alike. A process crash loses nothing in any
 //! case: a commit is in the kernel's page cache.
 
 pub mod agent;
@@ -36,7 +41,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::task::{Context, Poll};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 /// Storage errors.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -106,29 +111,25 @@ impl<T: Batchable + ?Sized> Batchable for Box<T> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum When {
     Lazy,
-    Early,
     OnDisk,
 }
 
-/// Called with the commit's (or the sync's) outcome and the batch number.
-type Completion = Box<dyn FnOnce(Result<(), StoreError>, u64) + Send>;
+/// Called with the commit's (or the sync's) outcome.
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// Work a job leaves for the moment its batch commits.
+type Then = Box<dyn FnOnce() + Send>;
 
 struct Job<S> {
     when: When,
-    run: Box<dyn FnOnce(&mut S) -> (bool, Completion) + Send>,
+    run: Box<dyn FnOnce(&mut S) -> Ran + Send>,
 }
 
-/// A committed batch; [`Batcher::on_disk`] waits until the disk has it.
-#[derive(Debug, Clone, Copy)]
-pub struct Ticket(u64);
-
-/// How far the store's syncs have come.
-#[derive(Clone, Copy, Default)]
-struct Synced {
-    /// Every batch up to this one is on disk.
-    upto: u64,
-    /// The last batch whose sync failed: it and those before it may not be.
-    failed: u64,
+/// A job that has run, its batch not yet committed.
+struct Ran {
+    ok: bool,
+    then: Option<Then>,
+    done: Completion,
 }
 
 /// Most jobs in one transaction.
@@ -137,14 +138,12 @@ const MAX_BATCH: usize = 2048;
 /// A handle to a store's thread. Cheap to clone.
 pub struct Batcher<S> {
     tx: mpsc::Sender<Job<S>>,
-    synced: watch::Receiver<Synced>,
 }
 
 impl<S> Clone for Batcher<S> {
     fn clone(&self) -> Self {
         Batcher {
             tx: self.tx.clone(),
-            synced: self.synced.clone(),
         }
     }
 }
@@ -152,23 +151,23 @@ impl<S> Clone for Batcher<S> {
 impl<S: Batchable + 'static> Batcher<S> {
     /// Moves `store` onto its own thread. The thread ends when the last
     /// handle is dropped.
+    ///
+    /// Called inside a Tokio runtime, the thread runs in its context, so the
+    /// work jobs leave for their commit may spawn tasks.
     pub fn spawn(name: &str, mut store: S) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job<S>>();
-        let (synced_tx, synced) = watch::channel(Synced::default());
         let syncer = store.syncer().map_err(std::io::Error::other)?;
         // With a syncer, fsyncs run on their own thread: the next batch
         // commits while the last one's sync is under way, and one fsync
         // serves every batch that finished before it started.
         let to_sync = match syncer {
             Some(mut sync) => {
-                let synced_tx = synced_tx.clone();
-                let (sync_tx, sync_rx) = mpsc::channel::<(u64, Vec<Completion>)>();
+                let (sync_tx, sync_rx) = mpsc::channel::<Vec<Completion>>();
                 std::thread::Builder::new()
                     .name(format!("sync-{name}"))
                     .spawn(move || {
-                        while let Ok((mut n, mut waiting)) = sync_rx.recv() {
-                            while let Ok((m, more)) = sync_rx.try_recv() {
-                                n = m;
+                        while let Ok(mut waiting) = sync_rx.recv() {
+                            while let Ok(more) = sync_rx.try_recv() {
                                 waiting.extend(more);
                             }
                             let r = sync();
@@ -176,22 +175,19 @@ impl<S: Batchable + 'static> Batcher<S> {
                                 tracing::error!("storage: sync failed: {e}");
                             }
                             for c in waiting {
-                                c(r.clone(), n);
+                                c(r.clone());
                             }
-                            synced_tx.send_modify(|s| match r {
-                                Ok(()) => s.upto = n,
-                                Err(_) => s.failed = n,
-                            });
                         }
                     })?;
                 Some(sync_tx)
             }
             None => None,
         };
+        let rt = tokio::runtime::Handle::try_current().ok();
         std::thread::Builder::new()
             .name(format!("store-{name}"))
             .spawn(move || {
-                let mut n = 0u64;
+                let _rt = rt.as_ref().map(|h| h.enter());
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -200,15 +196,18 @@ impl<S: Batchable + 'static> Batcher<S> {
                             Err(_) => break,
                         }
                     }
-                    n += 1;
                     let needs_sync = batch.iter().any(|j| j.when != When::Lazy);
-                    let (commit, done) = run_batch(&mut store, batch);
+                    let (commit, thens, done) = run_batch(&mut store, batch);
+                    if commit.is_ok() {
+                        for then in thens {
+                            then();
+                        }
+                    }
                     let Some(to_sync) = &to_sync else {
                         // Committed is durable here.
                         for (_, c) in done {
-                            c(commit.clone(), n);
+                            c(commit.clone());
                         }
-                        synced_tx.send_modify(|s| s.upto = n);
                         continue;
                     };
                     let mut after_sync = Vec::new();
@@ -216,15 +215,15 @@ impl<S: Batchable + 'static> Batcher<S> {
                         if when == When::OnDisk && commit.is_ok() {
                             after_sync.push(c);
                         } else {
-                            c(commit.clone(), n);
+                            c(commit.clone());
                         }
                     }
-                    if needs_sync && commit.is_ok() && to_sync.send((n, after_sync)).is_err() {
+                    if needs_sync && commit.is_ok() && to_sync.send(after_sync).is_err() {
                         tracing::error!("storage: the sync thread has stopped");
                     }
                 }
             })?;
-        Ok(Batcher { tx, synced })
+        Ok(Batcher { tx })
     }
 
     /// Queues `f` now (so submission order is commit order) and returns a
@@ -234,17 +233,21 @@ impl<S: Batchable + 'static> Batcher<S> {
         R: Send + 'static,
         F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
     {
-        self.queue(When::OnDisk, f, |r, _| r)
+        self.queue(When::OnDisk, move |s| f(s).map(|r| (r, None)))
     }
 
-    /// Like [`submit`](Self::submit), but ready once committed, with a
-    /// ticket for [`on_disk`](Self::on_disk).
-    pub fn submit_early<R, F>(&self, f: F) -> Pending<(R, Ticket)>
+    /// Like [`submit`](Self::submit), but `f` also returns work for the
+    /// moment its batch commits, which the store thread does then: before
+    /// the disk has the batch, and before this future is ready.
+    pub fn submit_then<R, T, F>(&self, f: F) -> Pending<R>
     where
         R: Send + 'static,
-        F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
+        T: FnOnce() + Send + 'static,
+        F: FnOnce(&mut S) -> Result<(R, T), StoreError> + Send + 'static,
     {
-        self.queue(When::Early, f, |r, n| (r, Ticket(n)))
+        self.queue(When::OnDisk, move |s| {
+            f(s).map(|(r, then)| (r, Some(Box::new(then) as Then)))
+        })
     }
 
     /// Like [`submit`](Self::submit), for a job that a power cut may undo
@@ -255,7 +258,21 @@ impl<S: Batchable + 'static> Batcher<S> {
         R: Send + 'static,
         F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
     {
-        self.queue(When::Lazy, f, |r, _| r)
+        self.queue(When::Lazy, move |s| f(s).map(|r| (r, None)))
+    }
+
+    /// Queues `f`, lazy as with [`submit_lazy`](Self::submit_lazy), and
+    /// does the work it returns on the store thread once its batch commits.
+    /// No one waits for it: `f` reports its own errors.
+    pub fn lazy_then<T, F>(&self, f: F)
+    where
+        T: FnOnce() + Send + 'static,
+        F: FnOnce(&mut S) -> Result<T, StoreError> + Send + 'static,
+    {
+        // The answer goes nowhere.
+        drop(self.queue(When::Lazy, move |s| {
+            f(s).map(|then| ((), Some(Box::new(then) as Then)))
+        }));
     }
 
     /// Runs `f`, which only reads, and waits for it: ready once its batch
@@ -270,38 +287,22 @@ impl<S: Batchable + 'static> Batcher<S> {
         self.submit_lazy(f).await
     }
 
-    /// Ready once the batch of `t` is on disk.
-    pub fn on_disk(&self, t: Ticket) -> impl Future<Output = Result<(), StoreError>> + use<S> {
-        let mut synced = self.synced.clone();
-        async move {
-            let s = synced
-                .wait_for(|s| s.upto >= t.0 || s.failed >= t.0)
-                .await
-                .map_err(|_| StoreError::Closed)?;
-            if s.failed >= t.0 {
-                Err(StoreError::Db(
-                    "the disk did not confirm a write (fsync failed)".into(),
-                ))
-            } else {
-                Ok(())
-            }
-        }
-    }
-
-    fn queue<R, T, F>(&self, when: When, f: F, out: fn(R, u64) -> T) -> Pending<T>
+    fn queue<R, F>(&self, when: When, f: F) -> Pending<R>
     where
         R: Send + 'static,
-        T: Send + 'static,
-        F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&mut S) -> Result<(R, Option<Then>), StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let run = Box::new(move |s: &mut S| {
-            let r = f(s);
+            let (r, then) = match f(s) {
+                Ok((r, then)) => (Ok(r), then),
+                Err(e) => (Err(e), None),
+            };
             let ok = r.is_ok();
-            let done: Completion = Box::new(move |commit, n| {
-                let _ = tx.send(commit.and(r).map(|r| out(r, n)));
+            let done: Completion = Box::new(move |commit| {
+                let _ = tx.send(commit.and(r));
             });
-            (ok, done)
+            Ran { ok, then, done }
         });
         let job = Job { when, run };
         // If the thread is gone, the job (and its sender) is dropped and the
@@ -320,34 +321,36 @@ impl<S: Batchable + 'static> Batcher<S> {
     }
 }
 
-/// Runs a batch in one transaction; gives the commit's outcome and each
-/// job's completion, not yet called.
-fn run_batch<S: Batchable>(
-    store: &mut S,
-    batch: Vec<Job<S>>,
-) -> (Result<(), StoreError>, Vec<(When, Completion)>) {
+/// What a batch left: the commit's outcome, the work its jobs left for the
+/// commit, and each job's completion, none of them done yet.
+type Batch = (Result<(), StoreError>, Vec<Then>, Vec<(When, Completion)>);
+
+/// Runs a batch in one transaction.
+fn run_batch<S: Batchable>(store: &mut S, batch: Vec<Job<S>>) -> Batch {
     if let Err(e) = store.begin() {
         // Run nothing; the dropped jobs tell their callers.
         tracing::error!("storage: cannot begin a transaction: {e}");
-        return (Err(e), Vec::new());
+        return (Err(e), Vec::new(), Vec::new());
     }
+    let mut thens = Vec::new();
     let mut done = Vec::with_capacity(batch.len());
     for job in batch {
         if let Err(e) = store.job_begin() {
             tracing::error!("storage: savepoint: {e}");
         }
-        let (ok, c) = (job.run)(store);
-        if let Err(e) = store.job_end(ok) {
+        let ran = (job.run)(store);
+        if let Err(e) = store.job_end(ran.ok) {
             tracing::error!("storage: release savepoint: {e}");
         }
-        done.push((job.when, c));
+        thens.extend(ran.then);
+        done.push((job.when, ran.done));
     }
     let commit = store.commit();
     if let Err(e) = &commit {
         tracing::error!("storage: commit failed: {e}");
         store.rollback();
     }
-    (commit, done)
+    (commit, thens, done)
 }
 
 /// A submitted job's result, ready after its batch commits.
@@ -676,7 +679,7 @@ mod tests {
     #[tokio::test]
     // The guard is the held-back disk; the sync thread is what waits on it.
     #[allow(clippy::await_holding_lock)]
-    async fn early_and_reads_answer_before_the_sync_on_disk_after_lazy_never_waits() {
+    async fn commit_work_and_reads_come_before_the_sync_on_disk_after_lazy_never_waits() {
         let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let gate = Arc::new(std::sync::Mutex::new(()));
         let b = Batcher::spawn(
@@ -690,21 +693,47 @@ mod tests {
         // Lazy: answered, and no sync asked for.
         wait(b.submit_lazy(|_| Ok(1))).await.unwrap();
         assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 0);
-        // With the disk held back, an early job is answered, its ticket and
-        // a durable job are not.
+        // With the disk held back, a job's commit work is done, but neither
+        // its answer nor a plain durable job's comes.
         let held = gate.lock().unwrap();
-        let (r, ticket) = wait(b.submit_early(|_| Ok(2))).await.unwrap();
-        assert_eq!(r, 2);
-        let mut on_disk = Box::pin(b.on_disk(ticket));
+        let (did_tx, did) = std::sync::mpsc::channel();
+        let mut then = Box::pin(b.submit_then(move |_| Ok((2, move || did_tx.send(()).unwrap()))));
         let mut durable = Box::pin(b.submit(|_| Ok(3)));
         // A read is answered although a sync is held back behind it.
         assert_eq!(wait(b.read(|_| Ok(4))).await.unwrap(), 4);
+        did.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("commit work done before the sync");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert!(futures_util::FutureExt::now_or_never(&mut on_disk).is_none());
+        assert!(futures_util::FutureExt::now_or_never(&mut then).is_none());
         assert!(futures_util::FutureExt::now_or_never(&mut durable).is_none());
         drop(held);
-        wait(on_disk).await.unwrap();
+        assert_eq!(wait(then).await.unwrap(), 2);
         assert_eq!(wait(durable).await.unwrap(), 3);
         assert!(syncs.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_job_leaves_no_work_and_the_rest_is_done_in_commit_order() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = Batcher::spawn(
+            "order",
+            Gated {
+                syncs: Default::default(),
+                gate: Default::default(),
+            },
+        )
+        .unwrap();
+        for i in 0..5 {
+            let tx = tx.clone();
+            b.lazy_then(move |_| {
+                if i == 2 {
+                    return Err(StoreError::Conflict("no".into()));
+                }
+                Ok(move || tx.send(i).unwrap())
+            });
+        }
+        wait(b.read(|_| Ok(()))).await.unwrap();
+        drop(tx);
+        assert_eq!(rx.iter().collect::<Vec<_>>(), [0, 1, 3, 4]);
     }
 }
