@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -95,6 +95,15 @@ pub struct Proc {
     pub log: PathBuf,
 }
 
+/// The log filter of the daemons this process starts.
+static LOG_FILTER: OnceLock<&'static str> = OnceLock::new();
+
+/// Sets the log filter of the daemons started from now on (once; the
+/// default, for tests, logs popupd at debug).
+pub fn set_log_filter(filter: &'static str) {
+    let _ = LOG_FILTER.set(filter);
+}
+
 impl Proc {
     pub fn spawn(argv: &[String], log: &Path) -> anyhow::Result<Proc> {
         let mut p = Proc {
@@ -113,7 +122,10 @@ impl Proc {
             .open(&self.log)?;
         let child = Command::new(&self.argv[0])
             .args(&self.argv[1..])
-            .env("RUST_LOG", "info,popupd=debug,zbus=warn")
+            .env(
+                "RUST_LOG",
+                LOG_FILTER.get().unwrap_or(&"info,popupd=debug,zbus=warn"),
+            )
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")
             .env_remove("ALL_PROXY")

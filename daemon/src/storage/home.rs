@@ -256,6 +256,9 @@ impl Batchable for SqliteHome {
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
         sqlite_job_end(&self.conn, ok)
     }
+    fn idle(&mut self) {
+        self.checkpoints.idle(&self.conn);
+    }
     fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
         // SQLite keeps the log file while a connection is open (the
         // checkpointer's, at least), so one handle serves for good.

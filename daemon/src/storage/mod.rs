@@ -81,6 +81,9 @@ pub trait Batchable: Send {
     fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
         Ok(None)
     }
+    /// Called when no job waits, before the thread sleeps: the time for
+    /// upkeep that would stall a batch.
+    fn idle(&mut self) {}
 }
 
 /// See [`Batchable::syncer`].
@@ -104,6 +107,9 @@ impl<T: Batchable + ?Sized> Batchable for Box<T> {
     }
     fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
         (**self).syncer()
+    }
+    fn idle(&mut self) {
+        (**self).idle()
     }
 }
 
@@ -188,7 +194,18 @@ impl<S: Batchable + 'static> Batcher<S> {
             .name(format!("store-{name}"))
             .spawn(move || {
                 let _rt = rt.as_ref().map(|h| h.enter());
-                while let Ok(first) = rx.recv() {
+                loop {
+                    let first = match rx.try_recv() {
+                        Ok(j) => j,
+                        Err(mpsc::TryRecvError::Empty) => {
+                            store.idle();
+                            match rx.recv() {
+                                Ok(j) => j,
+                                Err(_) => break,
+                            }
+                        }
+                        Err(mpsc::TryRecvError::Disconnected) => break,
+                    };
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
                         match rx.try_recv() {
@@ -416,7 +433,10 @@ pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, Store
 /// over and grew by 22 KB a message (885 MB after 40,000). So when this
 /// thread finds the log past [`TAIL_AFTER`], the owner copies the few pages
 /// committed since, on its own connection between two batches (a small copy
-/// and two fsyncs), and its next transaction starts the log over.
+/// and two fsyncs, 1-2 ms), and its next transaction starts the log over. It
+/// does so when no job waits ([`Checkpointer::idle`]), so that the stall
+/// holds up only jobs that come during it, or after [`TAIL_PATIENCE`]
+/// commits if the queue is never empty.
 pub(crate) struct Checkpointer {
     tx: mpsc::SyncSender<()>,
     commits: u32,
@@ -424,6 +444,8 @@ pub(crate) struct Checkpointer {
     /// Set by the thread after a checkpoint that found the log past
     /// [`TAIL_AFTER`]: the owner finishes it.
     tail_due: Arc<AtomicBool>,
+    /// Commits since the owner saw `tail_due` set.
+    tail_waited: u32,
 }
 
 /// Commits between checkpoints: about the 1,000 pages SQLite would wait for.
@@ -470,20 +492,16 @@ impl Checkpointer {
             commits: 0,
             every,
             tail_due,
+            tail_waited: 0,
         })
     }
 
     /// Called by the owner after each commit, outside any transaction.
     pub(crate) fn committed(&mut self, conn: &rusqlite::Connection) {
-        if self.tail_due.swap(false, Ordering::Acquire) {
-            let t0 = std::time::Instant::now();
-            let r = passive_checkpoint(conn);
-            tracing::debug!(
-                "storage: the writer finished a checkpoint in {:?}",
-                t0.elapsed()
-            );
-            if let Err(e) = r {
-                tracing::warn!("storage: checkpoint failed (will retry): {e}");
+        if self.tail_due.load(Ordering::Acquire) {
+            self.tail_waited += 1;
+            if self.tail_waited >= TAIL_PATIENCE {
+                self.finish_tail(conn);
             }
         }
         self.commits += 1;
@@ -493,7 +511,32 @@ impl Checkpointer {
             let _ = self.tx.try_send(());
         }
     }
+
+    /// Called by the owner when no job waits, outside any transaction.
+    pub(crate) fn idle(&mut self, conn: &rusqlite::Connection) {
+        if self.tail_due.load(Ordering::Acquire) {
+            self.finish_tail(conn);
+        }
+    }
+
+    fn finish_tail(&mut self, conn: &rusqlite::Connection) {
+        self.tail_due.store(false, Ordering::Release);
+        self.tail_waited = 0;
+        let t0 = std::time::Instant::now();
+        let r = passive_checkpoint(conn);
+        tracing::debug!(
+            "storage: the writer finished a checkpoint in {:?}",
+            t0.elapsed()
+        );
+        if let Err(e) = r {
+            tracing::warn!("storage: checkpoint failed (will retry): {e}");
+        }
+    }
 }
+
+/// Commits the owner waits for a moment with no job waiting, once the log
+/// is due to start over, before it stalls a batch for it.
+const TAIL_PATIENCE: u32 = 64;
 
 /// Log pages past which the writer finishes a checkpoint itself: 64 MiB.
 /// Each time stalls the writer 0.7-2 ms (mostly two fsyncs), so not often:
@@ -616,20 +659,34 @@ mod tests {
 
     #[test]
     fn the_log_starts_over_under_steady_load() {
-        // A writer that never pauses: a passive checkpoint alone never
-        // finds the moment to let the log start over.
-        let dir = std::env::temp_dir().join(format!("popupd-ckpt-{}", std::process::id()));
+        // A writer that never pauses (its queue is never empty) and one
+        // that is idle now and then.
+        for idle_every in [None, Some(7)] {
+            log_starts_over(idle_every);
+        }
+    }
+
+    fn log_starts_over(idle_every: Option<usize>) {
+        // A passive checkpoint alone never finds the moment to let the log
+        // start over.
+        let dir = std::env::temp_dir().join(format!(
+            "popupd-ckpt-{}-{idle_every:?}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.sqlite");
         let conn = open_sqlite(&path).unwrap();
         conn.execute_batch("CREATE TABLE t(x BLOB)").unwrap();
         let mut ck = Checkpointer::spawn_with(&conn, &path, 10, 256).unwrap();
-        for _ in 0..3000 {
+        for i in 0..3000 {
             sqlite_begin(&conn).unwrap();
             conn.execute("INSERT INTO t VALUES (zeroblob(3000))", [])
                 .unwrap();
             sqlite_commit(&conn).unwrap();
             ck.committed(&conn);
+            if idle_every.is_some_and(|n| i % n == 0) {
+                ck.idle(&conn);
+            }
         }
         let wal = std::fs::metadata(dir.join("t.sqlite-wal")).unwrap().len();
         std::fs::remove_dir_all(&dir).unwrap();
