@@ -130,6 +130,7 @@ async fn report_status(home: Arc<Home>) {
         if counters != last {
             last = counters;
             tracing::debug!(
+                target: "popupd::home::counters",
                 presence_changes = counters.0,
                 presence_to_agents = counters.1,
                 presence_to_peers = counters.2,

@@ -669,10 +669,8 @@ mod tests {
     fn log_starts_over(idle_every: Option<usize>) {
         // A passive checkpoint alone never finds the moment to let the log
         // start over.
-        let dir = std::env::temp_dir().join(format!(
-            "popupd-ckpt-{}-{idle_every:?}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("popupd-ckpt-{}-{idle_every:?}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.sqlite");
         let conn = open_sqlite(&path).unwrap();

@@ -499,8 +499,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let a = parse_args()?;
     // Measure daemons as installed: a home logs at info by default, while
-    // the tests' debug level writes a line per message.
-    popupd_e2e::set_log_filter("info,zbus=warn");
+    // the tests' debug level writes a line per message. The presence
+    // scenario reads the counters the hub logs at debug.
+    popupd_e2e::set_log_filter("info,zbus=warn,popupd::home::counters=debug");
     println!(
         "popupd-bench on {} cores, commit {}",
         std::thread::available_parallelism()
