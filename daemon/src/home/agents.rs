@@ -167,14 +167,17 @@ impl Registry {
     }
 }
 
-/// A store job's answer. What the job caused (events for recipients,
-/// forward-queue wakes) is done by then, on the store thread at commit.
+/// A store job's answer, once on disk.
 enum Done {
-    /// The message is on disk (or storing it failed).
+    /// The message is on disk (or storing it failed). What it caused (the
+    /// recipient's event, a forward-queue wake) was done at commit, on the
+    /// store thread.
     Accepted(MsgId, Result<SendOutcome, StoreError>),
-    Applied(Result<(), StoreError>),
-    /// A contact-list change; an error goes back to the agent.
-    Contact(String, Result<(), StoreError>),
+    /// A read mark, with what it causes: it waits for the disk, as nothing
+    /// would send it again if a power cut undid it.
+    Applied(Result<Effects, StoreError>),
+    /// A contact-list change, likewise; an error goes back to the agent.
+    Contact(String, Result<Effects, StoreError>),
 }
 type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
@@ -345,9 +348,15 @@ impl AgentConn {
             return e.to_string();
         }
         let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+        let why = self.run_loop(link, rx, lag, replaced, &mut pending).await;
         // Jobs still pending when the link fails have their effects all the
-        // same: the store thread applies them at commit.
-        self.run_loop(link, rx, lag, replaced, &mut pending).await
+        // same (a message's, at commit on the store thread; the rest here).
+        while let Some(d) = pending.next().await {
+            if let Done::Applied(Ok(fx)) | Done::Contact(_, Ok(fx)) = d {
+                self.home.apply(fx);
+            }
+        }
+        why
     }
 
     async fn run_loop(
@@ -575,11 +584,11 @@ impl AgentConn {
                 });
             }
             AgentFrame::Read { id } => {
-                let (h, home) = (self.handle.clone(), self.home.clone());
-                let p = store.submit_then(move |s| {
+                let h = self.handle.clone();
+                let p = store.submit(move |s| {
                     let mut fx = Effects::default();
                     s.mark_read(&h, &id, &mut fx)?;
-                    Ok(((), move || home.apply(fx)))
+                    Ok(fx)
                 });
                 pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
             }
@@ -606,11 +615,11 @@ impl AgentConn {
                     .cached(&handle)
                     .map(|r| r.home)
                     .filter(|h| *h != self.home.cfg.name);
-                let (owner, peer, home) = (self.handle.clone(), handle.clone(), self.home.clone());
-                let p = store.submit_then(move |s| {
+                let (owner, peer) = (self.handle.clone(), handle.clone());
+                let p = store.submit(move |s| {
                     let mut fx = Effects::default();
                     s.contact_op(&owner, &peer, op, dest.as_deref(), &mut fx)?;
-                    Ok(((), move || home.apply(fx)))
+                    Ok(fx)
                 });
                 pending.push_back(Box::pin(async move { Done::Contact(handle, p.await) }));
             }
@@ -665,12 +674,18 @@ impl AgentConn {
                 )
                 .await
             }
-            Done::Applied(Ok(())) => Ok(()),
+            Done::Applied(Ok(fx)) => {
+                self.home.apply(fx);
+                Ok(())
+            }
             Done::Applied(Err(e)) => {
                 tracing::error!(handle = %self.handle, "storage failure: {e}");
                 Ok(())
             }
-            Done::Contact(_, Ok(())) => Ok(()),
+            Done::Contact(_, Ok(fx)) => {
+                self.home.apply(fx);
+                Ok(())
+            }
             Done::Contact(peer, Err(StoreError::Conflict(m) | StoreError::NotFound(m))) => {
                 let why = format!("{peer}: {m}");
                 self.error(link, ErrorCode::Invalid, &why, None).await
