@@ -100,15 +100,11 @@ pub async fn send_contacts(home: &Arc<Home>, handle: &str) {
             return;
         }
     };
-    let Some((contacts, homes)) = home.hub.watch(handle, &rows) else {
+    let Some(homes) = home.hub.watch(&home.registry, handle, &rows) else {
         return;
     };
     for d in homes {
         peers::ensure_link(home, &d);
-    }
-    let frame = serde_json::to_string(&crate::protocol::HomeFrame::Contacts { contacts });
-    if let Ok(f) = frame {
-        home.registry.send_frame(handle, f.into());
     }
 }
 

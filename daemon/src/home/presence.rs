@@ -377,10 +377,15 @@ impl Hub {
     }
 
     /// Installs `handle`'s contact list (just read from the store): starts
-    /// and stops watching as it says. Returns the list with presence for
-    /// the user's agents, and the homes that need a link for new
+    /// and stops watching as it says, and sends the list, with presence, to
+    /// the user's online devices. Returns the homes that need a link for new
     /// subscriptions. Does nothing for a user who is not online.
-    pub fn watch(&self, handle: &str, rows: &[ContactRow]) -> Option<(Vec<Contact>, Vec<String>)> {
+    ///
+    /// The list goes out under the hub's lock, like every presence change:
+    /// a change that comes after the list was drawn up then reaches the
+    /// agents after the list, not before it (where the list's older state
+    /// would overwrite it).
+    pub fn watch(&self, reg: &Registry, handle: &str, rows: &[ContactRow]) -> Option<Vec<String>> {
         let mut g = self.lock();
         if !g.users.contains_key(handle) {
             return None;
@@ -429,7 +434,11 @@ impl Hub {
                 }
             })
             .collect();
-        Some((list, homes))
+        match serde_json::to_string(&HomeFrame::Contacts { contacts: list }) {
+            Ok(f) => reg.send_frame(handle, f.into()),
+            Err(e) => tracing::error!(%handle, "encoding a contact list: {e}"),
+        }
+        Some(homes)
     }
 
     /// What `handle` shows to `asker`, if `asker` may see it (an accepted
@@ -619,7 +628,7 @@ mod tests {
             peer_home: None,
         }];
         hub.device_up(&reg, "alice", "desk", 3, report(PresenceState::Online, ""));
-        hub.watch("alice", &rows).unwrap();
+        hub.watch(&reg, "alice", &rows).unwrap();
         let s = hub.presence_of("alice", "bob").unwrap();
         assert_eq!((s.state, s.text.as_str()), (PresenceState::Busy, "meeting"));
         // The busy device drops: it still counts until the grace ends.
@@ -666,7 +675,7 @@ mod tests {
             relation: Relation::Accepted,
             peer_home: Some("home-b".into()),
         }];
-        let (_, homes) = hub.watch("alice", &rows).unwrap();
+        let homes = hub.watch(&reg, "alice", &rows).unwrap();
         assert_eq!(homes, ["home-b"], "no link yet: dial one");
         let (id, mut rx, first) = hub.link_up("home-b");
         assert!(first.unwrap().contains("\"subscribe\""));
