@@ -90,21 +90,30 @@ async fn refresh_contacts(home: Arc<Home>, users: Vec<String>) {
 }
 
 /// Reads `handle`'s contact list, installs it in the presence hub and sends
-/// it to their online devices. Does nothing for a user who is offline.
-pub async fn send_contacts(home: &Arc<Home>, handle: &str) {
-    let h = handle.to_owned();
-    let rows = match home.store.read(move |s| s.contacts(&h)).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(%handle, "reading contacts: {e}");
-            return;
-        }
-    };
-    let Some(homes) = home.hub.watch(&home.registry, handle, &rows) else {
-        return;
-    };
-    for d in homes {
-        peers::ensure_link(home, &d);
+/// it to their online devices; ready once that is done. Does nothing for a
+/// user who is offline.
+///
+/// The list is installed on the store thread, right after the read, so
+/// lists are installed in the order they were read: two refreshes for one
+/// user that each read, then installed, could let the older list win.
+pub fn send_contacts(home: &Arc<Home>, handle: &str) -> impl Future<Output = ()> + use<> {
+    let (done, installed) = tokio::sync::oneshot::channel::<()>();
+    let (h, home2) = (handle.to_owned(), home.clone());
+    home.store.lazy_then(move |s| {
+        let rows = s
+            .contacts(&h)
+            .inspect_err(|e| tracing::warn!(handle = %h, "reading contacts: {e}"))?;
+        Ok(move || {
+            if let Some(homes) = home2.hub.watch(&home2.registry, &h, &rows) {
+                for d in homes {
+                    peers::ensure_link(&home2, &d);
+                }
+            }
+            let _ = done.send(());
+        })
+    });
+    async move {
+        let _ = installed.await;
     }
 }
 
