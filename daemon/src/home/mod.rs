@@ -96,10 +96,9 @@ async fn refresh_contacts(home: Arc<Home>, users: Vec<String>) {
 /// The list is installed on the store thread, right after the read, so
 /// lists are installed in the order they were read: two refreshes for one
 /// user that each read, then installed, could let the older list win.
-pub fn send_contacts(home: &Arc<Home>, handle: &str) -> impl Future<Output = ()> + use<> {
-    let (done, installed) = tokio::sync::oneshot::channel::<()>();
+pub async fn send_contacts(home: &Arc<Home>, handle: &str) {
     let (h, home2) = (handle.to_owned(), home.clone());
-    home.store.lazy_then(move |s| {
+    let installed = home.store.lazy_then(move |s| {
         let rows = s
             .contacts(&h)
             .inspect_err(|e| tracing::warn!(handle = %h, "reading contacts: {e}"))?;
@@ -109,12 +108,10 @@ pub fn send_contacts(home: &Arc<Home>, handle: &str) -> impl Future<Output = ()>
                     peers::ensure_link(&home2, &d);
                 }
             }
-            let _ = done.send(());
         })
     });
-    async move {
-        let _ = installed.await;
-    }
+    // A failed read was reported above.
+    let _ = installed.await;
 }
 
 /// Tells systemd (when run by it) what the home is doing, every few seconds.

@@ -472,16 +472,15 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
         PeerFrame::Ack { n, refused } => {
             inflight.remove(&n);
             match refused {
-                // Lazy: an item a power cut brings back is forwarded again,
-                // and the peer drops it by id.
+                // Lazy, and no one waits: an item a power cut brings back
+                // is forwarded again, and the peer drops it by id.
                 None => {
                     let peer = peer.to_owned();
-                    store.lazy_then(move |s| {
+                    store.submit_lazy(move |s| {
                         s.outq_done(n).inspect_err(|e| {
                             tracing::error!(peer, n, "storing a peer's ack failed: {e}")
-                        })?;
-                        Ok(|| {})
-                    })
+                        })
+                    });
                 }
                 Some(r) => {
                     tracing::warn!(peer, n, "peer refused an item: {}", r.message);

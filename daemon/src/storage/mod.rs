@@ -280,16 +280,16 @@ impl<S: Batchable + 'static> Batcher<S> {
 
     /// Queues `f`, lazy as with [`submit_lazy`](Self::submit_lazy), and
     /// does the work it returns on the store thread once its batch commits.
-    /// No one waits for it: `f` reports its own errors.
-    pub fn lazy_then<T, F>(&self, f: F)
+    /// The future is ready once that work is done; a caller that does not
+    /// wait drops it, and `f` reports its own errors.
+    pub fn lazy_then<T, F>(&self, f: F) -> Pending<()>
     where
         T: FnOnce() + Send + 'static,
         F: FnOnce(&mut S) -> Result<T, StoreError> + Send + 'static,
     {
-        // The answer goes nowhere.
-        drop(self.queue(When::Lazy, move |s| {
+        self.queue(When::Lazy, move |s| {
             f(s).map(|then| ((), Some(Box::new(then) as Then)))
-        }));
+        })
     }
 
     /// Runs `f`, which only reads, and waits for it: ready once its batch
@@ -433,7 +433,7 @@ pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, Store
 /// over and grew by 22 KB a message (885 MB after 40,000). So when this
 /// thread finds the log past [`TAIL_AFTER`], the owner copies the few pages
 /// committed since, on its own connection between two batches (a small copy
-/// and two fsyncs, 1-2 ms), and its next transaction starts the log over. It
+/// and two fsyncs, 1-5 ms), and its next transaction starts the log over. It
 /// does so when no job waits ([`Checkpointer::idle`]), so that the stall
 /// holds up only jobs that come during it, or after [`TAIL_PATIENCE`]
 /// commits if the queue is never empty.
@@ -539,8 +539,8 @@ impl Checkpointer {
 const TAIL_PATIENCE: u32 = 64;
 
 /// Log pages past which the writer finishes a checkpoint itself: 64 MiB.
-/// Each time stalls the writer 0.7-2 ms (mostly two fsyncs), so not often:
-/// at 4,000 msg/s, every 2,000 or so messages.
+/// Each time stalls the writer 1-5 ms (mostly two fsyncs), so not often:
+/// at 4,000 msg/s, every 0.75 s or so.
 const TAIL_AFTER: u64 = 16384;
 
 /// Runs a passive checkpoint; returns the size of the log, in pages.
