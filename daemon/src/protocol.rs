@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol. Carried in every `Hello`; a peer speaking
 /// another version is refused with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame any side accepts, in bytes. Larger frames are refused with
 /// [`ErrorCode::TooLarge`] and the connection is closed. Room for a
@@ -99,17 +99,25 @@ pub enum AgentFrame {
     },
     /// Every event up to and including `seq` is stored by the agent.
     Ack { seq: u64 },
-    /// The person has read message `id` (one they received).
-    Read { id: MsgId },
+    /// The person has read message `id` (one they received). The home
+    /// answers [`HomeFrame::Done`] with `req` once the mark is on its disk;
+    /// until then the agent sends it again on every connection.
+    Read { id: MsgId, req: u64 },
     /// This device's presence changed.
     SetPresence {
         state: PresenceState,
         #[serde(default, skip_serializing_if = "String::is_empty")]
         text: String,
     },
-    /// Change the contact list; the home answers with
-    /// [`HomeFrame::Contacts`] once the change is stored.
-    Contact { op: ContactOp, handle: String },
+    /// Change the contact list. The home answers [`HomeFrame::Done`] with
+    /// `req` once the change is on its disk (and sends the new
+    /// [`HomeFrame::Contacts`]), or an [`HomeFrame::Error`] with `req` if it
+    /// refuses it; until then the agent sends it again on every connection.
+    Contact {
+        op: ContactOp,
+        handle: String,
+        req: u64,
+    },
     /// What is `handle`'s presence? Answered with [`HomeFrame::Presence`],
     /// or refused with [`ErrorCode::NotAccepted`] unless `handle` is an
     /// accepted contact.
@@ -252,16 +260,24 @@ pub enum HomeFrame {
     },
     /// Message `id` is on the home's disk and will be routed.
     Accepted { id: MsgId },
+    /// The agent's request `req` (a read mark or a contact change) is on
+    /// the home's disk.
+    Done { req: u64 },
     /// A mailbox event; ack it with [`AgentFrame::Ack`].
     Event { seq: u64, event: Event },
-    /// Something was wrong. `id` names the message concerned, if any.
+    /// Something was wrong. `id` names the message concerned, if any, and
+    /// `req` the request.
     Error {
         code: ErrorCode,
         message: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<MsgId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req: Option<u64>,
     },
-    /// The home is shutting down; reconnect after the given delay.
+    /// The home ends the session (it is shutting down, or its storage
+    /// failed); reconnect after the given delay and send again what it
+    /// did not confirm.
     Bye { reconnect_after_ms: u64 },
     /// The whole contact list, with presence: after `Welcome`, after every
     /// change to the list, and after the link lagged.
@@ -375,7 +391,8 @@ pub enum ErrorCode {
     /// The recipient does not take this from the sender: blocked, not a
     /// contact, or no such user (deliberately not told apart).
     NotAccepted,
-    /// The server failed; try again later.
+    /// The server failed (its storage, most often; the message says
+    /// why); try again later.
     Internal,
 }
 

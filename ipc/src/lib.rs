@@ -183,4 +183,6 @@ pub mod exit {
     pub const NO_AGENT: i32 = 3;
     /// `--wait` gave up: the message failed or did not reach the state in time.
     pub const NOT_DELIVERED: i32 = 4;
+    /// The agent did not answer a call in time (10 s).
+    pub const NO_ANSWER: i32 = 5;
 }

@@ -110,12 +110,12 @@ impl AgentIface {
 
     /// Asks `handle` to become a contact.
     async fn add_contact(&self, handle: String) -> Result<(), AgentError> {
-        Ok(self.agent.contact(ContactOp::Add, &handle)?)
+        Ok(self.agent.contact(ContactOp::Add, &handle).await?)
     }
 
     /// Removes `handle` from the contacts (both sides stop seeing presence).
     async fn remove_contact(&self, handle: String) -> Result<(), AgentError> {
-        Ok(self.agent.contact(ContactOp::Remove, &handle)?)
+        Ok(self.agent.contact(ContactOp::Remove, &handle).await?)
     }
 
     /// Accepts or declines `handle`'s contact request.
@@ -125,16 +125,16 @@ impl AgentIface {
         } else {
             ContactOp::Decline
         };
-        Ok(self.agent.contact(op, &handle)?)
+        Ok(self.agent.contact(op, &handle).await?)
     }
 
     /// Blocks `handle`: no presence, no messages, no requests.
     async fn block(&self, handle: String) -> Result<(), AgentError> {
-        Ok(self.agent.contact(ContactOp::Block, &handle)?)
+        Ok(self.agent.contact(ContactOp::Block, &handle).await?)
     }
 
     async fn unblock(&self, handle: String) -> Result<(), AgentError> {
-        Ok(self.agent.contact(ContactOp::Unblock, &handle)?)
+        Ok(self.agent.contact(ContactOp::Unblock, &handle).await?)
     }
 
     /// Sets this person's presence by hand (`online` returns to automatic).

@@ -15,17 +15,22 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 
 use super::dbus::AgentIface;
-use super::{Agent, Up, memory};
+use super::signals::{self, Signal};
+use super::{Agent, Request, Up, memory};
 use crate::net::{self, ClientTls, Dial, Link, LinkError, Recv, tls};
 use crate::protocol::{
-    AGENT_PATH, AgentFrame, Delivery, ErrorCode, Event, HomeFrame, Message, PROTOCOL_VERSION,
-    now_ms,
+    AGENT_PATH, AgentFrame, Delivery, ErrorCode, Event, HomeFrame, PROTOCOL_VERSION, now_ms,
 };
 use crate::storage::StoreError;
 use crate::task::{Backoff, Ticker, sleep_or_shutdown};
 
-/// A link silent for this many keepalive intervals is dead.
-const DEAD_AFTER: u32 = 3;
+/// A link silent for this many keepalive intervals is dead: the agent pings
+/// after one quiet interval, and gives up if the next brings no answer.
+/// Each write must also finish within this many intervals.
+const DEAD_AFTER: u32 = 2;
+
+/// Longest wait between two tries to reach the home.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Keeps the back connection up until shutdown.
 pub async fn run(agent: Arc<Agent>, mut up: mpsc::UnboundedReceiver<Up>) {
@@ -43,17 +48,30 @@ pub async fn run(agent: Arc<Agent>, mut up: mpsc::UnboundedReceiver<Up>) {
         tls,
         proxy: agent.cfg.proxy.clone(),
     };
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_millis(250), MAX_BACKOFF);
+    // While the home cannot store what it is sent, each session ends at the
+    // first failure; these sessions come further apart, up to a limit
+    // short enough that sending resumes soon after the home recovers.
+    let mut failing = Backoff::new(Duration::from_secs(1), MAX_BACKOFF);
     loop {
         let delay = match connect(&agent, &dial).await {
             Ok(mut link) => {
                 backoff.reset();
+                link.set_write_timeout(agent.cfg.keepalive * DEAD_AFTER);
                 set_connected(&agent, true).await;
-                let (why, later) = session(&agent, &mut link, &mut up).await;
+                let end = session(&agent, &mut link, &mut up).await;
                 set_connected(&agent, false).await;
-                tracing::warn!(home = %dial.name, "back connection closed: {why}");
+                tracing::warn!(home = %dial.name, "back connection closed: {}", end.why);
                 link.close().await;
-                later.unwrap_or_else(|| backoff.next_delay())
+                if end.stored_any {
+                    failing.reset();
+                }
+                let delay = end.later.unwrap_or_else(|| backoff.next_delay());
+                if end.store_failed {
+                    delay.max(failing.next_delay())
+                } else {
+                    delay
+                }
             }
             Err(e) => {
                 tracing::warn!(home = %dial.name, address = %dial.address,
@@ -124,18 +142,35 @@ async fn set_connected(agent: &Agent, up: bool) {
     }
 }
 
+/// A store job's answer.
 enum Done {
-    /// An event is stored: signal what is new, then ack `seq`.
-    Event(u64, Result<Option<Signal>, StoreError>),
-    /// Bookkeeping that is not an event.
-    Status(Result<Option<Signal>, StoreError>),
+    /// An event is stored (with its signal, if any): ack `seq`.
+    Event(u64, Result<bool, StoreError>),
+    /// Bookkeeping that is not an event (a status the home answered).
+    Status(Result<bool, StoreError>),
 }
 type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
-enum Signal {
-    Received(Message),
-    Status(String, Delivery, String),
-    ContactRequest(String),
+/// How a session ended.
+struct End {
+    why: String,
+    /// When the home asked to come back.
+    later: Option<Duration>,
+    /// The home said it could not store something.
+    store_failed: bool,
+    /// The home confirmed a message or request.
+    stored_any: bool,
+}
+
+/// What one session keeps.
+#[derive(Default)]
+struct Session {
+    /// Messages sent on this link and not yet answered.
+    inflight: HashSet<String>,
+    /// Requests sent on this link and not yet answered.
+    asked: HashSet<u64>,
+    store_failed: bool,
+    stored_any: bool,
 }
 
 /// Serves one connected link. Returns why it ended and, if the home said
@@ -144,18 +179,20 @@ async fn session(
     agent: &Arc<Agent>,
     link: &mut Link<ClientTls>,
     up: &mut mpsc::UnboundedReceiver<Up>,
-) -> (String, Option<Duration>) {
+) -> End {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-    let ended = session_loop(agent, link, up, &mut pending).await;
-    // What was committed is signalled even though the link is gone: the
-    // home redelivers it (it was not acked) and the store then says "not
-    // new", so this is the only chance to show it.
-    while let Some(d) = pending.next().await {
-        if let Done::Event(_, Ok(sig)) | Done::Status(Ok(sig)) = d {
-            emit(agent, sig).await;
-        }
+    let mut st = Session::default();
+    let (why, later) = session_loop(agent, link, up, &mut pending, &mut st).await;
+    // What was committed is signalled even though the link is gone: its
+    // signal is in the store, and the emitter only needs waking.
+    while pending.next().await.is_some() {}
+    agent.signals.notify_one();
+    End {
+        why,
+        later,
+        store_failed: st.store_failed,
+        stored_any: st.stored_any,
     }
-    ended
 }
 
 async fn session_loop(
@@ -163,22 +200,22 @@ async fn session_loop(
     link: &mut Link<ClientTls>,
     up: &mut mpsc::UnboundedReceiver<Up>,
     pending: &mut FuturesOrdered<Pending>,
+    st: &mut Session,
 ) -> (String, Option<Duration>) {
-    let mut inflight: HashSet<String> = HashSet::new();
     let keepalive = agent.cfg.keepalive;
     let mut ping = match Ticker::new(keepalive) {
         Ok(t) => t,
         Err(e) => return (format!("cannot start the keepalive timer: {e}"), None),
     };
     let mut last_heard = Instant::now();
-    let mut last_seq = agent.store.run(|s| s.last_seq()).await.unwrap_or(0);
+    let mut last_seq = agent.store.read(|s| s.last_seq()).await.unwrap_or(0);
     let mut unacked: Option<u64> = None;
     let mut acked = last_seq;
 
-    if let Err(e) = send_outbox(agent, link, &mut inflight).await {
+    if let Err(e) = send_outbox(agent, link, &mut st.inflight).await {
         return (e.to_string(), None);
     }
-    if let Err(e) = send_reads(agent, link).await {
+    if let Err(e) = send_requests(agent, link, &mut st.asked).await {
         return (e.to_string(), None);
     }
     // Whether anything but keepalives went by since the agent last gave
@@ -191,21 +228,16 @@ async fn session_loop(
         let step: Result<(), LinkError> = tokio::select! {
             biased;
             _ = agent.shutdown.cancelled() => return ("agent stopping".into(), None),
-            _ = agent.outbox.notified() => send_outbox(agent, link, &mut inflight).await,
+            _ = agent.outbox.notified() => send_outbox(agent, link, &mut st.inflight).await,
+            _ = agent.requests.notified() => send_requests(agent, link, &mut st.asked).await,
             Some(u) = up.recv() => match u {
-                Up::Read(id) => {
-                    let r = link.send(&AgentFrame::Read { id: id.clone() }).await;
-                    if r.is_ok() {
-                        let _ = agent.store.run(move |s| s.reads_sent(&[id])).await;
-                    }
-                    r
-                }
                 Up::Presence(p) => link.send(&AgentFrame::SetPresence { state: p.state, text: p.text }).await,
-                Up::Contact(op, handle) => link.send(&AgentFrame::Contact { op, handle }).await,
             },
             Some(d) = pending.next(), if !pending.is_empty() => match d {
-                Done::Event(seq, Ok(sig)) => {
-                    emit(agent, sig).await;
+                Done::Event(seq, Ok(signalled)) => {
+                    if signalled {
+                        agent.signals.notify_one();
+                    }
                     last_seq = last_seq.max(seq);
                     // Acks are cumulative: one for a burst (sent below,
                     // once nothing else is ready), or every 256 events in a
@@ -219,7 +251,12 @@ async fn session_loop(
                         Ok(())
                     }
                 }
-                Done::Status(Ok(sig)) => { emit(agent, sig).await; Ok(()) }
+                Done::Status(Ok(signalled)) => {
+                    if signalled {
+                        agent.signals.notify_one();
+                    }
+                    Ok(())
+                }
                 Done::Event(_, Err(e)) | Done::Status(Err(e)) => {
                     // Not acked: the home sends it again after reconnect.
                     tracing::error!("storage: {e}");
@@ -236,7 +273,12 @@ async fn session_loop(
                 }
                 match r {
                     Ok(Recv::Frame(HomeFrame::Bye { reconnect_after_ms })) => {
-                        return ("home is restarting".into(), Some(Duration::from_millis(reconnect_after_ms)));
+                        let why = if st.store_failed {
+                            "the home could not store what it was sent"
+                        } else {
+                            "home is restarting"
+                        };
+                        return (why.into(), Some(Duration::from_millis(reconnect_after_ms)));
                     }
                     Ok(Recv::Frame(HomeFrame::Contacts { contacts })) => {
                         agent.on_contacts(contacts).await;
@@ -247,7 +289,7 @@ async fn session_loop(
                         Ok(())
                     }
                     Ok(Recv::Frame(f)) => {
-                        on_frame(agent, f, last_seq, &mut inflight, pending);
+                        on_frame(agent, f, last_seq, st, pending);
                         Ok(())
                     }
                     Ok(Recv::Bad(e)) => { tracing::warn!("malformed frame from home: {e}"); Ok(()) }
@@ -261,7 +303,9 @@ async fn session_loop(
                 if let Err(e) = t {
                     return (format!("keepalive timer failed: {e}"), None);
                 }
-                if last_heard.elapsed() > keepalive * DEAD_AFTER {
+                // The ticker restarts on every frame heard, so this is one
+                // quiet period (ping) or two (the ping went unanswered).
+                if last_heard.elapsed() > keepalive * 3 / 2 {
                     return (format!("no answer for {}; link is dead",
                         humantime::format_duration(keepalive * DEAD_AFTER)), None);
                 }
@@ -292,7 +336,7 @@ fn on_frame(
     agent: &Arc<Agent>,
     f: HomeFrame,
     last_seq: u64,
-    inflight: &mut HashSet<String>,
+    st: &mut Session,
     pending: &mut FuturesOrdered<Pending>,
 ) {
     let store = &agent.store;
@@ -300,55 +344,83 @@ fn on_frame(
         HomeFrame::Event { seq, event } if seq <= last_seq => {
             // Stored before a drop; ack again.
             let _ = event;
-            pending.push_back(Box::pin(async move { Done::Event(seq, Ok(None)) }));
+            pending.push_back(Box::pin(async move { Done::Event(seq, Ok(false)) }));
         }
-        HomeFrame::Event {
-            seq,
-            event: Event::Message(m),
-        } => {
+        HomeFrame::Event { seq, event } => {
+            // The event, its signal and the mailbox position in one commit.
             let p = store.submit(move |s| {
-                let new = s.receive(&m)?;
+                let sig = match event {
+                    Event::Message(m) => s.receive(&m)?.then_some(Signal::Received(m)),
+                    Event::Status { id, state, reason } => {
+                        let reason = reason.unwrap_or_default();
+                        s.set_status(&id, state, &reason)?
+                            .then_some(Signal::Status { id, state, reason })
+                    }
+                    Event::ContactRequest { from } => Some(Signal::ContactRequest(from)),
+                };
+                if let Some(sig) = &sig {
+                    signals::queue(s, sig)?;
+                }
                 s.set_last_seq(seq)?;
-                Ok(new.then_some(Signal::Received(m)))
-            });
-            pending.push_back(Box::pin(async move { Done::Event(seq, p.await) }));
-        }
-        HomeFrame::Event {
-            seq,
-            event: Event::Status { id, state, reason },
-        } => {
-            let p = store.submit(move |s| {
-                let reason = reason.unwrap_or_default();
-                let changed = s.set_status(&id, state, &reason)?;
-                s.set_last_seq(seq)?;
-                Ok(changed.then_some(Signal::Status(id, state, reason)))
-            });
-            pending.push_back(Box::pin(async move { Done::Event(seq, p.await) }));
-        }
-        HomeFrame::Event {
-            seq,
-            event: Event::ContactRequest { from },
-        } => {
-            let p = store.submit(move |s| {
-                s.set_last_seq(seq)?;
-                Ok(Some(Signal::ContactRequest(from)))
+                Ok(sig.is_some())
             });
             pending.push_back(Box::pin(async move { Done::Event(seq, p.await) }));
         }
         HomeFrame::Accepted { id } => {
-            inflight.remove(&id);
+            st.inflight.remove(&id);
+            st.stored_any = true;
             pending.push_back(status(store, id, Delivery::Accepted, String::new()));
+        }
+        HomeFrame::Done { req } => {
+            st.asked.remove(&req);
+            st.stored_any = true;
+            // Lazy: if a power cut undoes it, the home takes it again.
+            store.submit_lazy(move |s| s.request_done(req));
+        }
+        HomeFrame::Error {
+            code,
+            message,
+            req: Some(req),
+            ..
+        } => {
+            st.asked.remove(&req);
+            if code == ErrorCode::Internal {
+                // Kept: sent again on the next connection.
+                st.store_failed = true;
+                tracing::warn!(req, "the home could not store a request: {message}");
+            } else {
+                tracing::warn!(req, ?code, "the home refused a request: {message}");
+                store.submit_lazy(move |s| s.request_done(req));
+            }
         }
         HomeFrame::Error {
             code,
             message,
             id: Some(id),
+            ..
         } => {
-            inflight.remove(&id);
-            tracing::warn!(msg_id = %id, ?code, "home refused a message: {message}");
-            if code != ErrorCode::Internal {
-                // Will never be taken: tell the person. (Internal errors are
-                // retried with the outbox on the next connection.)
+            st.inflight.remove(&id);
+            if code == ErrorCode::Internal {
+                // Still queued, sent again on the next connection (the home
+                // ends this one); the person sees why it waits.
+                st.store_failed = true;
+                tracing::warn!(msg_id = %id, "the home could not store a message: {message}");
+                let p = store.submit(move |s| {
+                    let changed = s.set_queued_reason(&id, &message)?;
+                    let sig = Signal::Status {
+                        id,
+                        state: Delivery::Queued,
+                        reason: message,
+                    };
+                    if changed {
+                        signals::queue(s, &sig)?;
+                    }
+                    Ok(changed)
+                });
+                pending.push_back(Box::pin(async move { Done::Status(p.await) }));
+            } else {
+                // Will never be taken: tell the person.
+                tracing::warn!(msg_id = %id, ?code, "home refused a message: {message}");
                 pending.push_back(status(store, id, Delivery::Failed, message));
             }
         }
@@ -370,61 +442,12 @@ fn status(
 ) -> Pending {
     let p = store.submit(move |s| {
         let changed = s.set_status(&id, state, &reason)?;
-        Ok(changed.then_some(Signal::Status(id, state, reason)))
+        if changed {
+            signals::queue(s, &Signal::Status { id, state, reason })?;
+        }
+        Ok(changed)
     });
     Box::pin(async move { Done::Status(p.await) })
-}
-
-async fn emit(agent: &Agent, sig: Option<Signal>) {
-    let (Some(sig), Some(i)) = (sig, agent.iface()) else {
-        return;
-    };
-    let em = i.signal_emitter();
-    let r = match sig {
-        Signal::Received(m) => {
-            tracing::info!(msg_id = %m.id, from = %m.from, "message received");
-            agent
-                .plugins
-                .dispatch(&super::plugins::Event::MessageReceived {
-                    id: m.id.clone(),
-                    from: m.from.clone(),
-                    text: m.text.clone(),
-                    sent_at: m.sent_at,
-                    reply_to: m.reply_to.clone(),
-                    priority: "normal".into(),
-                });
-            AgentIface::message_received(
-                em,
-                &m.id,
-                &m.from,
-                &m.text,
-                m.sent_at,
-                m.reply_to.as_deref().unwrap_or(""),
-            )
-            .await
-        }
-        Signal::Status(id, state, reason) => {
-            tracing::debug!(msg_id = %id, status = state.as_str(), "status changed");
-            agent
-                .plugins
-                .dispatch(&super::plugins::Event::MessageStatusChanged {
-                    id: id.clone(),
-                    status: state.as_str().into(),
-                    reason: reason.clone(),
-                });
-            AgentIface::message_status_changed(em, &id, state.as_str(), &reason).await
-        }
-        Signal::ContactRequest(from) => {
-            tracing::info!(%from, "contact request");
-            agent
-                .plugins
-                .dispatch(&super::plugins::Event::ContactRequest { from: from.clone() });
-            AgentIface::contact_request(em, &from).await
-        }
-    };
-    if let Err(e) = r {
-        tracing::warn!("emitting a D-Bus signal: {e}");
-    }
 }
 
 /// Sends every queued message not already sent on this link.
@@ -435,7 +458,7 @@ async fn send_outbox(
 ) -> Result<(), LinkError> {
     let queued = agent
         .store
-        .run(|s| s.outbox())
+        .read(|s| s.outbox())
         .await
         .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
     let mut any = false;
@@ -459,20 +482,36 @@ async fn send_outbox(
     Ok(())
 }
 
-/// Sends read receipts that did not reach the home yet.
-async fn send_reads(agent: &Agent, link: &mut Link<ClientTls>) -> Result<(), LinkError> {
-    let ids = agent
+/// Sends every stored request not already sent on this link.
+async fn send_requests(
+    agent: &Agent,
+    link: &mut Link<ClientTls>,
+    asked: &mut HashSet<u64>,
+) -> Result<(), LinkError> {
+    let stored = agent
         .store
-        .run(|s| s.unsent_reads())
+        .read(|s| s.requests())
         .await
         .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
-    if ids.is_empty() {
-        return Ok(());
+    let mut any = false;
+    for (req, json) in stored {
+        if !asked.insert(req) {
+            continue;
+        }
+        let frame = match serde_json::from_str::<Request>(&json) {
+            Ok(Request::Read(id)) => AgentFrame::Read { id, req },
+            Ok(Request::Contact { op, handle }) => AgentFrame::Contact { op, handle, req },
+            Err(e) => {
+                tracing::error!(req, "unreadable stored request dropped: {e}");
+                agent.store.submit_lazy(move |s| s.request_done(req));
+                continue;
+            }
+        };
+        any = true;
+        link.feed(&frame).await?;
     }
-    for id in &ids {
-        link.feed(&AgentFrame::Read { id: id.clone() }).await?;
+    if any {
+        link.flush().await?;
     }
-    link.flush().await?;
-    let _ = agent.store.run(move |s| s.reads_sent(&ids)).await;
     Ok(())
 }

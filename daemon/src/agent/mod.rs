@@ -7,12 +7,20 @@
 //! - [`presence`]: this device's presence (by hand, or away when idle, from
 //!   [`idle`]) and the contact list with their presence.
 //! - [`plugins`]: the plugin host.
+//! - [`signals`]: D-Bus signals and plugin events, emitted from the store.
 //! - [`memory`]: gives back the pages of code an idle agent no longer runs.
 //!
 //! **Architecture Invariant:** a received message is acked to the home only
-//! after it is committed to local history, and signalled only the first
-//! time it is stored, so a crash or a redelivery never loses or doubles a
-//! popup.
+//! after it is committed to local history, together with its signal, and
+//! signalled only the first time it is stored, so a crash or a redelivery
+//! never loses or doubles a popup (see [`signals`] for the one instant a
+//! crash repeats one).
+//!
+//! **Architecture Invariant:** what the person does goes to the store
+//! before the D-Bus call returns, and stays there until the home confirms
+//! it: messages in the outbox (`accepted`), read marks and contact changes
+//! in `requests` (`done`). Presence is a state, not a change: the next
+//! `hello` carries it.
 
 pub mod dbus;
 pub mod idle;
@@ -20,6 +28,7 @@ pub mod link;
 pub mod memory;
 pub mod plugins;
 pub mod presence;
+pub mod signals;
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -27,8 +36,10 @@ use anyhow::Context as _;
 use tokio::sync::{Notify, mpsc};
 use zbus::object_server::InterfaceRef;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{AgentConfig, Bus};
-use crate::protocol::{MAX_TEXT, Message, new_id, now_ms, valid_handle};
+use crate::protocol::{ContactOp, MAX_TEXT, Message, new_id, now_ms, valid_handle};
 use crate::storage::agent::{AgentStore, IN};
 use crate::storage::{Batcher, StoreError};
 use crate::task::Shutdown;
@@ -41,15 +52,27 @@ pub struct LinkState {
     pub since: i64,
 }
 
-/// Work for the link that is not in the outbox.
+/// Work for the link that is neither in the outbox nor a request.
 #[derive(Debug)]
 pub enum Up {
-    /// Tell the home the person read message `id`.
-    Read(String),
     /// This device's presence changed.
     Presence(crate::protocol::PresenceReport),
+}
+
+/// A change the home must confirm, kept in the store until it does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// The person read the received message `id`.
+    Read(String),
     /// Change the contact list.
-    Contact(crate::protocol::ContactOp, String),
+    Contact { op: ContactOp, handle: String },
+}
+
+impl Request {
+    fn json(&self) -> Result<String, StoreError> {
+        serde_json::to_string(self).map_err(|e| StoreError::Db(e.to_string()))
+    }
 }
 
 /// Shared state of one running agent.
@@ -59,6 +82,10 @@ pub struct Agent {
     pub link: Mutex<LinkState>,
     /// Wakes the link when the outbox grew.
     pub outbox: Notify,
+    /// Wakes the link when a request was stored.
+    pub requests: Notify,
+    /// Wakes the signal emitter when a signal was stored.
+    pub signals: Notify,
     pub up: mpsc::UnboundedSender<Up>,
     iface: OnceLock<InterfaceRef<dbus::AgentIface>>,
     /// Loaded plugins, and the events they get.
@@ -143,11 +170,22 @@ impl Agent {
     /// Marks the received message `id` read; its sender is told.
     pub async fn mark_read(&self, id: &str) -> Result<(), ActionError> {
         let i = id.to_owned();
-        match self.store.run(move |s| s.get(&i)).await? {
+        match self.store.read(move |s| s.get(&i)).await? {
             Some(m) if m.direction == IN => {
+                let req = Request::Read(id.to_owned()).json()?;
                 let i = id.to_owned();
-                if self.store.run(move |s| s.mark_read(&i)).await? {
-                    let _ = self.up.send(Up::Read(id.to_owned()));
+                let queued = self
+                    .store
+                    .run(move |s| {
+                        let new = s.mark_read(&i)?;
+                        if new {
+                            s.request(&req)?;
+                        }
+                        Ok(new)
+                    })
+                    .await?;
+                if queued {
+                    self.requests.notify_one();
                 }
                 Ok(())
             }
@@ -174,6 +212,8 @@ pub async fn run(
         store: Batcher::spawn(&cfg.handle, store)?,
         link: Mutex::new(LinkState::default()),
         outbox: Notify::new(),
+        requests: Notify::new(),
+        signals: Notify::new(),
         up,
         iface: OnceLock::new(),
         plugins: plugins::Plugins::default(),
@@ -226,6 +266,7 @@ pub async fn run(
     };
     tokio::select! {
         _ = link::run(agent.clone(), up_rx) => {}
+        _ = signals::run(agent.clone()) => {}
         _ = reloads => {}
         _ = async {
             presence::auto_away(agent.clone(), conn.clone()).await;

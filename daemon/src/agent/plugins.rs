@@ -38,7 +38,8 @@ use super::Agent;
 const MAX_FAILURES: u32 = 10;
 
 enum Call {
-    Event(Arc<CString>),
+    /// An event, and who to tell once this plugin has handled it.
+    Event(Arc<CString>, Option<Arc<Tracker>>),
     Reload(CString),
     Stop,
 }
@@ -76,6 +77,25 @@ impl Loaded {
         tracing::error!(plugin = %self.name, "plugin disabled: {why}");
         self.set(State::Disabled(why));
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// Calls a function once every plugin an event went to has handled it
+/// (returned from `on_event`, whatever it answered). A plugin disabled
+/// before it got to the event never does: the event counts as not handled,
+/// and a durable signal is handed to the plugins again at the next start.
+pub struct Tracker {
+    left: std::sync::atomic::AtomicUsize,
+    then: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Tracker {
+    fn handled(&self) {
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1
+            && let Some(f) = self.then.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            f();
+        }
     }
 }
 
@@ -194,20 +214,53 @@ impl Plugins {
 
     /// Hands an event to every running plugin (never blocks).
     pub fn dispatch(&self, event: &Event) {
+        self.hand(event, None);
+    }
+
+    /// Hands an event to every running plugin and calls `then` once each
+    /// has handled it (see [`Tracker`]). Returns false, and never calls
+    /// `then`, if no plugin runs.
+    pub fn dispatch_tracked(&self, event: &Event, then: impl FnOnce() + Send + 'static) -> bool {
+        let t = Arc::new(Tracker {
+            // One for this call, so `then` cannot run before every plugin
+            // has the event.
+            left: std::sync::atomic::AtomicUsize::new(1),
+            then: Mutex::new(Some(Box::new(then))),
+        });
+        let handed = self.hand(event, Some(&t));
+        if handed == 0 {
+            t.then.lock().unwrap_or_else(|e| e.into_inner()).take();
+            return false;
+        }
+        t.handled();
+        true
+    }
+
+    /// Sends an event to every running plugin; returns to how many.
+    fn hand(&self, event: &Event, tracker: Option<&Arc<Tracker>>) -> usize {
         let list = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if list.is_empty() {
-            return;
+            return 0;
         }
         let Ok(json) = serde_json::to_string(event).map(|j| CString::new(j).unwrap_or_default())
         else {
-            return;
+            return 0;
         };
         let json = Arc::new(json);
+        let mut n = 0;
         for p in list.iter() {
             if let Some(tx) = p.tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                let _ = tx.send(Call::Event(json.clone()));
+                if let Some(t) = tracker {
+                    t.left.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
+                if tx.send(Call::Event(json.clone(), tracker.cloned())).is_ok() {
+                    n += 1;
+                } else if let Some(t) = tracker {
+                    t.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                }
             }
         }
+        n
     }
 
     /// Gives every running plugin its new config, then `config_reloaded`.
@@ -425,7 +478,7 @@ fn run_plugin(
     while let Ok(c) = rx.recv() {
         let (rc, msg) = match &c {
             // SAFETY: `state` came from this plugin's init; strings are valid.
-            Call::Event(json) => call(p, marker, "on_event", |err| unsafe {
+            Call::Event(json, _) => call(p, marker, "on_event", |err| unsafe {
                 (d.on_event)(state, json.as_ptr(), err)
             }),
             // SAFETY: as above.
@@ -438,6 +491,11 @@ fn run_plugin(
                 return;
             }
         };
+        // Handled, even if badly: an event a plugin fails on, panics on or
+        // hangs in is not handed to it again.
+        if let Call::Event(_, Some(t)) = &c {
+            t.handled();
+        }
         if matches!(p.state(), State::Disabled(_)) {
             // Disabled while in the call (deadline): leave its state alone.
             return;

@@ -18,6 +18,7 @@ use super::{ActionError, Agent, Up};
 use crate::protocol::{
     Contact, ContactOp, MAX_STATUS_TEXT, PresenceReport, PresenceState, Relation, valid_handle,
 };
+use crate::storage::StoreError;
 
 /// This device's presence as the person and the idle watcher left it.
 #[derive(Debug, Clone, Default)]
@@ -139,8 +140,9 @@ impl Agent {
         }
     }
 
-    /// Asks the home to change the contact list (sent when connected).
-    pub fn contact(&self, op: ContactOp, handle: &str) -> Result<(), ActionError> {
+    /// Asks the home to change the contact list: stored, and sent when
+    /// connected until the home confirms it.
+    pub async fn contact(&self, op: ContactOp, handle: &str) -> Result<(), ActionError> {
         let handle = handle.trim();
         if !valid_handle(handle) {
             return Err(ActionError::Invalid(format!(
@@ -162,7 +164,13 @@ impl Agent {
                 )));
             }
         }
-        let _ = self.up.send(Up::Contact(op, handle.to_owned()));
+        let req = super::Request::Contact {
+            op,
+            handle: handle.to_owned(),
+        };
+        let json = serde_json::to_string(&req).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.store.run(move |s| s.request(&json)).await?;
+        self.requests.notify_one();
         Ok(())
     }
 

@@ -25,7 +25,7 @@ use crate::protocol::{
     PresenceReport, PresenceState, now_ms, valid_handle, valid_id,
 };
 use crate::storage::home::{Effects, Push, SendOutcome};
-use crate::storage::{StoreError, secret_hash};
+use crate::storage::{Chain, StoreError, secret_hash};
 use crate::task::{Shutdown, on_grid};
 
 /// Pushes queued for one connection before it counts as lagging.
@@ -167,17 +167,19 @@ impl Registry {
     }
 }
 
-/// A store job's answer, once on disk.
+/// A store job's answer, once on disk. What the job caused (the
+/// recipient's event, a receipt, a forward-queue wake, new contact lists)
+/// was done at commit, on the store thread: the agent sends each of these
+/// again until it hears the answer, so a power cut that undoes the commit
+/// loses nothing.
 enum Done {
-    /// The message is on disk (or storing it failed). What it caused (the
-    /// recipient's event, a forward-queue wake) was done at commit, on the
-    /// store thread.
+    /// The message is on disk (or storing it failed).
     Accepted(MsgId, Result<SendOutcome, StoreError>),
-    /// A read mark, with what it causes: it waits for the disk, as nothing
-    /// would send it again if a power cut undid it.
-    Applied(Result<Effects, StoreError>),
-    /// A contact-list change, likewise; an error goes back to the agent.
-    Contact(String, Result<Effects, StoreError>),
+    /// A read mark (request `req`) is on disk.
+    Read(u64, Result<(), StoreError>),
+    /// A contact-list change (request `req`, about the handle); an error
+    /// goes back to the agent.
+    Contact(u64, String, Result<(), StoreError>),
 }
 type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
@@ -200,6 +202,7 @@ async fn refuse(mut link: Link<ServerTls>, code: ErrorCode, message: &str) {
             code,
             message: message.to_owned(),
             id: None,
+            req: None,
         })
         .await;
     link.close().await;
@@ -304,6 +307,8 @@ pub fn serve(
             conn: reg.id,
             sent: acked,
             peer,
+            chain: Chain::default(),
+            failure: None,
         };
         let why = Box::pin(conn.run(&mut link, reg.rx, reg.lag, reg.replaced)).await;
         home.registry.unregister(&handle, reg.id);
@@ -334,6 +339,13 @@ struct AgentConn {
     /// Highest mailbox event sent down this link.
     sent: u64,
     peer: SocketAddr,
+    /// The agent's changes (messages, read marks, contact changes) commit
+    /// in the order they came, or stop at the first that fails.
+    chain: Chain,
+    /// Why the store failed, once it did: the session then ends, and the
+    /// agent sends what it was not told is stored again, in order, on a
+    /// new one.
+    failure: Option<&'static str>,
 }
 
 impl AgentConn {
@@ -350,12 +362,8 @@ impl AgentConn {
         let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
         let why = self.run_loop(link, rx, lag, replaced, &mut pending).await;
         // Jobs still pending when the link fails have their effects all the
-        // same (a message's, at commit on the store thread; the rest here).
-        while let Some(d) = pending.next().await {
-            if let Done::Applied(Ok(fx)) | Done::Contact(_, Ok(fx)) = d {
-                self.home.apply(fx);
-            }
-        }
+        // same: at commit, on the store thread.
+        while pending.next().await.is_some() {}
         why
     }
 
@@ -448,6 +456,7 @@ impl AgentConn {
                                     code: ErrorCode::BadFrame,
                                     message: e,
                                     id: None,
+                                    req: None,
                                 })
                                 .await;
                             if bad > MAX_BAD_FRAMES {
@@ -466,6 +475,7 @@ impl AgentConn {
                                         crate::protocol::MAX_FRAME
                                     ),
                                     id: None,
+                                    req: None,
                                 })
                                 .await;
                             return "frame too large".into();
@@ -500,7 +510,33 @@ impl AgentConn {
             if let Err(e) = step {
                 return e.to_string();
             }
+            if let Some(why) = self.failure {
+                return Box::pin(self.end_after_failure(link, pending, why)).await;
+            }
         }
+    }
+
+    /// The store failed: answer what is pending (what came after the
+    /// failure is refused unrun), say when to come back, and let the agent
+    /// read all that before the link closes.
+    async fn end_after_failure(
+        &mut self,
+        link: &mut Link<ServerTls>,
+        pending: &mut FuturesOrdered<Pending>,
+        why: &'static str,
+    ) -> String {
+        while let Some(d) = pending.next().await {
+            if Box::pin(self.finish(link, d)).await.is_err() {
+                return format!("storage failure ({why}); link lost");
+            }
+        }
+        let bye = HomeFrame::Bye {
+            reconnect_after_ms: 1000 + fastrand::u64(0..1000),
+        };
+        if link.send(&bye).await.is_ok() {
+            link.linger(std::time::Duration::from_secs(2)).await;
+        }
+        format!("storage failure: {why}")
     }
 
     async fn on_frame(
@@ -563,7 +599,7 @@ impl AgentConn {
                 // The recipient gets it at commit; the sender hears
                 // "accepted" once it is on disk.
                 let home = self.home.clone();
-                let p = store.submit_then(move |s| {
+                let p = store.chain_then(&self.chain, move |s| {
                     let mut fx = Effects::default();
                     let o = s.accept_send(&msg, dest.as_deref(), &mut fx)?;
                     Ok((o, move || home.apply(fx)))
@@ -583,14 +619,14 @@ impl AgentConn {
                     Ok(move || home.apply(fx))
                 });
             }
-            AgentFrame::Read { id } => {
-                let h = self.handle.clone();
-                let p = store.submit(move |s| {
+            AgentFrame::Read { id, req } => {
+                let (h, home) = (self.handle.clone(), self.home.clone());
+                let p = store.chain_then(&self.chain, move |s| {
                     let mut fx = Effects::default();
                     s.mark_read(&h, &id, &mut fx)?;
-                    Ok(fx)
+                    Ok(((), move || home.apply(fx)))
                 });
-                pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
+                pending.push_back(Box::pin(async move { Done::Read(req, p.await) }));
             }
             AgentFrame::SetPresence { state, text } => {
                 let report = PresenceReport { state, text };
@@ -604,10 +640,12 @@ impl AgentConn {
                 h.hub
                     .device_set(&h.registry, &self.handle, &self.device, self.conn, report);
             }
-            AgentFrame::Contact { op, handle } => {
+            AgentFrame::Contact { op, handle, req } => {
                 if !valid_handle(&handle) {
                     let why = format!("{handle:?} is not a handle");
-                    return self.error(link, ErrorCode::Invalid, &why, None).await;
+                    return self
+                        .refuse_request(link, req, ErrorCode::Invalid, &why)
+                        .await;
                 }
                 let dest = self
                     .home
@@ -615,13 +653,13 @@ impl AgentConn {
                     .cached(&handle)
                     .map(|r| r.home)
                     .filter(|h| *h != self.home.cfg.name);
-                let (owner, peer) = (self.handle.clone(), handle.clone());
-                let p = store.submit(move |s| {
+                let (owner, peer, home) = (self.handle.clone(), handle.clone(), self.home.clone());
+                let p = store.chain_then(&self.chain, move |s| {
                     let mut fx = Effects::default();
                     s.contact_op(&owner, &peer, op, dest.as_deref(), &mut fx)?;
-                    Ok(fx)
+                    Ok(((), move || home.apply(fx)))
                 });
-                pending.push_back(Box::pin(async move { Done::Contact(handle, p.await) }));
+                pending.push_back(Box::pin(async move { Done::Contact(req, handle, p.await) }));
             }
             AgentFrame::PresenceOf { handle } => {
                 return match self.home.hub.presence_of(&self.handle, &handle) {
@@ -661,46 +699,44 @@ impl AgentConn {
                 tracing::debug!(handle = %self.handle, msg_id = %id, "accepted");
                 link.feed(&HomeFrame::Accepted { id }).await
             }
+            Done::Read(req, Ok(())) | Done::Contact(req, _, Ok(())) => {
+                link.feed(&HomeFrame::Done { req }).await
+            }
             Done::Accepted(id, Err(StoreError::Conflict(m))) => {
                 self.error(link, ErrorCode::Invalid, &m, Some(id)).await
             }
-            Done::Accepted(id, Err(e)) => {
-                tracing::error!(msg_id = %id, "storing a message failed: {e}");
-                self.error(
-                    link,
-                    ErrorCode::Internal,
-                    "storage failure; the agent will retry",
-                    Some(id),
-                )
-                .await
-            }
-            Done::Applied(Ok(fx)) => {
-                self.home.apply(fx);
-                Ok(())
-            }
-            Done::Applied(Err(e)) => {
-                tracing::error!(handle = %self.handle, "storage failure: {e}");
-                Ok(())
-            }
-            Done::Contact(_, Ok(fx)) => {
-                self.home.apply(fx);
-                Ok(())
-            }
-            Done::Contact(peer, Err(StoreError::Conflict(m) | StoreError::NotFound(m))) => {
+            Done::Contact(req, peer, Err(StoreError::Conflict(m) | StoreError::NotFound(m))) => {
                 let why = format!("{peer}: {m}");
-                self.error(link, ErrorCode::Invalid, &why, None).await
+                self.refuse_request(link, req, ErrorCode::Invalid, &why)
+                    .await
             }
-            Done::Contact(peer, Err(e)) => {
-                tracing::error!(handle = %self.handle, %peer, "storing a contact change failed: {e}");
-                self.error(
-                    link,
-                    ErrorCode::Internal,
-                    "storage failure; try again later",
-                    None,
-                )
-                .await
+            Done::Accepted(id, Err(e)) => {
+                let why = self.failed(&e);
+                tracing::warn!(handle = %self.handle, msg_id = %id, "storing a message failed: {e}");
+                self.error(link, ErrorCode::Internal, &why, Some(id)).await
+            }
+            Done::Read(req, Err(e)) | Done::Contact(req, _, Err(e)) => {
+                let why = self.failed(&e);
+                tracing::warn!(handle = %self.handle, req, "storing a request failed: {e}");
+                self.refuse_request(link, req, ErrorCode::Internal, &why)
+                    .await
             }
         }
+    }
+
+    /// Notes a store failure (the first one ends the session) and says
+    /// what the agent may tell the person.
+    fn failed(&mut self, e: &StoreError) -> String {
+        let cause = match e {
+            // Refused because an earlier one failed: that one's cause.
+            StoreError::Aborted => self.failure.unwrap_or("its storage failed"),
+            e => *self.failure.get_or_insert(e.client_reason()),
+        };
+        self.failure.get_or_insert(cause);
+        format!(
+            "{} cannot store it now: {cause}; it is sent again",
+            self.home.cfg.name
+        )
     }
 
     async fn error(
@@ -714,6 +750,23 @@ impl AgentConn {
             code,
             message: message.to_owned(),
             id,
+            req: None,
+        })
+        .await
+    }
+
+    async fn refuse_request(
+        &self,
+        link: &mut Link<ServerTls>,
+        req: u64,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(), LinkError> {
+        link.send(&HomeFrame::Error {
+            code,
+            message: message.to_owned(),
+            id: None,
+            req: Some(req),
         })
         .await
     }

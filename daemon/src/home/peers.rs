@@ -10,6 +10,16 @@
 //!
 //! **Architecture Invariant:** a message from `alice` is accepted from a peer
 //! only if the directory says `alice` lives on that peer.
+//!
+//! **Architecture Invariant:** items reach a peer in queue order, so each
+//! sender's messages arrive in the order they were sent. Three rules make it
+//! so: items are woken at commit, on the store thread (so in queue order);
+//! each link sends the items it was woken for in increasing order; and when
+//! two links to one peer are up (both homes dialed at once, or a new link
+//! while a dying one lingers), only the newest carries items, starting with
+//! everything still unacked. The receiver keeps the first copy of each
+//! message and processes each link in order, so a later item can never be
+//! stored before an earlier one.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -29,14 +39,19 @@ use crate::protocol::{
     ErrorCode, MAX_TEXT, NOT_ACCEPTED, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal,
     valid_handle, valid_id,
 };
-use crate::storage::StoreError;
 use crate::storage::home::{Effects, OutItem};
+use crate::storage::{Chain, StoreError};
 use crate::task::{Backoff, sleep_or_shutdown};
 
-/// A peer link silent this long is dead.
-const PEER_IDLE: Duration = Duration::from_secs(60);
+/// A peer link silent this long is dead; a write that blocks this long
+/// ends it too.
+const PEER_IDLE: Duration = Duration::from_secs(15);
 /// Ping interval on peer links.
-const PEER_PING: Duration = Duration::from_secs(15);
+const PEER_PING: Duration = Duration::from_secs(5);
+/// Longest wait between two dials of a peer that items or presence wait
+/// for: short, so that delivery resumes within seconds of a network
+/// healing (a dial also gives up after `net::CONNECT_TIMEOUT`).
+const REDIAL_MAX: Duration = Duration::from_secs(2);
 /// How often every queued item is looked at again, whatever the wakes said.
 const SWEEP: Duration = Duration::from_secs(30);
 
@@ -74,34 +89,46 @@ impl Wake {
 
 #[derive(Default)]
 struct Slot {
-    kick: Arc<Wake>,
-    /// Link actors and dialers running for this peer.
-    tasks: usize,
+    /// Links up with this peer, oldest first. The last one carries our
+    /// items; each has its own wake, so a wake meant for the carrier never
+    /// reaches a link that no longer carries.
+    links: Vec<(u64, Arc<Wake>)>,
+    /// A dialer runs for this peer.
+    dialing: bool,
+}
+
+impl Slot {
+    fn carrier(&self) -> Option<&Arc<Wake>> {
+        self.links.last().map(|(_, w)| w)
+    }
 }
 
 /// The links to other homes, by home name.
 #[derive(Default)]
 pub struct Peers {
     slots: Mutex<HashMap<String, Slot>>,
+    next_link: std::sync::atomic::AtomicU64,
 }
 
 impl Peers {
     /// Number of peer homes with a live link or dialer.
     pub fn active(&self) -> usize {
         let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        s.values().filter(|s| s.tasks > 0).count()
+        s.values()
+            .filter(|s| s.dialing || !s.links.is_empty())
+            .count()
     }
 }
 
-/// Item `n` (or, for `None`, every item) waits for `dest`: wake its link, or
-/// start dialing it.
+/// Item `n` (or, for `None`, every item) waits for `dest`: wake the link
+/// that carries items to it, or start dialing it.
 pub fn kick(home: &Arc<Home>, dest: &str, n: Option<u64>) {
     let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
     let slot = slots.entry(dest.to_owned()).or_default();
-    slot.kick.add(n);
-    if slot.tasks == 0 {
-        slot.tasks += 1;
-        tokio::spawn(dialer(home.clone(), dest.to_owned()));
+    match slot.carrier() {
+        Some(w) => w.add(n),
+        // A link that comes up sends everything queued.
+        None => start_dialer(home, slot, dest),
     }
 }
 
@@ -110,26 +137,53 @@ pub fn kick(home: &Arc<Home>, dest: &str, n: Option<u64>) {
 pub fn ensure_link(home: &Arc<Home>, dest: &str) {
     let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
     let slot = slots.entry(dest.to_owned()).or_default();
-    if slot.tasks == 0 {
-        slot.tasks += 1;
+    if slot.links.is_empty() {
+        start_dialer(home, slot, dest);
+    }
+}
+
+fn start_dialer(home: &Arc<Home>, slot: &mut Slot, dest: &str) {
+    if !slot.dialing {
+        slot.dialing = true;
         tokio::spawn(dialer(home.clone(), dest.to_owned()));
     }
 }
 
-/// Registers a task for `peer`; returns its kick.
-fn enter(home: &Home, peer: &str) -> Arc<Wake> {
+/// Registers a link with `peer`, which from now on carries our items
+/// (the one before stops); returns its id and wake.
+fn enter(home: &Home, peer: &str) -> (u64, Arc<Wake>) {
+    let id = home
+        .peers
+        .next_link
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let wake = Arc::new(Wake::default());
     let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
-    let slot = slots.entry(peer.to_owned()).or_default();
-    slot.tasks += 1;
-    slot.kick.clone()
+    slots
+        .entry(peer.to_owned())
+        .or_default()
+        .links
+        .push((id, wake.clone()));
+    (id, wake)
 }
 
-/// A task for `peer` ends; if items still wait and none is left, dial.
-async fn leave(home: &Arc<Home>, peer: &str) {
+/// Link `id` with `peer` is down. If it carried items and another link is
+/// up, that one carries them now, starting with everything queued; if none
+/// is up and items or presence wait, dial.
+async fn leave(home: &Arc<Home>, peer: &str, id: u64) {
     {
         let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = slots.get_mut(peer) {
-            s.tasks = s.tasks.saturating_sub(1);
+            let was_carrier = s.links.last().is_some_and(|(i, _)| *i == id);
+            s.links.retain(|(i, _)| *i != id);
+            if let Some(w) = s.carrier() {
+                if was_carrier {
+                    w.add(None);
+                }
+                return;
+            }
+            if s.dialing {
+                return;
+            }
         }
     }
     if home.shutdown.is_cancelled() {
@@ -145,26 +199,31 @@ async fn leave(home: &Arc<Home>, peer: &str) {
     }
 }
 
-/// Dials `dest` until a link is up, serves it, and redials while items wait.
+/// Dials `dest` until a link is up, serves it, and redials while items
+/// or presence wait for it and no other link is up.
 async fn dialer(home: Arc<Home>, dest: String) {
     let shutdown = home.shutdown.clone();
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-    let kick = {
-        let slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.get(&dest).map(|s| s.kick.clone()).unwrap_or_default()
-    };
+    let mut backoff = Backoff::new(Duration::from_millis(100), REDIAL_MAX);
     loop {
         match connect(&home, &dest).await {
             Ok(mut link) => {
                 backoff.reset();
                 tracing::info!(peer = %dest, "peer link up (dialed)");
-                let why = serve_link(&home, &mut link, &dest, &kick).await;
+                let why = serve_link(&home, &mut link, &dest).await;
                 tracing::info!(peer = %dest, "peer link down: {why}");
                 link.close().await;
             }
             Err(e) => tracing::warn!(peer = %dest, "cannot link to home: {e}"),
         }
         if sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+            break;
+        }
+        let linked = {
+            let slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.get(&dest).is_some_and(|s| !s.links.is_empty())
+        };
+        if linked {
+            // The peer dialed us meanwhile; that link serves.
             break;
         }
         if home.hub.wants_home(&dest) {
@@ -176,7 +235,21 @@ async fn dialer(home: Arc<Home>, dest: String) {
             _ => {}
         }
     }
-    leave(&home, &dest).await;
+    {
+        let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slots.get_mut(&dest) {
+            s.dialing = false;
+        }
+    }
+    // Items queued while the last try failed would wait for the sweep.
+    if !shutdown.is_cancelled() {
+        let d = dest.clone();
+        if let Ok(w) = home.store.read(move |s| s.outq(Some(&d))).await
+            && !w.is_empty()
+        {
+            kick(&home, &dest, None);
+        }
+    }
 }
 
 async fn connect(home: &Arc<Home>, dest: &str) -> Result<Link<net::ClientTls>, String> {
@@ -245,12 +318,10 @@ pub async fn serve_inbound(home: Arc<Home>, mut link: Link<ServerTls>, addr: Soc
     {
         return;
     }
-    let kick = enter(&home, &name);
     tracing::info!(peer = %name, %addr, "peer link up (accepted)");
-    let why = serve_link(&home, &mut link, &name, &kick).await;
+    let why = serve_link(&home, &mut link, &name).await;
     tracing::info!(peer = %name, "peer link down: {why}");
     link.close().await;
-    leave(&home, &name).await;
 }
 
 /// A store job's answer. What the job caused (events for our users,
@@ -267,6 +338,18 @@ type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 /// Runs one link both ways until it drops.
 async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
+    home: &Arc<Home>,
+    link: &mut Link<S>,
+    peer: &str,
+) -> String {
+    link.set_write_timeout(PEER_IDLE);
+    let (link_id, kick) = enter(home, peer);
+    let why = serve_link_as(home, link, peer, &kick).await;
+    leave(home, peer, link_id).await;
+    why
+}
+
+async fn serve_link_as<S: AsyncRead + AsyncWrite + Unpin>(
     home: &Arc<Home>,
     link: &mut Link<S>,
     peer: &str,
@@ -310,6 +393,9 @@ async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
     pl: &mut PeerLinkState<'_>,
 ) -> String {
     let mut inflight: HashSet<u64> = HashSet::new();
+    // What the peer sends us is stored in the order it came, or the link
+    // ends at the first failure.
+    let chain = Chain::default();
     let mut ping = tokio::time::interval(PEER_PING);
     let mut last_heard = Instant::now();
     // A new link sends everything queued; later wakes name new items.
@@ -363,7 +449,7 @@ async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
             r = link.recv::<PeerFrame>() => {
                 last_heard = Instant::now();
                 match r {
-                    Ok(Recv::Frame(f)) => on_frame(home, link, peer, f, pending, &mut inflight, pl.id).await,
+                    Ok(Recv::Frame(f)) => on_frame(home, link, peer, f, pending, &mut inflight, pl.id, &chain).await,
                     Ok(Recv::Bad(e)) => {
                         tracing::warn!(peer, "malformed frame from peer: {e}");
                         link.send(&PeerFrame::Error { code: ErrorCode::BadFrame, message: e }).await
@@ -375,7 +461,7 @@ async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() > PEER_IDLE {
-                    return "peer silent".into();
+                    return format!("peer silent for {}", humantime::format_duration(PEER_IDLE));
                 }
                 link.ping().await
             }
@@ -394,6 +480,7 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
     pending: &mut FuturesOrdered<Pending>,
     inflight: &mut HashSet<u64>,
     link_id: u64,
+    chain: &Chain,
 ) -> Result<(), LinkError> {
     let store = &home.store;
     match f {
@@ -405,7 +492,7 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(());
             }
             let (from_home, h) = (peer.to_owned(), home.clone());
-            let p = store.submit_then(move |s| {
+            let p = store.chain_then(chain, move |s| {
                 let mut fx = Effects::default();
                 s.contact_from_peer(&from_home, &from, &to, op, &mut fx)?;
                 Ok(((), move || h.apply(fx)))
@@ -447,7 +534,7 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             // The recipient gets it at commit; the peer's ack waits for
             // the disk.
             let (from, h) = (peer.to_owned(), home.clone());
-            let p = store.submit_then(move |s| {
+            let p = store.chain_then(chain, move |s| {
                 let mut fx = Effects::default();
                 s.accept_remote(&from, &msg, &mut fx)?;
                 Ok(((), move || h.apply(fx)))
@@ -462,7 +549,7 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
             reason,
         } => {
             let (from, h) = (peer.to_owned(), home.clone());
-            let p = store.submit_then(move |s| {
+            let p = store.chain_then(chain, move |s| {
                 let mut fx = Effects::default();
                 s.apply_receipt(&id, &to, Some(&from), state, reason.as_deref(), &mut fx)?;
                 Ok(((), move || h.apply(fx)))
@@ -570,6 +657,10 @@ async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
     if !wanted.all && wanted.ns.is_empty() {
         return Ok(());
     }
+    // In queue order: wakes come in commit order, but several may be taken
+    // at once.
+    let mut wanted = wanted;
+    wanted.ns.sort_unstable();
     let p = peer.to_owned();
     let items = home
         .store
@@ -633,11 +724,17 @@ pub async fn route(home: Arc<Home>) {
             }
         };
         // Resolve every item (cache first, then the global server), then
-        // record all the routes in one commit.
+        // record all the routes in one commit, whose wakes go out at
+        // commit, in queue order. An item that cannot be resolved yet holds
+        // back the later items for the same person, not the others.
         let mut routed: Vec<(u64, String)> = Vec::new();
         let mut unknown: Vec<u64> = Vec::new();
+        let mut held: HashSet<String> = HashSet::new();
         for (n, item) in items {
             let handle = item.dest_handle().to_owned();
+            if held.contains(&handle) {
+                continue;
+            }
             match home.dir.lookup(&handle).await {
                 Ok(Some(r)) if r.home != home.cfg.name => routed.push((n, r.home)),
                 Ok(_) => {
@@ -647,36 +744,29 @@ pub async fn route(home: Arc<Home>) {
                 Err(e) => {
                     tracing::warn!(%handle, "cannot route yet: {e}");
                     retry = Some(backoff.next_delay());
-                    break;
+                    held.insert(handle);
                 }
             }
         }
         if !routed.is_empty() || !unknown.is_empty() {
-            let r2 = routed.clone();
+            let h = home.clone();
             let r = home
                 .store
-                .run(move |s| {
+                .submit_then(move |s| {
                     let mut fx = Effects::default();
-                    for (n, dest) in &r2 {
+                    for (n, dest) in &routed {
                         s.outq_route(*n, dest)?;
+                        fx.queued.push((*n, Some(dest.clone())));
                     }
                     for n in unknown {
                         s.outq_fail(n, NOT_ACCEPTED, &mut fx)?;
                     }
-                    Ok(fx)
+                    Ok(((), move || h.apply(fx)))
                 })
                 .await;
-            match r {
-                Ok(fx) => {
-                    home.apply(fx);
-                    for (n, dest) in routed {
-                        kick(&home, &dest, Some(n));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("router: {e}");
-                    retry = Some(backoff.next_delay());
-                }
+            if let Err(e) = r {
+                tracing::error!("router: {e}");
+                retry = Some(backoff.next_delay());
             }
         }
         if retry.is_none() {

@@ -24,6 +24,16 @@ pub type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
 /// How long a TLS + WebSocket handshake may take, either side.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a dialer waits for TCP to connect. Short, so that a dial begun
+/// while the network was cut gives way soon to a fresh one once it heals
+/// (the kernel's own retries of a connection attempt come ever further
+/// apart: 1, 2, 4 s...).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long one write may block, unless a link says otherwise: a peer that
+/// takes nothing for that long is gone, whatever its keepalive would say.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Errors on a link.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -38,6 +48,8 @@ pub enum LinkError {
     Io(#[from] std::io::Error),
     #[error("timed out")]
     Timeout,
+    #[error("a write did not finish within {}: the other side takes nothing", humantime::format_duration(*.0))]
+    WriteTimeout(Duration),
     #[error("proxy: {0}")]
     Proxy(String),
     #[error("{0}")]
@@ -90,6 +102,8 @@ pub struct Link<S> {
     ws: WebSocketStream<S>,
     /// Frames were fed since the last flush.
     unflushed: bool,
+    /// Longest a write may block (see [`Link::set_write_timeout`]).
+    write_timeout: Duration,
 }
 
 impl<S> Link<S>
@@ -100,6 +114,25 @@ where
         Link {
             ws,
             unflushed: false,
+            write_timeout: WRITE_TIMEOUT,
+        }
+    }
+
+    /// Bounds every write: one that cannot finish within `d` (the other
+    /// side reads nothing, or the network dropped it silently) fails with
+    /// [`LinkError::Timeout`]. A link whose writer is stuck is found dead
+    /// this way even though its keepalive cannot run meanwhile.
+    pub fn set_write_timeout(&mut self, d: Duration) {
+        self.write_timeout = d;
+    }
+
+    async fn bounded<T>(
+        &mut self,
+        f: impl AsyncFnOnce(&mut WebSocketStream<S>) -> Result<T, tungstenite::Error>,
+    ) -> Result<T, LinkError> {
+        match tokio::time::timeout(self.write_timeout, f(&mut self.ws)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(LinkError::WriteTimeout(self.write_timeout)),
         }
     }
 
@@ -116,7 +149,7 @@ where
     }
 
     pub async fn flush(&mut self) -> Result<(), LinkError> {
-        self.ws.flush().await?;
+        self.bounded(async |ws| ws.flush().await).await?;
         self.unflushed = false;
         Ok(())
     }
@@ -128,7 +161,8 @@ where
 
     /// Queues a frame already in JSON.
     pub async fn feed_text(&mut self, text: String) -> Result<(), LinkError> {
-        self.ws.feed(WsMessage::text(text)).await?;
+        self.bounded(async |ws| ws.feed(WsMessage::text(text)).await)
+            .await?;
         self.unflushed = true;
         Ok(())
     }
@@ -140,7 +174,8 @@ where
     }
 
     pub async fn ping(&mut self) -> Result<(), LinkError> {
-        self.ws.send(WsMessage::Ping(Default::default())).await?;
+        self.bounded(async |ws| ws.send(WsMessage::Ping(Default::default())).await)
+            .await?;
         self.unflushed = false;
         Ok(())
     }
@@ -161,6 +196,21 @@ where
             Some(Ok(WsMessage::Close(_))) => Ok(Recv::Closed),
             Some(Ok(_)) => Ok(Recv::Alive),
         }
+    }
+
+    /// After a last frame that says why the link ends: reads and drops
+    /// whatever the other side still sends, until it closes or `d` passes.
+    /// Closing at once with unread input would make the kernel send a
+    /// reset, which can destroy the last frames before they are read.
+    pub async fn linger(&mut self, d: Duration) {
+        let _ = tokio::time::timeout(d, async {
+            while let Some(Ok(m)) = self.ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     /// Closes the WebSocket cleanly (best effort, bounded in time).
@@ -259,7 +309,18 @@ pub async fn dial(d: &Dial) -> Result<Link<ClientTls>, LinkError> {
     let work = async {
         let tcp = match &d.proxy {
             Some(p) => p.connect(&d.address).await?,
-            None => TcpStream::connect(&d.address).await?,
+            None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&d.address))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no TCP answer from {} within {}",
+                            d.address,
+                            humantime::format_duration(CONNECT_TIMEOUT)
+                        ),
+                    )
+                })??,
         };
         handshake(tcp, d).await
     };

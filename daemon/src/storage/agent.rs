@@ -1,27 +1,54 @@
 //! The agent's local store: history of everything sent and received, the
-//! outbox (sent messages not yet accepted by the home), and the mailbox
-//! position.
+//! outbox (sent messages not yet accepted by the home), the requests not
+//! yet confirmed by the home (read marks, contact changes), the signals not
+//! yet emitted, and the mailbox position.
+//!
+//! Commits do not wait for the disk by themselves (`synchronous = NORMAL`);
+//! a job that must be durable before its caller hears (`submit`, `run`)
+//! waits for the log's fsync, and the marks that a signal went out
+//! (`submit_lazy`) do not. A process crash loses no commit either way.
 
 use popupd_ipc::HistoryEntry;
 use rusqlite::{OptionalExtension, params};
 
-use super::{StoreError, open_sqlite, sqlite_batchable};
+use super::{Batchable, Step, StoreError, Syncer, migrate, open_sqlite, wal_syncer};
 use crate::protocol::{Delivery, Message};
 
 /// History and outbox on SQLite.
 pub struct AgentStore {
     conn: rusqlite::Connection,
+    path: std::path::PathBuf,
 }
-sqlite_batchable!(AgentStore);
+
+impl Batchable for AgentStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        super::sqlite_begin(&self.conn)
+    }
+    fn commit(&mut self) -> Result<(), StoreError> {
+        super::sqlite_commit(&self.conn)
+    }
+    fn rollback(&mut self) {
+        super::sqlite_rollback(&self.conn)
+    }
+    fn job_begin(&mut self) -> Result<(), StoreError> {
+        super::sqlite_job_begin(&self.conn)
+    }
+    fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
+        super::sqlite_job_end(&self.conn, ok)
+    }
+    fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
+        Ok(Some(wal_syncer(&self.path)?))
+    }
+}
 
 /// `in` for received messages, `out` for sent ones.
 pub const IN: &str = "in";
 pub const OUT: &str = "out";
 
-impl AgentStore {
-    pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
-        let conn = open_sqlite(path)?;
-        conn.execute_batch(
+/// The agent's schema, one step per version.
+const STEPS: &[Step] = &[
+    |c| {
+        Ok(c.execute_batch(
             "CREATE TABLE IF NOT EXISTS messages(
                 id TEXT PRIMARY KEY,
                 direction TEXT NOT NULL,
@@ -38,8 +65,41 @@ impl AgentStore {
              CREATE INDEX IF NOT EXISTS messages_queued ON messages(status) WHERE status = 'queued';
              CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS settings(k TEXT PRIMARY KEY, v TEXT NOT NULL);",
-        )?;
-        Ok(AgentStore { conn })
+        )?)
+    },
+    // Signals are emitted from a table, so a crash between storing an
+    // event and signalling it cannot lose the signal; read marks (and
+    // contact changes) wait in `requests` until the home confirms them.
+    // Read marks that version 1 sent but the home never confirmed are sent
+    // again: the home takes each once.
+    |c| {
+        Ok(c.execute_batch(
+            "CREATE TABLE signals(
+                n INTEGER PRIMARY KEY AUTOINCREMENT,
+                signal TEXT NOT NULL,
+                bus INTEGER NOT NULL DEFAULT 0,
+                plugins INTEGER NOT NULL DEFAULT 0
+             );
+             CREATE TABLE requests(
+                req INTEGER PRIMARY KEY AUTOINCREMENT,
+                request TEXT NOT NULL
+             );
+             INSERT INTO requests(request)
+                SELECT '{\"read\":\"' || id || '\"}' FROM messages
+                WHERE direction = 'in' AND status = 'read' AND read_sent = 0 ORDER BY rowid;",
+        )?)
+    },
+];
+
+impl AgentStore {
+    pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
+        let conn = open_sqlite(path)?;
+        migrate(&conn, path, STEPS)?;
+        conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        Ok(AgentStore {
+            conn,
+            path: path.to_owned(),
+        })
     }
 
     /// A setting the agent keeps across restarts (own presence).
@@ -76,11 +136,11 @@ impl AgentStore {
         Ok(())
     }
 
-    /// Messages not yet accepted by the home, oldest first.
+    /// Messages not yet accepted by the home, in the order they were queued.
     pub fn outbox(&mut self) -> Result<Vec<Message>, StoreError> {
         let mut st = self.conn.prepare_cached(
             "SELECT id, sender, recipient, text, sent_at, reply_to FROM messages
-             WHERE status = 'queued' ORDER BY sent_at, rowid",
+             WHERE status = 'queued' ORDER BY rowid",
         )?;
         let rows = st.query_map([], |r| {
             Ok(Message {
@@ -131,6 +191,20 @@ impl AgentStore {
         Ok(true)
     }
 
+    /// Says why a message is still queued (or with "" that it no longer
+    /// waits for a reason); false if it is not queued or the reason is the
+    /// same.
+    pub fn set_queued_reason(&mut self, id: &str, reason: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "UPDATE messages SET reason = ?2
+                 WHERE id = ?1 AND direction = 'out' AND status = 'queued' AND reason != ?2",
+            )?
+            .execute(params![id, reason])?
+            == 1)
+    }
+
     /// Marks a received message read; false if unknown or already read.
     pub fn mark_read(&mut self, id: &str) -> Result<bool, StoreError> {
         Ok(self.conn.execute(
@@ -139,23 +213,73 @@ impl AgentStore {
         )? == 1)
     }
 
-    /// Received messages marked read whose receipt has not been sent.
-    pub fn unsent_reads(&mut self) -> Result<Vec<String>, StoreError> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT id FROM messages WHERE direction = 'in' AND status = 'read' AND read_sent = 0",
-        )?;
-        let rows = st.query_map([], |r| r.get(0))?;
+    /// Keeps a request for the home (JSON) until it confirms it; returns
+    /// its number.
+    pub fn request(&mut self, json: &str) -> Result<u64, StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO requests(request) VALUES (?1)")?
+            .execute([json])?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    /// Requests the home has not confirmed, oldest first.
+    pub fn requests(&mut self) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT req, request FROM requests ORDER BY req")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The read receipts of `ids` went to the home.
-    pub fn reads_sent(&mut self, ids: &[String]) -> Result<(), StoreError> {
-        let mut st = self
-            .conn
-            .prepare_cached("UPDATE messages SET read_sent = 1 WHERE id = ?1")?;
-        for id in ids {
-            st.execute([id])?;
-        }
+    /// The home confirmed (or refused for good) request `req`.
+    pub fn request_done(&mut self, req: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM requests WHERE req = ?1")?
+            .execute([req as i64])?;
+        Ok(())
+    }
+
+    /// Keeps a signal (JSON) to emit; returns its number.
+    pub fn queue_signal(&mut self, json: &str) -> Result<u64, StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO signals(signal) VALUES (?1)")?
+            .execute([json])?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    /// Up to `limit` signals after `after` not yet emitted on D-Bus or not
+    /// yet handled by the plugins: (n, JSON, emitted on D-Bus, handled by
+    /// the plugins).
+    pub fn signals_after(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, bool, bool)>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT n, signal, bus, plugins FROM signals WHERE n > ?1 ORDER BY n LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![after as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, bool>(3)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Signal `n` went out on D-Bus (`bus`) or every plugin handled it
+    /// (`plugins`); a signal done both ways is forgotten.
+    pub fn signal_done(&mut self, n: u64, bus: bool, plugins: bool) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE signals SET bus = bus OR ?2, plugins = plugins OR ?3 WHERE n = ?1",
+            )?
+            .execute(params![n as i64, bus, plugins])?;
+        self.conn
+            .prepare_cached("DELETE FROM signals WHERE n = ?1 AND bus AND plugins")?
+            .execute([n as i64])?;
         Ok(())
     }
 

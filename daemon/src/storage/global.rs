@@ -2,7 +2,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{StoreError, open_sqlite, sqlite_batchable};
+use super::{Step, StoreError, migrate, open_sqlite, sqlite_batchable};
 use crate::protocol::{Route, now_ms};
 
 /// The directory on SQLite.
@@ -11,11 +11,10 @@ pub struct GlobalStore {
 }
 sqlite_batchable!(GlobalStore);
 
-impl GlobalStore {
-    pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
-        let conn = open_sqlite(path)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS homes(
+/// The directory's schema, one step per version.
+const STEPS: &[Step] = &[|c| {
+    Ok(c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS homes(
                 name TEXT PRIMARY KEY,
                 address TEXT NOT NULL,
                 seen_at INTEGER NOT NULL
@@ -25,7 +24,13 @@ impl GlobalStore {
                 home TEXT NOT NULL,
                 registered_at INTEGER NOT NULL
              ) WITHOUT ROWID;",
-        )?;
+    )?)
+}];
+
+impl GlobalStore {
+    pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
+        let conn = open_sqlite(path)?;
+        migrate(&conn, path, STEPS)?;
         Ok(GlobalStore { conn })
     }
 

@@ -21,8 +21,8 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Batchable, Checkpointer, StoreError, Syncer, open_sqlite, sqlite_begin, sqlite_commit,
-    sqlite_job_begin, sqlite_job_end, sqlite_rollback,
+    Batchable, Checkpointer, Step, StoreError, Syncer, migrate, open_sqlite, sqlite_begin,
+    sqlite_commit, sqlite_job_begin, sqlite_job_end, sqlite_rollback, wal_syncer,
 };
 use crate::protocol::{ContactOp, Delivery, Event, Message, MsgId, NOT_ACCEPTED, Relation, now_ms};
 
@@ -232,10 +232,11 @@ pub trait HomeStore: super::Batchable {
 pub struct SqliteHome {
     conn: rusqlite::Connection,
     checkpoints: Checkpointer,
-    /// The write-ahead log, which the [`Syncer`] fsyncs: commits here do not
-    /// wait for the disk themselves (`synchronous = NORMAL`), so that a new
-    /// message can reach its recipient while the disk catches up.
-    wal_path: std::path::PathBuf,
+    /// The database file. Its write-ahead log is what the [`Syncer`]
+    /// fsyncs: commits here do not wait for the disk themselves
+    /// (`synchronous = NORMAL`), so that a new message can reach its
+    /// recipient while the disk catches up.
+    path: std::path::PathBuf,
 }
 
 impl Batchable for SqliteHome {
@@ -260,15 +261,7 @@ impl Batchable for SqliteHome {
         self.checkpoints.idle(&self.conn);
     }
     fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
-        // SQLite keeps the log file while a connection is open (the
-        // checkpointer's, at least), so one handle serves for good.
-        let wal = std::fs::File::open(&self.wal_path)
-            .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", self.wal_path.display())))?;
-        let path = self.wal_path.clone();
-        Ok(Some(Box::new(move || {
-            wal.sync_data()
-                .map_err(|e| StoreError::Db(format!("fsync {}: {e}", path.display())))
-        })))
+        Ok(Some(wal_syncer(&self.path)?))
     }
 }
 
@@ -330,18 +323,37 @@ CREATE TABLE IF NOT EXISTS contacts(
 CREATE INDEX IF NOT EXISTS contacts_peer_home ON contacts(owner, peer_home, relation);
 ";
 
+/// The home's schema, one step per version.
+const STEPS: &[Step] = &[
+    |c| Ok(c.execute_batch(SCHEMA)?),
+    // The forward queue names each item's recipient, so a new item can
+    // wait behind an unrouted one for the same person (per-sender order).
+    |c| {
+        c.execute_batch("ALTER TABLE outq ADD COLUMN handle TEXT")?;
+        let items: Vec<(i64, String)> = c
+            .prepare("SELECT n, item FROM outq")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut st = c.prepare("UPDATE outq SET handle = ?2 WHERE n = ?1")?;
+        for (n, json) in items {
+            if let Ok(item) = serde_json::from_str::<OutItem>(&json) {
+                st.execute(params![n, item.dest_handle()])?;
+            }
+        }
+        Ok(())
+    },
+];
+
 impl SqliteHome {
     pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
         let conn = open_sqlite(path)?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&conn, path, STEPS)?;
         conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         let checkpoints = Checkpointer::spawn(&conn, path)?;
-        let mut wal_path = path.as_os_str().to_owned();
-        wal_path.push("-wal");
         Ok(SqliteHome {
             conn,
             checkpoints,
-            wal_path: wal_path.into(),
+            path: path.to_owned(),
         })
     }
 
@@ -384,9 +396,24 @@ impl SqliteHome {
         fx: &mut Effects,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(item).map_err(|e| StoreError::Db(e.to_string()))?;
+        let handle = item.dest_handle();
+        // Items for one person leave in the order they were queued: while
+        // an earlier one waits for the router, a new one with a known
+        // route waits too, and the router routes both in order.
+        let dest = match dest {
+            Some(d)
+                if !self
+                    .conn
+                    .prepare_cached("SELECT 1 FROM outq WHERE dest IS NULL AND handle = ?1")?
+                    .exists([handle])? =>
+            {
+                Some(d)
+            }
+            _ => None,
+        };
         self.conn
-            .prepare_cached("INSERT INTO outq(dest, item) VALUES (?1, ?2)")?
-            .execute(params![dest, json])?;
+            .prepare_cached("INSERT INTO outq(dest, handle, item) VALUES (?1, ?2, ?3)")?
+            .execute(params![dest, handle, json])?;
         fx.queued.push((
             self.conn.last_insert_rowid() as u64,
             dest.map(str::to_owned),

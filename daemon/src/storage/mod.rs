@@ -49,8 +49,14 @@ use tokio::sync::oneshot;
 pub enum StoreError {
     #[error("database: {0}")]
     Db(String),
+    /// The disk (or the file system's quota) has no room for the change.
+    #[error("database: the disk is full: {0}")]
+    Full(String),
     #[error("storage thread has stopped")]
     Closed,
+    /// Not run: an earlier job of the same [`Chain`] failed.
+    #[error("not stored: an earlier change on this connection failed")]
+    Aborted,
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -60,9 +66,53 @@ pub enum StoreError {
     NotAccepted,
 }
 
+impl StoreError {
+    /// Whether the store failed (and the same change may work later), as
+    /// opposed to answering that the change is wrong.
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(_) | StoreError::Full(_) | StoreError::Closed | StoreError::Aborted
+        )
+    }
+
+    /// What a client may be told of a failure: the cause in a few words,
+    /// without the database's own text.
+    pub fn client_reason(&self) -> &'static str {
+        match self {
+            StoreError::Full(_) => "its disk is full",
+            StoreError::Closed => "it is shutting down",
+            _ => "its storage failed",
+        }
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Db(e.to_string())
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
+            _ => StoreError::Db(e.to_string()),
+        }
+    }
+}
+
+/// Jobs that must take effect in the order they were submitted, or not at
+/// all: once one fails for want of the store ([`StoreError::is_failure`]),
+/// the store refuses every later job of the chain unrun, with
+/// [`StoreError::Aborted`]. Without it, a job that fails (a full disk) and
+/// a later one that succeeds (space came back) would commit out of order
+/// once the first is sent again. One chain per connection: the connection
+/// ends after a failure and the other side resends, in order, on a new one.
+#[derive(Clone, Default)]
+pub struct Chain(Arc<AtomicBool>);
+
+impl Chain {
+    /// Whether a job of this chain failed.
+    pub fn is_broken(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+    fn break_it(&self) {
+        self.0.store(true, Ordering::Release)
     }
 }
 
@@ -128,12 +178,17 @@ type Then = Box<dyn FnOnce() + Send>;
 
 struct Job<S> {
     when: When,
-    run: Box<dyn FnOnce(&mut S) -> Ran + Send>,
+    chain: Option<Chain>,
+    /// Runs the job; with `false` (its chain is broken) it only reports
+    /// [`StoreError::Aborted`].
+    run: Box<dyn FnOnce(&mut S, bool) -> Ran + Send>,
 }
 
 /// A job that has run, its batch not yet committed.
 struct Ran {
     ok: bool,
+    /// It failed for want of the store ([`StoreError::is_failure`]).
+    failed: bool,
     then: Option<Then>,
     done: Completion,
 }
@@ -250,7 +305,7 @@ impl<S: Batchable + 'static> Batcher<S> {
         R: Send + 'static,
         F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
     {
-        self.queue(When::OnDisk, move |s| f(s).map(|r| (r, None)))
+        self.queue(When::OnDisk, None, move |s| f(s).map(|r| (r, None)))
     }
 
     /// Like [`submit`](Self::submit), but `f` also returns work for the
@@ -262,7 +317,20 @@ impl<S: Batchable + 'static> Batcher<S> {
         T: FnOnce() + Send + 'static,
         F: FnOnce(&mut S) -> Result<(R, T), StoreError> + Send + 'static,
     {
-        self.queue(When::OnDisk, move |s| {
+        self.queue(When::OnDisk, None, move |s| {
+            f(s).map(|(r, then)| (r, Some(Box::new(then) as Then)))
+        })
+    }
+
+    /// Like [`submit_then`](Self::submit_then), as a link of `chain`: not
+    /// run if an earlier job of the chain failed.
+    pub fn chain_then<R, T, F>(&self, chain: &Chain, f: F) -> Pending<R>
+    where
+        R: Send + 'static,
+        T: FnOnce() + Send + 'static,
+        F: FnOnce(&mut S) -> Result<(R, T), StoreError> + Send + 'static,
+    {
+        self.queue(When::OnDisk, Some(chain.clone()), move |s| {
             f(s).map(|(r, then)| (r, Some(Box::new(then) as Then)))
         })
     }
@@ -275,7 +343,7 @@ impl<S: Batchable + 'static> Batcher<S> {
         R: Send + 'static,
         F: FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
     {
-        self.queue(When::Lazy, move |s| f(s).map(|r| (r, None)))
+        self.queue(When::Lazy, None, move |s| f(s).map(|r| (r, None)))
     }
 
     /// Queues `f`, lazy as with [`submit_lazy`](Self::submit_lazy), and
@@ -287,7 +355,7 @@ impl<S: Batchable + 'static> Batcher<S> {
         T: FnOnce() + Send + 'static,
         F: FnOnce(&mut S) -> Result<T, StoreError> + Send + 'static,
     {
-        self.queue(When::Lazy, move |s| {
+        self.queue(When::Lazy, None, move |s| {
             f(s).map(|then| ((), Some(Box::new(then) as Then)))
         })
     }
@@ -304,24 +372,31 @@ impl<S: Batchable + 'static> Batcher<S> {
         self.submit_lazy(f).await
     }
 
-    fn queue<R, F>(&self, when: When, f: F) -> Pending<R>
+    fn queue<R, F>(&self, when: When, chain: Option<Chain>, f: F) -> Pending<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut S) -> Result<(R, Option<Then>), StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let run = Box::new(move |s: &mut S| {
-            let (r, then) = match f(s) {
+        let run = Box::new(move |s: &mut S, go: bool| {
+            let ran = if go { f(s) } else { Err(StoreError::Aborted) };
+            let (r, then) = match ran {
                 Ok((r, then)) => (Ok(r), then),
                 Err(e) => (Err(e), None),
             };
             let ok = r.is_ok();
+            let failed = r.as_ref().is_err_and(StoreError::is_failure);
             let done: Completion = Box::new(move |commit| {
                 let _ = tx.send(commit.and(r));
             });
-            Ran { ok, then, done }
+            Ran {
+                ok,
+                failed,
+                then,
+                done,
+            }
         });
-        let job = Job { when, run };
+        let job = Job { when, chain, run };
         // If the thread is gone, the job (and its sender) is dropped and the
         // receiver reports Closed.
         let _ = self.tx.send(job);
@@ -345,19 +420,36 @@ type Batch = (Result<(), StoreError>, Vec<Then>, Vec<(When, Completion)>);
 /// Runs a batch in one transaction.
 fn run_batch<S: Batchable>(store: &mut S, batch: Vec<Job<S>>) -> Batch {
     if let Err(e) = store.begin() {
-        // Run nothing; the dropped jobs tell their callers.
+        // Run nothing: every job hears the error, and its chain breaks.
         tracing::error!("storage: cannot begin a transaction: {e}");
-        return (Err(e), Vec::new(), Vec::new());
+        let done = batch
+            .into_iter()
+            .map(|job| {
+                if let Some(c) = &job.chain {
+                    c.break_it();
+                }
+                (job.when, (job.run)(store, false).done)
+            })
+            .collect();
+        return (Err(e), Vec::new(), done);
     }
     let mut thens = Vec::new();
     let mut done = Vec::with_capacity(batch.len());
+    let mut chains = Vec::new();
     for job in batch {
+        let go = !job.chain.as_ref().is_some_and(Chain::is_broken);
         if let Err(e) = store.job_begin() {
             tracing::error!("storage: savepoint: {e}");
         }
-        let ran = (job.run)(store);
+        let ran = (job.run)(store, go);
         if let Err(e) = store.job_end(ran.ok) {
             tracing::error!("storage: release savepoint: {e}");
+        }
+        if let Some(c) = job.chain {
+            if ran.failed {
+                c.break_it();
+            }
+            chains.push(c);
         }
         thens.extend(ran.then);
         done.push((job.when, ran.done));
@@ -366,6 +458,11 @@ fn run_batch<S: Batchable>(store: &mut S, batch: Vec<Job<S>>) -> Batch {
     if let Err(e) = &commit {
         tracing::error!("storage: commit failed: {e}");
         store.rollback();
+        // Before the next batch runs: a later job of these chains must
+        // not commit where this one did not.
+        for c in chains {
+            c.break_it();
+        }
     }
     (commit, thens, done)
 }
@@ -416,6 +513,67 @@ pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, Store
          PRAGMA foreign_keys = ON;",
     )?;
     Ok(c)
+}
+
+/// One step of a store's schema: brings a database from the version before
+/// it to its own. Step `i` of a list (from 0) makes version `i + 1`.
+pub(crate) type Step = fn(&rusqlite::Connection) -> Result<(), StoreError>;
+
+/// Brings the database `conn` (the file `path`) up to the last of `steps`,
+/// using SQLite's `user_version` as the schema version. Each step runs in a
+/// transaction of its own with the version it makes, so a crash midway
+/// leaves a database a restart upgrades. Databases made before versions were
+/// kept have version 0, and the first step of each store creates its tables
+/// only if they do not exist. A database from a newer popupd is refused.
+pub(crate) fn migrate(
+    conn: &rusqlite::Connection,
+    path: &std::path::Path,
+    steps: &[Step],
+) -> Result<(), StoreError> {
+    let have: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let want = steps.len() as i64;
+    if have > want {
+        return Err(StoreError::Db(format!(
+            "{} has schema version {have}, newer than this popupd knows ({want}): run the popupd that made it, or a newer one",
+            path.display()
+        )));
+    }
+    for (i, step) in steps.iter().enumerate().skip(have as usize) {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let r = step(conn).and_then(|()| {
+            conn.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+            Ok(conn.execute_batch("COMMIT")?)
+        });
+        if let Err(e) = r {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(StoreError::Db(format!(
+                "upgrading {} to schema version {}: {e}",
+                path.display(),
+                i + 1
+            )));
+        }
+        if have > 0 || i > 0 {
+            tracing::info!(file = %path.display(), version = i + 1, "database schema upgraded");
+        }
+    }
+    Ok(())
+}
+
+/// A [`Syncer`] for a WAL database whose commits do not wait for the disk
+/// (`synchronous = NORMAL`): it fsyncs the log, which holds every commit
+/// not yet checkpointed (a checkpoint syncs the log before it copies).
+pub(crate) fn wal_syncer(db: &std::path::Path) -> Result<Syncer, StoreError> {
+    let mut path = db.as_os_str().to_owned();
+    path.push("-wal");
+    let path = std::path::PathBuf::from(path);
+    // SQLite keeps the log file while a connection is open, so one handle
+    // serves for good.
+    let wal = std::fs::File::open(&path)
+        .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", path.display())))?;
+    Ok(Box::new(move || {
+        wal.sync_data()
+            .map_err(|e| StoreError::Db(format!("fsync {}: {e}", path.display())))
+    }))
 }
 
 /// Moves a busy WAL database's checkpoints off its storage thread.

@@ -13,7 +13,7 @@ use serde_json::json;
 ///
 /// Exit codes: 0 done; 1 refused by the agent (bad argument, unknown id) or
 /// not connected (status); 2 bad command line; 3 no agent on the bus;
-/// 4 --wait: failed or timed out.
+/// 4 --wait: failed or timed out; 5 the agent did not answer in time.
 #[derive(Parser)]
 #[command(name = "popupctl", version, about)]
 struct Cli {
@@ -157,7 +157,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long any one call to the agent may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn explain(e: &anyhow::Error) -> (i32, String) {
+    let timed_out = match e.downcast_ref::<zbus::Error>() {
+        Some(zbus::Error::InputOutput(io)) => io.kind() == std::io::ErrorKind::TimedOut,
+        _ => e.downcast_ref::<tokio::time::error::Elapsed>().is_some(),
+    };
+    if timed_out {
+        return (
+            exit::NO_ANSWER,
+            format!(
+                "the agent did not answer within {}: it may be stuck (see `journalctl --user -u popupd-agent`)",
+                humantime::format_duration(CALL_TIMEOUT)
+            ),
+        );
+    }
     if let Some(zbus::Error::MethodError(name, msg, _)) = e.downcast_ref::<zbus::Error>() {
         let name = name.as_str();
         if name == "org.freedesktop.DBus.Error.ServiceUnknown"
@@ -183,11 +199,16 @@ fn explain(e: &anyhow::Error) -> (i32, String) {
     (exit::REFUSED, format!("{e:#}"))
 }
 
+/// Connects to the bus. Every call made on the connection fails after
+/// [`CALL_TIMEOUT`] rather than wait for an agent that does not answer.
 async fn connect(bus: Option<&str>) -> anyhow::Result<zbus::Connection> {
-    Ok(match bus {
-        Some(a) => zbus::connection::Builder::address(a).build().await?,
-        None => zbus::Connection::session().await?,
-    })
+    let builder = match bus {
+        Some(a) => zbus::connection::Builder::address(a),
+        None => zbus::connection::Builder::session(),
+    };
+    let conn =
+        tokio::time::timeout(CALL_TIMEOUT, builder.method_timeout(CALL_TIMEOUT).build()).await??;
+    Ok(conn)
 }
 
 fn time(ms: i64) -> String {
@@ -197,7 +218,11 @@ fn time(ms: i64) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     let conn = connect(cli.bus.as_deref()).await?;
-    let agent = Agent1Proxy::new(&conn).await?;
+    // No property cache: it would subscribe to changes nobody reads.
+    let agent = Agent1Proxy::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
     let json = cli.json;
     match cli.cmd {
         Cmd::Send {
@@ -206,8 +231,6 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             wait,
             timeout,
         } => {
-            // Subscribe before sending so no status change is missed.
-            let mut changes = agent.receive_message_status_changed().await?;
             let id = agent.send(&to, &text.join(" ")).await?;
             if json {
                 println!("{}", json!({ "id": id }));
@@ -223,18 +246,34 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .position(|x| *x == s)
             };
             let want_rank = rank(&want);
+            // Only this message's changes (the bus filters them), and then
+            // what it has reached already: nothing is missed, and a burst
+            // of other messages' signals cannot fill the connection's queue.
+            let mut changes = agent
+                .receive_message_status_changed_with_args(&[(0, id.as_str())])
+                .await?;
+            let now = agent.message(&id).await?;
+            let reached = |status: &str, reason: &str| {
+                if status == "failed" {
+                    eprintln!("popupctl: {id} failed: {reason}");
+                    Some(exit::NOT_DELIVERED)
+                } else if rank(status) >= want_rank {
+                    Some(exit::OK)
+                } else {
+                    None
+                }
+            };
+            if let Some(code) = reached(&now.status, &now.reason) {
+                return Ok(code);
+            }
             let waited = tokio::time::timeout(timeout, async {
                 while let Some(sig) = changes.next().await {
                     let Ok(a) = sig.args() else { continue };
                     if a.id != id {
                         continue;
                     }
-                    if a.status == "failed" {
-                        eprintln!("popupctl: {id} failed: {}", a.reason);
-                        return exit::NOT_DELIVERED;
-                    }
-                    if rank(a.status) >= want_rank {
-                        return exit::OK;
+                    if let Some(code) = reached(a.status, a.reason) {
+                        return code;
                     }
                 }
                 exit::NOT_DELIVERED
