@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+
+pub mod faults;
+pub mod netns;
 use futures_util::StreamExt;
 use popupd_ipc::Agent1Proxy;
 
@@ -244,6 +247,55 @@ pub struct Network {
     pub home_addrs: Vec<String>,
 }
 
+/// Where the servers of a test network listen and how they reach each
+/// other; the default puts everything on 127.0.0.1.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// The homes' `idle_timeout`.
+    pub idle_timeout: String,
+    /// The address the global server listens on.
+    pub global_ip: String,
+    /// Home A, then home B.
+    pub homes: [HomeLayout; 2],
+}
+
+/// Where one home of a test network runs.
+#[derive(Clone, Debug)]
+pub struct HomeLayout {
+    /// The address it listens on.
+    pub listen_ip: String,
+    /// The address others dial (its `public_address`).
+    pub public_ip: String,
+    /// The address at which it dials the global server.
+    pub global_ip: String,
+    /// A command its process runs under (e.g. `ip netns exec NS`).
+    pub prefix: Vec<String>,
+    /// Its data folder, if not under the network's folder.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for HomeLayout {
+    fn default() -> Self {
+        HomeLayout {
+            listen_ip: "127.0.0.1".into(),
+            public_ip: "127.0.0.1".into(),
+            global_ip: "127.0.0.1".into(),
+            prefix: Vec::new(),
+            data_dir: None,
+        }
+    }
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            idle_timeout: "10s".into(),
+            global_ip: "127.0.0.1".into(),
+            homes: Default::default(),
+        }
+    }
+}
+
 impl Network {
     pub async fn start(dir: &Path) -> anyhow::Result<Network> {
         Network::start_with(dir, "10s").await
@@ -252,6 +304,18 @@ impl Network {
     /// Like `start`, with the homes' `idle_timeout` (benchmarks hold idle
     /// agents that ping at the agent's default 25 s).
     pub async fn start_with(dir: &Path, idle_timeout: &str) -> anyhow::Result<Network> {
+        Network::start_laid_out(
+            dir,
+            Layout {
+                idle_timeout: idle_timeout.into(),
+                ..Layout::default()
+            },
+        )
+        .await
+    }
+
+    /// A network laid out as `layout` says.
+    pub async fn start_laid_out(dir: &Path, layout: Layout) -> anyhow::Result<Network> {
         let pki = dir.join("pki");
         let pki_s = pki.to_str().context("utf-8 path")?;
         let out = popupd(&["ca", "init", "--dir", pki_s]);
@@ -268,11 +332,13 @@ impl Network {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let global_addr = format!("127.0.0.1:{}", free_port());
+        let global_port = free_port();
+        let global_addr = format!("127.0.0.1:{global_port}");
         std::fs::write(
             dir.join("global.yaml"),
             format!(
-                "global:\n  name: global.test\n  listen: {global_addr}\n  cert: pki/global.test.crt\n  key: pki/global.test.key\n  ca: pki/ca.crt\n  data_dir: data/global\n"
+                "global:\n  name: global.test\n  listen: {}:{global_port}\n  cert: pki/global.test.crt\n  key: pki/global.test.key\n  ca: pki/ca.crt\n  data_dir: data/global\n",
+                layout.global_ip
             ),
         )?;
         let global = Proc::spawn(
@@ -288,23 +354,33 @@ impl Network {
         let mut homes = Vec::new();
         let mut home_addrs = Vec::new();
         for (i, name) in [HOME_A, HOME_B].iter().enumerate() {
-            let addr = format!("127.0.0.1:{}", free_port());
+            let h = &layout.homes[i];
+            let port = free_port();
             let file = dir.join(format!("home{i}.yaml"));
+            let data_dir = h
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("data/{name}")));
             std::fs::write(
                 &file,
                 format!(
-                    "home:\n  name: {name}\n  listen: {addr}\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: data/{name}\n  idle_timeout: {idle_timeout}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{global_addr}\"\n"
+                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}:{port}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n",
+                    h.listen_ip,
+                    h.public_ip,
+                    data_dir.display(),
+                    layout.idle_timeout,
+                    h.global_ip,
                 ),
             )?;
-            homes.push(Proc::spawn(
-                &[
-                    bin("popupd").display().to_string(),
-                    "run".into(),
-                    "-c".into(),
-                    file.display().to_string(),
-                ],
-                &dir.join(format!("home{i}.log")),
-            )?);
+            let mut argv: Vec<String> = h.prefix.clone();
+            argv.extend([
+                bin("popupd").display().to_string(),
+                "run".into(),
+                "-c".into(),
+                file.display().to_string(),
+            ]);
+            homes.push(Proc::spawn(&argv, &dir.join(format!("home{i}.log")))?);
+            let addr = format!("{}:{port}", h.public_ip);
             wait_port(&addr).await?;
             home_addrs.push(addr);
         }

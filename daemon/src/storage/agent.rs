@@ -337,3 +337,86 @@ fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryEntry> {
         reason: r.get(7)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("popupd-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_database_of_the_first_schema_is_upgraded_without_loss() {
+        let d = dir("upgrade");
+        let path = d.join("a.sqlite");
+        {
+            // As popupd made it before schema versions: version 0.
+            let c = rusqlite::Connection::open(&path).unwrap();
+            STEPS[0](&c).unwrap();
+            c.execute_batch(
+                "INSERT INTO messages(id, direction, sender, recipient, text, sent_at, status, read_sent)
+                 VALUES ('m1', 'in', 'bob', 'alice', 'hi', 1, 'read', 0),
+                        ('m2', 'in', 'bob', 'alice', 'hey', 2, 'read', 1),
+                        ('m3', 'out', 'alice', 'bob', 'yo', 3, 'queued', 0);
+                 INSERT INTO meta(k, v) VALUES ('last_seq', 7);",
+            )
+            .unwrap();
+        }
+        let mut s = AgentStore::open(&path).unwrap();
+        assert_eq!(s.last_seq().unwrap(), 7);
+        assert_eq!(s.history("", 10).unwrap().len(), 3);
+        assert_eq!(s.outbox().unwrap()[0].id, "m3");
+        // The read mark the home never confirmed is sent again; the
+        // confirmed one is not.
+        let reqs = s.requests().unwrap();
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0].1, r#"{"read":"m1"}"#);
+        let v: i64 = s
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, STEPS.len() as i64);
+        drop(s);
+        // Opening again changes nothing.
+        let mut s = AgentStore::open(&path).unwrap();
+        assert_eq!(s.requests().unwrap().len(), 1);
+        drop(s);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn signals_stay_until_done_both_ways_and_requests_until_confirmed() {
+        let d = dir("signals");
+        let mut s = AgentStore::open(&d.join("a.sqlite")).unwrap();
+        let n1 = s.queue_signal("one").unwrap();
+        let n2 = s.queue_signal("two").unwrap();
+        assert!(n2 > n1);
+        s.signal_done(n1, true, false).unwrap();
+        let left = s.signals_after(0, 10).unwrap();
+        assert_eq!(
+            left,
+            vec![
+                (n1, "one".into(), true, false),
+                (n2, "two".into(), false, false)
+            ]
+        );
+        s.signal_done(n1, false, true).unwrap();
+        assert_eq!(
+            s.signals_after(0, 10).unwrap().len(),
+            1,
+            "done both ways: gone"
+        );
+        assert!(s.signals_after(n2, 10).unwrap().is_empty());
+
+        let r1 = s.request("a").unwrap();
+        let r2 = s.request("b").unwrap();
+        s.request_done(r1).unwrap();
+        assert_eq!(s.requests().unwrap(), vec![(r2, "b".to_string())]);
+        drop(s);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

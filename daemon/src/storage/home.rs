@@ -1259,6 +1259,80 @@ mod tests {
     }
 
     #[test]
+    fn a_message_with_a_known_route_waits_behind_an_unrouted_one_for_the_same_person() {
+        let (mut s, dir) = store("order");
+        s.begin().unwrap();
+        s.add_user("alice").unwrap();
+        let mut fx = Effects::default();
+        // The first waits for the router; the second's route is cached.
+        s.accept_send(
+            &msg("00000000-0000-7000-8000-000000000001", "alice", "bob"),
+            None,
+            &mut fx,
+        )
+        .unwrap();
+        s.accept_send(
+            &msg("00000000-0000-7000-8000-000000000002", "alice", "bob"),
+            Some("home-b"),
+            &mut fx,
+        )
+        .unwrap();
+        // Another person's route is used at once.
+        s.accept_send(
+            &msg("00000000-0000-7000-8000-000000000003", "alice", "carol"),
+            Some("home-b"),
+            &mut fx,
+        )
+        .unwrap();
+        let unrouted: Vec<u64> = s.outq(None).unwrap().into_iter().map(|i| i.0).collect();
+        assert_eq!(unrouted.len(), 2, "bob's second message waits too");
+        assert_eq!(s.outq(Some("home-b")).unwrap().len(), 1);
+        assert_eq!(
+            fx.queued.iter().map(|q| q.1.is_some()).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+        s.commit().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_database_of_the_first_schema_is_upgraded_without_loss() {
+        let dir = std::env::temp_dir().join(format!("popupd-home-upgrade-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("home.sqlite");
+        {
+            // As popupd made it before schema versions: version 0.
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch("PRAGMA journal_mode = WAL").unwrap();
+            STEPS[0](&c).unwrap();
+            let item = serde_json::to_string(&OutItem::Deliver(msg("m1", "alice", "bob"))).unwrap();
+            c.execute(
+                "INSERT INTO outq(dest, item) VALUES (NULL, ?1), ('home-b', ?1)",
+                [item],
+            )
+            .unwrap();
+            c.execute_batch("INSERT INTO users(handle, created_at) VALUES ('alice', 1)")
+                .unwrap();
+        }
+        let mut s = SqliteHome::open(&path).unwrap();
+        assert_eq!(s.all_handles().unwrap(), ["alice"]);
+        assert_eq!(s.outq(None).unwrap().len(), 1);
+        assert_eq!(s.outq(Some("home-b")).unwrap().len(), 1);
+        let handles: Vec<String> = s
+            .conn
+            .prepare("SELECT handle FROM outq ORDER BY n")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(handles, ["bob", "bob"], "each item names its recipient");
+        drop(s);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn prune_forgets_old_records_only() {
         let (mut s, dir) = store("prune");
         s.begin().unwrap();

@@ -925,6 +925,64 @@ mod tests {
         assert!(syncs.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     }
 
+    /// A store whose commits fail while `full` is set.
+    struct Flaky {
+        full: Arc<AtomicBool>,
+    }
+
+    impl Batchable for Flaky {
+        fn begin(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn commit(&mut self) -> Result<(), StoreError> {
+            if self.full.load(Ordering::SeqCst) {
+                Err(StoreError::Full("no room".into()))
+            } else {
+                Ok(())
+            }
+        }
+        fn rollback(&mut self) {}
+        fn job_begin(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn job_end(&mut self, _: bool) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_failure_the_rest_of_a_chain_is_refused_unrun() {
+        let full = Arc::new(AtomicBool::new(false));
+        let b = Batcher::spawn("chain", Flaky { full: full.clone() }).unwrap();
+        let chain = Chain::default();
+        let other = Chain::default();
+        // A job's own failure breaks its chain; an answer (a refusal) does not.
+        let refused = b.chain_then(&chain, |_| Err::<((), fn()), _>(StoreError::NotAccepted));
+        assert_eq!(wait(refused).await, Err(StoreError::NotAccepted));
+        assert!(!chain.is_broken());
+        let failed = b.chain_then(&chain, |_| {
+            Err::<((), fn()), _>(StoreError::Db("io".into()))
+        });
+        let (ran_tx, ran) = std::sync::mpsc::channel();
+        let after = b.chain_then(&chain, move |_| {
+            ran_tx.send(()).unwrap();
+            Ok(((), || {}))
+        });
+        assert!(wait(failed).await.is_err());
+        assert_eq!(wait(after).await, Err(StoreError::Aborted));
+        assert!(ran.try_recv().is_err(), "refused unrun");
+        // A failed commit breaks the chains of every job in it, before the
+        // next batch runs, even if that one would commit.
+        full.store(true, Ordering::SeqCst);
+        let lost = b.chain_then(&other, |_| Ok(((), || {})));
+        assert!(matches!(wait(lost).await, Err(StoreError::Full(_))));
+        full.store(false, Ordering::SeqCst);
+        let later = b.chain_then(&other, |_| Ok(((), || {})));
+        assert_eq!(wait(later).await, Err(StoreError::Aborted));
+        // Other jobs are not held up.
+        assert_eq!(wait(b.submit(|_| Ok(5))).await, Ok(5));
+    }
+
     #[tokio::test]
     async fn a_failed_job_leaves_no_work_and_the_rest_is_done_in_commit_order() {
         let (tx, rx) = std::sync::mpsc::channel();

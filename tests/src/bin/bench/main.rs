@@ -29,6 +29,7 @@ use popupd::net::{self, Dial, Recv, tls};
 use popupd::protocol::{AGENT_PATH, AgentFrame, Event, HomeFrame, PROTOCOL_VERSION, new_id};
 use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, secret_of};
 
+mod faults;
 mod offline;
 mod presence;
 mod report;
@@ -52,6 +53,8 @@ struct Args {
     only: Option<String>,
     /// `--messages` was given (offline defaults to 20,000 otherwise).
     messages_set: bool,
+    /// Fault rounds per process.
+    rounds: usize,
     json: Option<std::path::PathBuf>,
 }
 
@@ -69,6 +72,7 @@ fn parse_args() -> anyhow::Result<Args> {
         contacts: 50,
         only: None,
         messages_set: false,
+        rounds: 100,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -96,17 +100,18 @@ fn parse_args() -> anyhow::Result<Args> {
                     .collect::<Result<_, _>>()?;
             }
             "--users" => a.users = v()?.parse()?,
+            "--rounds" => a.rounds = v()?.parse()?,
             "--contacts" => a.contacts = v()?.parse()?,
-            "throughput" | "latency" | "agent" | "idle" | "presence" | "offline" | "storm" => {
-                a.only = Some(k)
-            }
+            "throughput" | "latency" | "agent" | "idle" | "presence" | "offline" | "storm"
+            | "faults" => a.only = Some(k),
             "-h" | "--help" => {
                 println!(
-                    "popupd-bench [throughput|latency|agent|idle|presence|offline|storm] [--connections 1000,5000,18500] [--senders N] [--recipients N] [--messages N] [--rate PER_S] [--seconds S] [--users N] [--contacts N] [--json FILE] [--plots DIR]\n\
+                    "popupd-bench [throughput|latency|agent|idle|presence|offline|storm|faults] [--connections 1000,5000,18500] [--senders N] [--recipients N] [--messages N] [--rate PER_S] [--seconds S] [--users N] [--contacts N] [--rounds N] [--json FILE] [--plots DIR]\n\
                      Defaults: 10 senders on home A, 10 recipients on home B, 50000 messages; latency at 100 msg/s for 10 s;\n\
                      presence: 10000 users over two homes, 50 contacts each (half on the other home), 1000 changes/s for 10 s.\n\
                      storm: --connections N (default 10000) agents on one home, which is killed with SIGKILL and started again.\n\
                      offline: 100 senders store 20000 messages (--messages) for 1000 offline recipients, who then all log in.\n\
+                     faults: --rounds N (default 100) rounds of --messages (default 100) per process, each killed with kill -9 mid-stream; as root, 30 s and 75 s cuts between the homes.\n\
                      --json FILE writes every figure as JSON; --plots DIR draws SVG charts (latency distribution, RSS against connections).\n\
                      Without a scenario: throughput, latency and agent."
                 );
@@ -530,6 +535,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if a.only.as_deref() == Some("storm") {
         storm::run(&a).await?;
+    }
+    if a.only.as_deref() == Some("faults") {
+        faults::run(&a).await?;
     }
     if a.only.as_deref() == Some("offline") {
         let mut a = a;
