@@ -256,12 +256,19 @@ pub struct CutTimes {
     pub all: Duration,
     /// Shown in the order sent, each once.
     pub in_order: bool,
+    /// From healing to alice seeing `read` for the message bob read
+    /// during the cut.
+    pub read_back: Duration,
+    /// From healing to alice getting the contact request bob made during
+    /// the cut.
+    pub request: Duration,
 }
 
 /// Cuts the wire between home A (here) and home B (in namespace `ns`, with
 /// bob's agent) silently for `cut`, while alice sends `n` messages (one
-/// every 100 ms from the start of the cut); then mends it and times the
-/// delivery. The global server stays reachable from both.
+/// every 100 ms from the start of the cut), and bob reads her last message
+/// from before and asks her to be a contact; then mends it and times the
+/// delivery of all that. The global server stays reachable from both.
 pub async fn cut_between_homes(
     dir: &Path,
     ns: &crate::netns::Netns,
@@ -302,11 +309,14 @@ pub async fn cut_between_homes(
     alice.wait_connected(true, T).await?;
     bob.wait_connected(true, T).await?;
     let ap = alice.proxy().await?;
-    let first = ap.send("bob", "before").await?;
-    alice.wait_status(&first, "delivered", T).await?;
+    let before = ap.send("bob", "before").await?;
+    alice.wait_status(&before, "delivered", T).await?;
 
     ns.cut(Some(global_port)).map_err(anyhow::Error::msg)?;
     let cut_at = Instant::now();
+    let bp = bob.proxy().await?;
+    bp.mark_read(&before).await?;
+    bp.add_contact("alice").await?;
     let mut ids = Vec::new();
     for i in 0..n {
         ids.push(ap.send("bob", &format!("during {i}")).await?);
@@ -325,6 +335,14 @@ pub async fn cut_between_homes(
     })
     .await?;
     let all = healed.elapsed();
+    alice.wait_status(&before, "read", T).await?;
+    let read_back = healed.elapsed();
+    alice
+        .wait_for("bob's contact request", T, |s| {
+            s.requests.iter().any(|h| h == "bob")
+        })
+        .await?;
+    let request = healed.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let seen = bob.seen.lock().unwrap_or_else(|e| e.into_inner());
     let got: Vec<&String> = seen
@@ -337,5 +355,7 @@ pub async fn cut_between_homes(
         first,
         all,
         in_order: got == ids.iter().collect::<Vec<_>>(),
+        read_back,
+        request,
     })
 }

@@ -99,6 +99,15 @@ impl Netns {
         ]
     }
 
+    /// A firewall inside: nothing new comes in (established connections
+    /// and loopback only).
+    pub fn firewall_inbound(&self) -> Result<(), String> {
+        nft(
+            &self.name,
+            "table inet fw {\n chain input {\n  type filter hook input priority 0; policy drop;\n  ct state established,related accept\n  iif lo accept\n }\n}\n",
+        )
+    }
+
     /// Cuts the wire silently: every packet between the namespace and this
     /// host is dropped, except TCP to or from `keep_port` on this host.
     pub fn cut(&self, keep_port: Option<u16>) -> Result<(), String> {

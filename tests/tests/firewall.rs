@@ -10,95 +10,21 @@
 use std::process::Command;
 use std::time::Duration;
 
-use popupd_e2e::{Agent, Network, Proc, TestDir, bin, have, is_root, skip, wait_port};
+use popupd_e2e::netns::{self, Netns};
+use popupd_e2e::{Agent, Network, Proc, TestDir, bin, skip, wait_port};
 
 const T: Duration = Duration::from_secs(20);
-
-struct Netns {
-    name: String,
-    veth: String,
-}
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let o = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{args:?}: {}", String::from_utf8_lossy(&o.stderr)))
-    }
-}
-
-impl Netns {
-    fn create(n: u32) -> Result<Netns, String> {
-        let name = format!("popupd-e2e-{n}");
-        let veth = format!("pvh{n}");
-        let peer = format!("pvn{n}");
-        let ns = Netns {
-            name: name.clone(),
-            veth: veth.clone(),
-        };
-        let (host, inner) = (
-            format!("10.231.{}.1/30", n % 250),
-            format!("10.231.{}.2/30", n % 250),
-        );
-        sh(&["ip", "netns", "add", &name])?;
-        sh(&[
-            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer,
-        ])?;
-        sh(&["ip", "link", "set", &peer, "netns", &name])?;
-        sh(&["ip", "addr", "add", &host, "dev", &veth])?;
-        sh(&["ip", "link", "set", &veth, "up"])?;
-        sh(&["ip", "-n", &name, "addr", "add", &inner, "dev", &peer])?;
-        sh(&["ip", "-n", &name, "link", "set", &peer, "up"])?;
-        sh(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
-        // The firewall: nothing new comes in.
-        let rules = "table inet fw {\n chain input {\n  type filter hook input priority 0; policy drop;\n  ct state established,related accept\n  iif lo accept\n }\n}\n";
-        let f = std::env::temp_dir().join(format!("popupd-e2e-fw-{n}.nft"));
-        std::fs::write(&f, rules).map_err(|e| e.to_string())?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &name,
-            "nft",
-            "-f",
-            f.to_str().unwrap_or_default(),
-        ])?;
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "link", "del", &self.veth]);
-        let _ = sh(&["ip", "netns", "del", &self.name]);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_behind_inbound_firewall_and_proxy_sends_and_receives() {
     const NAME: &str = "agent_behind_inbound_firewall_and_proxy_sends_and_receives";
-    if !is_root() {
-        return skip(
-            NAME,
-            "needs root to create a network namespace (CI runs it as root)",
-        );
+    if let Err(why) = netns::available() {
+        return skip(NAME, &why);
     }
-    for tool in ["ip", "nft"] {
-        if !have(tool) {
-            return skip(
-                NAME,
-                &format!("`{tool}` is not installed (apt install iproute2 nftables)"),
-            );
-        }
-    }
-    let n = std::process::id() % 250;
+    let n = std::process::id() % 100;
     let ns = Netns::create(n).unwrap();
-    let host_ip = format!("10.231.{n}.1");
-    let inner_ip = format!("10.231.{n}.2");
+    ns.firewall_inbound().unwrap();
+    let (host_ip, inner_ip) = (ns.host_ip.clone(), ns.inner_ip.clone());
 
     let dir = TestDir::new("firewall");
     let net = Network::start(&dir.path).await.unwrap();

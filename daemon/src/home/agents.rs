@@ -727,12 +727,9 @@ impl AgentConn {
     /// Notes a store failure (the first one ends the session) and says
     /// what the agent may tell the person.
     fn failed(&mut self, e: &StoreError) -> String {
-        let cause = match e {
-            // Refused because an earlier one failed: that one's cause.
-            StoreError::Aborted => self.failure.unwrap_or("its storage failed"),
-            e => *self.failure.get_or_insert(e.client_reason()),
-        };
-        self.failure.get_or_insert(cause);
+        // Answers come in order, so a job refused because an earlier one
+        // failed (`Aborted`) finds that one's cause here.
+        let cause = *self.failure.get_or_insert(e.client_reason());
         format!(
             "{} cannot store it now: {cause}; it is sent again",
             self.home.cfg.name
