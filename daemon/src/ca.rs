@@ -137,7 +137,7 @@ fn write(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::tls;
+    use popupd_protocol::net::tls;
 
     #[test]
     fn issued_certificates_verify_under_their_ca_only() {

@@ -7,16 +7,16 @@
 //! - [`home`] server: accounts, devices, who is online, the durable queue.
 //! - [`global`] server: the directory of homes and handles.
 //!
-//! Beside the roles sit the shared parts: [`protocol`] (every wire type),
-//! [`net`] (TLS, WebSocket links, proxies), [`storage`] (SQLite with group
-//! commit), [`config`], [`ca`], and [`task`] (shutdown and supervision).
+//! Beside the roles sit the shared parts: [`storage`] (each role's store),
+//! [`config`], [`ca`], and [`task`] (shutdown and timers). Below them are
+//! two crates: `popupd-protocol` (every wire type, the limits, and the
+//! links) and `popupd-store` (SQLite with group commit). Neither knows the
+//! roles, and Cargo keeps it so.
 
 pub mod agent;
 pub mod ca;
 pub mod config;
 pub mod global;
 pub mod home;
-pub mod net;
-pub mod protocol;
 pub mod storage;
 pub mod task;

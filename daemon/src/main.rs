@@ -185,7 +185,7 @@ enum ContactCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    popupd::net::tls::install_default_provider();
+    popupd_protocol::net::tls::install_default_provider();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -441,10 +441,10 @@ pub async fn raw_agent(
     i: usize,
     handle: &str,
     cfg: &Path,
-) -> anyhow::Result<popupd::net::Link<popupd::net::ClientTls>> {
-    use popupd::net::{self, Dial, Recv, tls};
-    use popupd::protocol::{AGENT_PATH, AgentFrame, HomeFrame, PROTOCOL_VERSION};
-    popupd::net::tls::install_default_provider();
+) -> anyhow::Result<popupd_protocol::net::Link<popupd_protocol::net::ClientTls>> {
+    use popupd_protocol::net::{self, Dial, Recv, tls};
+    use popupd_protocol::{AGENT_PATH, AgentFrame, HomeFrame, PROTOCOL_VERSION};
+    popupd_protocol::net::tls::install_default_provider();
     let ca = net.dir.join("pki/ca.crt");
     let mut link = net::dial(&Dial {
         address: net.home_addrs[i].clone(),
@@ -518,7 +518,7 @@ impl Seen {
     /// after the fsync, so "delivered" may come first, and then the agent
     /// never signals "accepted".
     pub fn reached(&self, id: &str, state: &str) -> bool {
-        use popupd::protocol::Delivery;
+        use popupd_protocol::Delivery;
         // `Delivery` is ordered the way a status moves; `failed` ends it
         // instead and is reached only by name.
         let later = |x: &str| match (Delivery::parse(x), Delivery::parse(state)) {

@@ -286,16 +286,19 @@ async fn a_full_disk_at_the_home_delays_messages_and_says_why() {
 /// 600 messages wait in alice's outbox while home A is down; when it comes
 /// back, their status signals burst out. `popupctl send` started during
 /// the burst returns at once (and with `--wait`, once its own message is
-/// accepted).
+/// accepted). The 600 reach bob in order, although home A learns bob's
+/// route while it takes them (the first waits for the router, later ones
+/// find the route cached).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn popupctl_send_returns_during_a_burst_of_status_signals() {
     let dir = TestDir::new("burst");
-    let (mut net, alice, _bob) = two_people(&dir.path, "", "").await;
+    let (mut net, alice, bob) = two_people(&dir.path, "", "").await;
     net.homes[0].kill9();
     alice.wait_connected(false, T).await.unwrap();
     let ap = alice.proxy().await.unwrap();
+    let mut ids = Vec::new();
     for i in 0..600 {
-        ap.send("bob", &format!("queued {i}")).await.unwrap();
+        ids.push(ap.send("bob", &format!("queued {i}")).await.unwrap());
     }
     net.homes[0].restart().unwrap();
     let mut runs = Vec::new();
@@ -304,7 +307,9 @@ async fn popupctl_send_returns_during_a_burst_of_status_signals() {
         let wait = i % 3 == 0;
         runs.push(tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
-            let mut cmd = Command::new(popupd_e2e::bin("popupctl"));
+            // Bounded, so a hang fails the test rather than stalling it.
+            let mut cmd = Command::new("timeout");
+            cmd.arg("90").arg(popupd_e2e::bin("popupctl"));
             cmd.args(["--bus", &bus, "send"]);
             if wait {
                 cmd.args(["--wait", "accepted", "--timeout", "60s"]);
@@ -324,4 +329,17 @@ async fn popupctl_send_returns_during_a_burst_of_status_signals() {
         let limit = if wait { T } else { Duration::from_secs(5) };
         assert!(took < limit, "popupctl send (wait: {wait}) took {took:?}");
     }
+    bob.wait_for("the 600", Duration::from_secs(60), |s| {
+        ids.iter().all(|id| s.received.iter().any(|r| &r.0 == id))
+    })
+    .await
+    .unwrap();
+    let seen = bob.seen.lock().unwrap();
+    let got: Vec<&String> = seen
+        .received
+        .iter()
+        .map(|r| &r.0)
+        .filter(|id| ids.contains(id))
+        .collect();
+    assert_eq!(got, ids.iter().collect::<Vec<_>>(), "in order, once each");
 }

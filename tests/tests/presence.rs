@@ -12,11 +12,11 @@
 
 use std::time::{Duration, Instant};
 
-use popupd::protocol::{AgentFrame, ErrorCode, HomeFrame};
 use popupd_e2e::{
     Agent, Network, PRESENCE_GRACE_S, TestDir, have, raw_agent, skip, start_xvfb, two_people,
     wait_port,
 };
+use popupd_protocol::{AgentFrame, ErrorCode, HomeFrame};
 
 const T: Duration = Duration::from_secs(20);
 const GRACE: Duration = Duration::from_secs(PRESENCE_GRACE_S);
@@ -189,10 +189,10 @@ async fn strangers_see_nothing_and_the_blocked_cannot_tell_who_exists() {
                 .unwrap()
                 .unwrap()
             {
-                popupd::net::Recv::Frame(HomeFrame::Contacts { contacts }) => {
+                popupd_protocol::net::Recv::Frame(HomeFrame::Contacts { contacts }) => {
                     assert!(contacts.is_empty(), "{contacts:?}")
                 }
-                popupd::net::Recv::Frame(f) => break f,
+                popupd_protocol::net::Recv::Frame(f) => break f,
                 _ => {}
             }
         };

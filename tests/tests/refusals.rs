@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use popupd::net::{self, Dial, Link, Recv, tls};
-use popupd::protocol::{
+use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, popupd, secret_of};
+use popupd_protocol::net::{self, Dial, Link, Recv, tls};
+use popupd_protocol::{
     AGENT_PATH, AgentFrame, ErrorCode, HomeFrame, Message, PEER_PATH, PROTOCOL_VERSION, PeerFrame,
     new_id,
 };
-use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, popupd, secret_of};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -40,7 +40,7 @@ async fn next_home(link: &mut Link<net::ClientTls>) -> HomeFrame {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_clearly_and_breaks_nothing() {
-    popupd::net::tls::install_default_provider();
+    popupd_protocol::net::tls::install_default_provider();
     let dir = TestDir::new("refusals");
     let net = Network::start(&dir.path).await.unwrap();
     let ca = dir.path.join("pki/ca.crt");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use popupd_ipc::{ContactEntry, HistoryEntry};
 
-use crate::protocol::ContactOp;
+use popupd_protocol::ContactOp;
 use zbus::object_server::SignalEmitter;
 
 use super::{ActionError, Agent};
@@ -65,8 +65,8 @@ impl AgentIface {
     /// One message of history.
     async fn message(&self, id: String) -> Result<HistoryEntry, AgentError> {
         let i = id.clone();
-        match self.agent.store.run(move |s| s.get(&i)).await {
-            Ok(Some(m)) => Ok(m),
+        match self.agent.store.read(move |s| s.get(&i)).await {
+            Ok(Some(m)) => Ok(history_entry(m)),
             Ok(None) => Err(AgentError::UnknownMessage(format!(
                 "no message {id} in history"
             ))),
@@ -84,8 +84,9 @@ impl AgentIface {
         let limit = limit.clamp(1, 10_000);
         self.agent
             .store
-            .run(move |s| s.history(&peer, limit))
+            .read(move |s| s.history(&peer, limit))
             .await
+            .map(|v| v.into_iter().map(history_entry).collect())
             .map_err(|e| AgentError::Failed(e.to_string()))
     }
 
@@ -214,4 +215,17 @@ impl AgentIface {
         connected: bool,
         home: &str,
     ) -> zbus::Result<()>;
+}
+
+fn history_entry(e: crate::storage::agent::Entry) -> HistoryEntry {
+    HistoryEntry {
+        id: e.id,
+        direction: e.direction,
+        from: e.from,
+        to: e.to,
+        text: e.text,
+        sent_at: e.sent_at,
+        status: e.status,
+        reason: e.reason,
+    }
 }

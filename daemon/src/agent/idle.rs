@@ -36,34 +36,15 @@ use zbus::proxy::{CacheProperties, MethodFlags};
 /// How long any one question to a source may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Where idle time comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    X11,
-    ScreenSaver,
-    Mutter,
-    Logind,
-}
+pub use crate::config::IdleSource as Source;
 
-impl Source {
-    /// The order [`IdleProbe::open`] tries them in: exact sources first.
-    const ORDER: [Source; 4] = [
-        Source::X11,
-        Source::ScreenSaver,
-        Source::Mutter,
-        Source::Logind,
-    ];
-
-    /// A short lowercase name, for logs and configuration.
-    pub fn name(self) -> &'static str {
-        match self {
-            Source::X11 => "x11",
-            Source::ScreenSaver => "screensaver",
-            Source::Mutter => "mutter",
-            Source::Logind => "logind",
-        }
-    }
-}
+/// The order [`IdleProbe::open`] tries the sources in: exact ones first.
+const ORDER: [Source; 4] = [
+    Source::X11,
+    Source::ScreenSaver,
+    Source::Mutter,
+    Source::Logind,
+];
 
 /// A probe opened once and asked repeatedly.
 pub struct IdleProbe {
@@ -90,7 +71,7 @@ impl IdleProbe {
     /// bus) and keeps the first that answers. `only` restricts to one source.
     /// Returns None when none works (log nothing; the caller logs).
     pub async fn open(bus: &zbus::Connection, only: Option<Source>) -> Option<IdleProbe> {
-        for source in Source::ORDER {
+        for source in ORDER {
             if only.is_some_and(|o| o != source) {
                 continue;
             }

@@ -17,12 +17,13 @@ use tokio::sync::mpsc;
 use super::dbus::AgentIface;
 use super::signals::{self, Signal};
 use super::{Agent, Request, Up, memory};
-use crate::net::{self, ClientTls, Dial, Link, LinkError, Recv, tls};
-use crate::protocol::{
+use crate::task::{Ticker, sleep_or_shutdown};
+use popupd_protocol::net::Backoff;
+use popupd_protocol::net::{self, ClientTls, Dial, Link, LinkError, Recv, tls};
+use popupd_protocol::{
     AGENT_PATH, AgentFrame, Delivery, ErrorCode, Event, HomeFrame, PROTOCOL_VERSION, now_ms,
 };
-use crate::storage::StoreError;
-use crate::task::{Backoff, Ticker, sleep_or_shutdown};
+use popupd_store::StoreError;
 
 /// A link silent for this many keepalive intervals is dead: the agent pings
 /// after one quiet interval, and gives up if the next brings no answer.
@@ -435,7 +436,7 @@ fn on_frame(
 }
 
 fn status(
-    store: &crate::storage::Batcher<crate::storage::agent::AgentStore>,
+    store: &popupd_store::Batcher<crate::storage::agent::AgentStore>,
     id: String,
     state: Delivery,
     reason: String,

@@ -39,10 +39,10 @@ use zbus::object_server::InterfaceRef;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AgentConfig, Bus};
-use crate::protocol::{ContactOp, MAX_TEXT, Message, new_id, now_ms, valid_handle};
 use crate::storage::agent::{AgentStore, IN};
-use crate::storage::{Batcher, StoreError};
 use crate::task::Shutdown;
+use popupd_protocol::{ContactOp, MAX_TEXT, Message, new_id, now_ms, valid_handle};
+use popupd_store::{Batcher, StoreError};
 
 /// State of the back connection, as `Status()` reports it.
 #[derive(Debug, Clone, Default)]
@@ -56,7 +56,7 @@ pub struct LinkState {
 #[derive(Debug)]
 pub enum Up {
     /// This device's presence changed.
-    Presence(crate::protocol::PresenceReport),
+    Presence(popupd_protocol::PresenceReport),
 }
 
 /// A change the home must confirm, kept in the store until it does.
@@ -156,7 +156,7 @@ impl Agent {
     /// Answers the received message `id`.
     pub async fn reply(&self, id: &str, text: String) -> Result<String, ActionError> {
         let i = id.to_owned();
-        match self.store.run(move |s| s.get(&i)).await? {
+        match self.store.read(move |s| s.get(&i)).await? {
             Some(m) if m.direction == IN => self.send(&m.from, text, Some(id.to_owned())).await,
             Some(_) => Err(ActionError::Invalid(format!(
                 "{id} is a message you sent; reply to one you received"

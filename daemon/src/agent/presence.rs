@@ -15,10 +15,10 @@ use super::dbus::AgentIface;
 use super::idle::IdleProbe;
 use super::plugins::Event as PluginEvent;
 use super::{ActionError, Agent, Up};
-use crate::protocol::{
+use popupd_protocol::{
     Contact, ContactOp, MAX_STATUS_TEXT, PresenceReport, PresenceState, Relation, valid_handle,
 };
-use crate::storage::StoreError;
+use popupd_store::StoreError;
 
 /// This device's presence as the person and the idle watcher left it.
 #[derive(Debug, Clone, Default)]

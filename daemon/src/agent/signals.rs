@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 use super::Agent;
 use super::dbus::AgentIface;
 use super::plugins::Event as PluginEvent;
-use crate::protocol::{Delivery, Message};
-use crate::storage::StoreError;
 use crate::storage::agent::AgentStore;
+use popupd_protocol::{Delivery, Message};
+use popupd_store::StoreError;
 
 /// Signals read from the store at a time.
 const PAGE: usize = 256;

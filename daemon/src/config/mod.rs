@@ -22,9 +22,9 @@ use std::time::Duration;
 use rustls::RootCertStore;
 use serde_saphyr::Spanned;
 
-use crate::net::proxy::Proxy;
-use crate::net::tls::{self, Identity};
-use crate::protocol::valid_handle;
+use popupd_protocol::net::proxy::Proxy;
+use popupd_protocol::net::tls::{self, Identity};
+use popupd_protocol::valid_handle;
 
 /// A configuration error, located in its file.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +105,27 @@ pub struct Remote {
     pub address: String,
 }
 
+/// Where an agent learns how long the desktop has been idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleSource {
+    X11,
+    ScreenSaver,
+    Mutter,
+    Logind,
+}
+
+impl IdleSource {
+    /// A short lowercase name, for logs and configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            IdleSource::X11 => "x11",
+            IdleSource::ScreenSaver => "screensaver",
+            IdleSource::Mutter => "mutter",
+            IdleSource::Logind => "logind",
+        }
+    }
+}
+
 /// A desktop agent.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -128,7 +149,7 @@ pub struct AgentConfig {
     /// Idle time after which presence turns to away (None: never).
     pub away_after: Option<Duration>,
     /// The one idle source to use (None: the first that works).
-    pub idle_source: Option<crate::agent::idle::Source>,
+    pub idle_source: Option<IdleSource>,
 }
 
 /// Which D-Bus the agent serves on.
@@ -573,10 +594,10 @@ impl Cx {
                 None => None,
                 Some(s) => match s.value.as_str() {
                     "auto" => None,
-                    "x11" => Some(crate::agent::idle::Source::X11),
-                    "screensaver" => Some(crate::agent::idle::Source::ScreenSaver),
-                    "mutter" => Some(crate::agent::idle::Source::Mutter),
-                    "logind" => Some(crate::agent::idle::Source::Logind),
+                    "x11" => Some(IdleSource::X11),
+                    "screensaver" => Some(IdleSource::ScreenSaver),
+                    "mutter" => Some(IdleSource::Mutter),
+                    "logind" => Some(IdleSource::Logind),
                     other => {
                         return Err(self.err(
                             s,

@@ -17,13 +17,13 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::config::GlobalConfig;
-use crate::net::{self, HANDSHAKE_TIMEOUT, Link, Recv, ServerTls, tls};
-use crate::protocol::{
+use crate::storage::global::GlobalStore;
+use crate::task::Shutdown;
+use popupd_protocol::net::{self, HANDSHAKE_TIMEOUT, Link, Recv, ServerTls, tls};
+use popupd_protocol::{
     ErrorCode, GLOBAL_PATH, GlobalReply, GlobalRequest, PROTOCOL_VERSION, Route, valid_handle,
 };
-use crate::storage::global::GlobalStore;
-use crate::storage::{Batcher, StoreError};
-use crate::task::Shutdown;
+use popupd_store::{Batcher, StoreError};
 
 struct Global {
     store: Batcher<GlobalStore>,

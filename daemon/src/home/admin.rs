@@ -11,9 +11,10 @@ use anyhow::{Context as _, bail};
 
 use super::directory::{DirError, ask_many, ask_once};
 use crate::config::{Config, HomeConfig};
-use crate::protocol::{ErrorCode, valid_handle};
 use crate::storage::home::{HomeStore, SqliteHome, UserInfo};
-use crate::storage::{Batchable, StoreError, new_secret, secret_hash};
+use crate::storage::{new_secret, secret_hash};
+use popupd_protocol::{ErrorCode, valid_handle};
+use popupd_store::{Batchable, StoreError};
 
 /// Picks the home a command is about.
 pub fn select_home<'a>(cfg: &'a Config, name: Option<&str>) -> anyhow::Result<&'a HomeConfig> {

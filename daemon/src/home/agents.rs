@@ -19,14 +19,15 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::{Notify, mpsc};
 
 use super::Home;
-use crate::net::{HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
-use crate::protocol::{
+use crate::storage::home::{Effects, Push, SendOutcome};
+use crate::storage::secret_hash;
+use crate::task::{Shutdown, on_grid};
+use popupd_protocol::net::{HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
+use popupd_protocol::{
     AgentFrame, ErrorCode, HomeFrame, MAX_STATUS_TEXT, MAX_TEXT, Message, MsgId, PROTOCOL_VERSION,
     PresenceReport, PresenceState, now_ms, valid_handle, valid_id,
 };
-use crate::storage::home::{Effects, Push, SendOutcome};
-use crate::storage::{Chain, StoreError, secret_hash};
-use crate::task::{Shutdown, on_grid};
+use popupd_store::{Chain, StoreError};
 
 /// Pushes queued for one connection before it counts as lagging.
 const QUEUE: usize = 512;
@@ -472,7 +473,7 @@ impl AgentConn {
                                     code: ErrorCode::TooLarge,
                                     message: format!(
                                         "frames are limited to {} bytes",
-                                        crate::protocol::MAX_FRAME
+                                        popupd_protocol::MAX_FRAME
                                     ),
                                     id: None,
                                     req: None,
@@ -812,13 +813,13 @@ fn event_frame(seq: u64, event_json: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Event, HomeFrame};
+    use popupd_protocol::{Event, HomeFrame};
 
     #[test]
     fn event_frame_is_a_valid_home_frame() {
         let ev = serde_json::to_string(&Event::Status {
             id: "x".into(),
-            state: crate::protocol::Delivery::Delivered,
+            state: popupd_protocol::Delivery::Delivered,
             reason: None,
         })
         .unwrap();

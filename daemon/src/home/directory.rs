@@ -13,11 +13,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Home;
 use crate::config::{HomeConfig, Remote};
-use crate::net::{self, ClientTls, Dial, Link, LinkError, Recv};
-use crate::protocol::{
+use crate::task::sleep_or_shutdown;
+use popupd_protocol::net::Backoff;
+use popupd_protocol::net::{self, ClientTls, Dial, Link, LinkError, Recv};
+use popupd_protocol::{
     ErrorCode, GLOBAL_PATH, GlobalReply, GlobalRequest, PROTOCOL_VERSION, Route,
 };
-use crate::task::{Backoff, sleep_or_shutdown};
 
 /// How long a caller waits for the global server.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -198,9 +199,12 @@ async fn connect(dial: &Dial, cfg: &HomeConfig) -> Result<Link<ClientTls>, LinkE
         address: cfg.public_address.clone(),
     })
     .await?;
-    let answer = tokio::time::timeout(crate::net::HANDSHAKE_TIMEOUT, link.recv::<GlobalReply>())
-        .await
-        .map_err(|_| LinkError::Timeout)??;
+    let answer = tokio::time::timeout(
+        popupd_protocol::net::HANDSHAKE_TIMEOUT,
+        link.recv::<GlobalReply>(),
+    )
+    .await
+    .map_err(|_| LinkError::Timeout)??;
     match answer {
         Recv::Frame(GlobalReply::Welcome { .. }) => Ok(link),
         Recv::Frame(GlobalReply::Error { message, .. }) => Err(LinkError::Proxy(message)),
@@ -220,7 +224,7 @@ pub async fn ask_many(
     register: bool,
     handles: &[String],
 ) -> Result<(), DirError> {
-    let tls = crate::net::tls::client_config(cfg.ca.clone(), Some(&cfg.identity))
+    let tls = popupd_protocol::net::tls::client_config(cfg.ca.clone(), Some(&cfg.identity))
         .map_err(|e| DirError::Unavailable(e.to_string()))?;
     let dial = global_dial(&cfg.global, tls);
     let mut link = connect(&dial, cfg).await.map_err(|e| {

@@ -23,11 +23,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::HomeConfig;
-use crate::net::{self, tls};
-use crate::protocol::{AGENT_PATH, PEER_PATH};
-use crate::storage::Batcher;
 use crate::storage::home::{Effects, HomeStore, SqliteHome};
 use crate::task::Shutdown;
+use popupd_protocol::net::{self, tls};
+use popupd_protocol::{AGENT_PATH, PEER_PATH};
+use popupd_store::Batcher;
 
 /// The home's store handle.
 pub type Store = Batcher<Box<dyn HomeStore>>;
@@ -152,7 +152,7 @@ const REMEMBER: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3
 /// Forgets dedup and receipt records past [`REMEMBER`], hourly.
 async fn prune(home: Arc<Home>) {
     loop {
-        let before = crate::protocol::now_ms() - REMEMBER.as_millis() as i64;
+        let before = popupd_protocol::now_ms() - REMEMBER.as_millis() as i64;
         match home.store.run(move |s| s.prune(before)).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(records = n, "forgot message records older than 30 days"),

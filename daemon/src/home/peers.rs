@@ -34,14 +34,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, mpsc};
 
 use super::Home;
-use crate::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
-use crate::protocol::{
+use crate::storage::home::{Effects, OutItem};
+use crate::task::sleep_or_shutdown;
+use popupd_protocol::net::Backoff;
+use popupd_protocol::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
+use popupd_protocol::{
     ErrorCode, MAX_TEXT, NOT_ACCEPTED, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal,
     valid_handle, valid_id,
 };
-use crate::storage::home::{Effects, OutItem};
-use crate::storage::{Chain, StoreError};
-use crate::task::{Backoff, sleep_or_shutdown};
+use popupd_store::{Chain, StoreError};
 
 /// A peer link silent this long is dead; a write that blocks this long
 /// ends it too.
@@ -427,7 +428,7 @@ async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Done::Ack(n, Err(StoreError::NotAccepted)) => {
                     link.send(&PeerFrame::Ack { n, refused: Some(Refusal {
-                        code: ErrorCode::NotAccepted, message: crate::protocol::NOT_ACCEPTED.into(),
+                        code: ErrorCode::NotAccepted, message: popupd_protocol::NOT_ACCEPTED.into(),
                     })}).await
                 }
                 Done::Subscribe(Ok(users)) => {
@@ -515,7 +516,7 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
         } => {
             let text: String = text
                 .chars()
-                .take(crate::protocol::MAX_STATUS_TEXT)
+                .take(popupd_protocol::MAX_STATUS_TEXT)
                 .collect();
             let shown = super::presence::Shown { state, text, since };
             home.hub

@@ -34,10 +34,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 
 use super::agents::Registry;
-use crate::protocol::{
+use crate::storage::home::ContactRow;
+use popupd_protocol::{
     Contact, HomeFrame, Millis, PeerFrame, PresenceReport, PresenceState, Relation, now_ms,
 };
-use crate::storage::home::ContactRow;
 
 /// What a user shows to the people who may see it.
 #[derive(Debug, Clone, PartialEq, Eq)]

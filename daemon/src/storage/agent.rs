@@ -8,11 +8,10 @@
 //! waits for the log's fsync, and the marks that a signal went out
 //! (`submit_lazy`) do not. A process crash loses no commit either way.
 
-use popupd_ipc::HistoryEntry;
 use rusqlite::{OptionalExtension, params};
 
-use super::{Batchable, Step, StoreError, Syncer, migrate, open_sqlite, wal_syncer};
-use crate::protocol::{Delivery, Message};
+use popupd_protocol::{Delivery, Message};
+use popupd_store::{Batchable, Step, StoreError, Syncer, migrate, open_sqlite, wal_syncer};
 
 /// History and outbox on SQLite.
 pub struct AgentStore {
@@ -22,23 +21,43 @@ pub struct AgentStore {
 
 impl Batchable for AgentStore {
     fn begin(&mut self) -> Result<(), StoreError> {
-        super::sqlite_begin(&self.conn)
+        popupd_store::sqlite_begin(&self.conn)
     }
     fn commit(&mut self) -> Result<(), StoreError> {
-        super::sqlite_commit(&self.conn)
+        popupd_store::sqlite_commit(&self.conn)
     }
     fn rollback(&mut self) {
-        super::sqlite_rollback(&self.conn)
+        popupd_store::sqlite_rollback(&self.conn)
     }
     fn job_begin(&mut self) -> Result<(), StoreError> {
-        super::sqlite_job_begin(&self.conn)
+        popupd_store::sqlite_job_begin(&self.conn)
     }
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
-        super::sqlite_job_end(&self.conn, ok)
+        popupd_store::sqlite_job_end(&self.conn, ok)
     }
     fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
         Ok(Some(wal_syncer(&self.path)?))
     }
+}
+
+/// A message in history, sent or received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: String,
+    /// [`IN`] or [`OUT`].
+    pub direction: String,
+    pub from: String,
+    pub to: String,
+    pub text: String,
+    /// When its sender's home accepted it (ms since the epoch).
+    pub sent_at: i64,
+    /// Sent: queued, accepted, delivered, read or failed; received:
+    /// received or read.
+    pub status: String,
+    /// Why it failed, or why it is still queued; "" otherwise.
+    pub reason: String,
+    /// The message it answers.
+    pub reply_to: Option<String>,
 }
 
 /// `in` for received messages, `out` for sent ones.
@@ -284,7 +303,7 @@ impl AgentStore {
     }
 
     /// One message.
-    pub fn get(&mut self, id: &str) -> Result<Option<HistoryEntry>, StoreError> {
+    pub fn get(&mut self, id: &str) -> Result<Option<Entry>, StoreError> {
         Ok(self
             .conn
             .prepare_cached(&format!("{SELECT} WHERE id = ?1"))?
@@ -293,7 +312,7 @@ impl AgentStore {
     }
 
     /// Up to `limit` newest messages with `peer` ("" for all), oldest first.
-    pub fn history(&mut self, peer: &str, limit: u32) -> Result<Vec<HistoryEntry>, StoreError> {
+    pub fn history(&mut self, peer: &str, limit: u32) -> Result<Vec<Entry>, StoreError> {
         let mut st = self.conn.prepare_cached(&format!(
             "SELECT * FROM ({SELECT} WHERE ?1 = '' OR sender = ?1 OR recipient = ?1
                ORDER BY sent_at DESC, rowid DESC LIMIT ?2) ORDER BY sent_at, rowid"
@@ -322,11 +341,10 @@ impl AgentStore {
     }
 }
 
-const SELECT: &str =
-    "SELECT id, direction, sender, recipient, text, sent_at, status, reason, rowid FROM messages";
+const SELECT: &str = "SELECT id, direction, sender, recipient, text, sent_at, status, reason, reply_to, rowid FROM messages";
 
-fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryEntry> {
-    Ok(HistoryEntry {
+fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
+    Ok(Entry {
         id: r.get(0)?,
         direction: r.get(1)?,
         from: r.get(2)?,
@@ -335,6 +353,7 @@ fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryEntry> {
         sent_at: r.get(5)?,
         status: r.get(6)?,
         reason: r.get(7)?,
+        reply_to: r.get(8)?,
     })
 }
 

@@ -2,8 +2,8 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{Step, StoreError, migrate, open_sqlite, sqlite_batchable};
-use crate::protocol::{Route, now_ms};
+use popupd_protocol::{Route, now_ms};
+use popupd_store::{Step, StoreError, migrate, open_sqlite, sqlite_batchable};
 
 /// The directory on SQLite.
 pub struct GlobalStore {

@@ -20,11 +20,11 @@
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use super::{
+use popupd_protocol::{ContactOp, Delivery, Event, Message, MsgId, NOT_ACCEPTED, Relation, now_ms};
+use popupd_store::{
     Batchable, Checkpointer, Step, StoreError, Syncer, migrate, open_sqlite, sqlite_begin,
     sqlite_commit, sqlite_job_begin, sqlite_job_end, sqlite_rollback, wal_syncer,
 };
-use crate::protocol::{ContactOp, Delivery, Event, Message, MsgId, NOT_ACCEPTED, Relation, now_ms};
 
 /// An item of the forward queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,7 +106,7 @@ pub struct UserInfo {
 
 /// The storage interface of a home. Methods run inside the batcher's
 /// transaction; they must not commit.
-pub trait HomeStore: super::Batchable {
+pub trait HomeStore: Batchable {
     fn user_exists(&mut self, handle: &str) -> Result<bool, StoreError>;
     fn add_user(&mut self, handle: &str) -> Result<(), StoreError>;
     fn remove_user(&mut self, handle: &str) -> Result<bool, StoreError>;
@@ -1171,7 +1171,7 @@ impl HomeStore for SqliteHome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::Batchable;
+    use popupd_store::Batchable;
 
     fn store(name: &str) -> (SqliteHome, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("popupd-home-{name}-{}", std::process::id()));

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use futures_util::StreamExt;
-use popupd::net::{self, Dial, Recv, tls};
-use popupd::protocol::{AGENT_PATH, AgentFrame, Event, HomeFrame, PROTOCOL_VERSION, new_id};
 use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, secret_of};
+use popupd_protocol::net::{self, Dial, Recv, tls};
+use popupd_protocol::{AGENT_PATH, AgentFrame, Event, HomeFrame, PROTOCOL_VERSION, new_id};
 
 mod faults;
 mod offline;
@@ -495,7 +495,7 @@ async fn latency(a: &Args) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    popupd::net::tls::install_default_provider();
+    popupd_protocol::net::tls::install_default_provider();
     if std::env::args().nth(1).as_deref() == Some("worker") {
         return worker().await;
     }
@@ -955,7 +955,7 @@ async fn worker() -> anyhow::Result<()> {
         let (logins, up) = (logins.clone(), up_tx.clone());
         tasks.spawn(async move {
             let mut backoff =
-                popupd::task::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+                popupd_protocol::net::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
             let mut first = true;
             loop {
                 match logins.login(i).await {

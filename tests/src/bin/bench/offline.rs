@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use popupd::net::Recv;
-use popupd::protocol::{AgentFrame, Event, HomeFrame, new_id};
 use popupd_e2e::{HOME_A, Network, TestDir};
+use popupd_protocol::net::Recv;
+use popupd_protocol::{AgentFrame, Event, HomeFrame, new_id};
 
 use super::{Args, Logins, report};
 

@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use popupd::net::Recv;
-use popupd::protocol::{AgentFrame, HomeFrame, PresenceState};
 use popupd_e2e::{HOME_A, HOME_B, Network, TestDir};
+use popupd_protocol::net::Recv;
+use popupd_protocol::{AgentFrame, HomeFrame, PresenceState};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use super::{Args, Logins, PER_WORKER, ms, pct, stdin_line};

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use popupd::net::{self, Recv};
-use popupd::protocol::{AgentFrame, Event, HomeFrame, new_id};
-use popupd::task::Backoff;
 use popupd_e2e::{HOME_A, Network, TestDir};
+use popupd_protocol::net::Backoff;
+use popupd_protocol::net::{self, Recv};
+use popupd_protocol::{AgentFrame, Event, HomeFrame, new_id};
 
 use super::{Args, Logins, PER_WORKER, report};
 

@@ -1,6 +1,13 @@
-//! The wire protocol: every type that crosses a network link.
+//! The wire protocol of popupd: every type that crosses a network link, the
+//! limits, and [`net`], the links that carry them (JSON frames over
+//! WebSocket over TLS 1.3, dialed or accepted, through an HTTP proxy if
+//! need be).
 //!
-//! **Only this module defines wire types.** Each link is a WebSocket over TLS
+//! This crate is the lowest layer: it knows nothing of roles or storage,
+//! so the daemon, its tests and its benchmark all speak the protocol
+//! through it.
+//!
+//! **Only this crate defines wire types.** Each link is a WebSocket over TLS
 //! 1.3 carrying one JSON object per text frame, tagged by its `"t"` field.
 //! `docs/protocol.md` says the same for people outside the code; keep the two
 //! in step.
@@ -35,6 +42,8 @@
 //! home, so it may be claimed again elsewhere).
 
 use serde::{Deserialize, Serialize};
+
+pub mod net;
 
 /// Version of this protocol. Carried in every `Hello`; a peer speaking
 /// another version is refused with [`ErrorCode::UnsupportedVersion`].

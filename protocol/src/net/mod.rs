@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, protocol::WebSocketConfig};
 
-use crate::protocol::{ErrorCode, MAX_FRAME};
+use crate::{ErrorCode, MAX_FRAME};
 
 /// TLS stream a server accepted.
 pub type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
@@ -268,7 +268,7 @@ pub fn check_dialer(
     v: u32,
     claimed: &str,
 ) -> Result<(), (ErrorCode, String)> {
-    use crate::protocol::PROTOCOL_VERSION;
+    use crate::PROTOCOL_VERSION;
     if v != PROTOCOL_VERSION {
         return Err((
             ErrorCode::UnsupportedVersion,
@@ -288,6 +288,35 @@ pub fn check_dialer(
         ));
     }
     Ok(())
+}
+
+/// Capped exponential backoff with jitter, for reconnects.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    cur: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff { cur: min, min, max }
+    }
+
+    /// The next delay: uniformly random in [d/2, d], then d doubles up to
+    /// the cap. Jitter spreads a crowd of agents reconnecting after a
+    /// home restart.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.cur;
+        self.cur = (self.cur * 2).min(self.max);
+        let half = d / 2;
+        half + Duration::from_micros(fastrand::u64(0..=half.as_micros() as u64))
+    }
+
+    /// After a success.
+    pub fn reset(&mut self) {
+        self.cur = self.min;
+    }
 }
 
 /// Where and how to dial.
@@ -348,5 +377,26 @@ async fn handshake(tcp: TcpStream, d: &Dial) -> Result<Link<ClientTls>, LinkErro
         let (ws, _) =
             tokio_tungstenite::client_async_with_config(url, tls, Some(ws_config())).await?;
         Ok::<_, LinkError>(Link::new(ws))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            last = b.next_delay();
+            assert!(last <= Duration::from_secs(5));
+        }
+        assert!(
+            last >= Duration::from_millis(2500),
+            "reaches the cap's half at least"
+        );
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }
