@@ -18,5 +18,6 @@ pub mod ca;
 pub mod config;
 pub mod global;
 pub mod home;
+pub mod session;
 pub mod storage;
 pub mod task;

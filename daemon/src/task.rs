@@ -78,6 +78,28 @@ impl Ticker {
         arm(self.fd.get_ref(), self.period)
     }
 
+    /// One tick `d` from now, and none after until armed again.
+    pub fn arm_in(&mut self, d: Duration) -> io::Result<()> {
+        let d = d.max(Duration::from_millis(1));
+        let at = Timespec {
+            tv_sec: d.as_secs() as _,
+            tv_nsec: d.subsec_nanos() as _,
+        };
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        timerfd_settime(
+            self.fd.get_ref(),
+            TimerfdTimerFlags::empty(),
+            &Itimerspec {
+                it_interval: zero,
+                it_value: at,
+            },
+        )?;
+        Ok(())
+    }
+
     /// Waits for the next tick. Ticks missed meanwhile count as one.
     pub async fn tick(&mut self) -> io::Result<()> {
         loop {

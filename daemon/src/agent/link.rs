@@ -8,18 +8,18 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::mpsc;
 
 use super::dbus::AgentIface;
 use super::signals::{self, Signal};
 use super::{Agent, Request, Up, memory};
-use crate::task::{Ticker, sleep_or_shutdown};
-use popupd_protocol::net::Backoff;
-use popupd_protocol::net::{self, ClientTls, Dial, Link, LinkError, Recv, tls};
+use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
+use crate::task::sleep_or_shutdown;
+use popupd_protocol::net::{self, Backoff, ClientTls, Dial, Link, LinkError, Recv, tls};
 use popupd_protocol::{
     AGENT_PATH, AgentFrame, Delivery, ErrorCode, Event, HomeFrame, PROTOCOL_VERSION, now_ms,
 };
@@ -60,15 +60,18 @@ pub async fn run(agent: Arc<Agent>, mut up: mpsc::UnboundedReceiver<Up>) {
                 backoff.reset();
                 link.set_write_timeout(agent.cfg.keepalive * DEAD_AFTER);
                 set_connected(&agent, true).await;
-                let end = session(&agent, &mut link, &mut up).await;
+                let out = session(&agent, &mut link, &mut up).await;
                 set_connected(&agent, false).await;
-                tracing::warn!(home = %dial.name, "back connection closed: {}", end.why);
+                tracing::warn!(home = %dial.name, "back connection closed: {}", out.end);
                 link.close().await;
-                if end.stored_any {
+                if out.stored_any {
                     failing.reset();
                 }
-                let delay = end.later.unwrap_or_else(|| backoff.next_delay());
-                if end.store_failed {
+                let delay = match out.end {
+                    End::Bye(_, later) => later,
+                    _ => backoff.next_delay(),
+                };
+                if out.store_failed {
                     delay.max(failing.next_delay())
                 } else {
                     delay
@@ -150,181 +153,226 @@ enum Done {
     /// Bookkeeping that is not an event (a status the home answered).
     Status(Result<bool, StoreError>),
 }
-type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
-/// How a session ended.
-struct End {
-    why: String,
-    /// When the home asked to come back.
-    later: Option<Duration>,
+/// How a session went, for the reconnect that follows.
+struct Outcome {
+    end: End,
     /// The home said it could not store something.
     store_failed: bool,
     /// The home confirmed a message or request.
     stored_any: bool,
 }
 
-/// What one session keeps.
-#[derive(Default)]
-struct Session {
+/// One connected session, as the session loop sees it.
+struct Session<'a> {
+    agent: &'a Arc<Agent>,
+    up: &'a mut mpsc::UnboundedReceiver<Up>,
+    outbox: Pin<Box<OwnedNotified>>,
+    requests: Pin<Box<OwnedNotified>>,
     /// Messages sent on this link and not yet answered.
     inflight: HashSet<String>,
     /// Requests sent on this link and not yet answered.
     asked: HashSet<u64>,
     store_failed: bool,
     stored_any: bool,
+    /// Highest event stored, and the last one acked / to ack.
+    last_seq: u64,
+    acked: u64,
+    unacked: Option<u64>,
+    /// Whether anything but keepalives went by since the agent last gave
+    /// back its idle code pages (agent::memory); start-up counts.
+    traffic: bool,
 }
 
-/// Serves one connected link. Returns why it ended and, if the home said
-/// so, when to come back.
+/// What, besides the link, wakes a session.
+enum Wake {
+    Outbox,
+    Requests,
+    Up(Up),
+}
+
+/// Serves one connected link until it ends.
 async fn session(
     agent: &Arc<Agent>,
     link: &mut Link<ClientTls>,
     up: &mut mpsc::UnboundedReceiver<Up>,
-) -> End {
-    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-    let mut st = Session::default();
-    let (why, later) = session_loop(agent, link, up, &mut pending, &mut st).await;
+) -> Outcome {
+    let last_seq = agent.store.read(|s| s.last_seq()).await.unwrap_or(0);
+    let mut s = Session {
+        agent,
+        up,
+        outbox: Box::pin(agent.outbox.clone().notified_owned()),
+        requests: Box::pin(agent.requests.clone().notified_owned()),
+        inflight: HashSet::new(),
+        asked: HashSet::new(),
+        store_failed: false,
+        stored_any: false,
+        last_seq,
+        acked: last_seq,
+        unacked: None,
+        traffic: true,
+    };
+    let mut jobs = Jobs::new();
+    let end = match s.start(link).await {
+        Err(e) => e.into(),
+        Ok(()) => {
+            let k = agent.cfg.keepalive;
+            let ka = Keepalive {
+                ping_after: k,
+                dead_after: k * DEAD_AFTER,
+                clock: Clock::Boottime,
+            };
+            session::run(link, &mut s, &mut jobs, ka, &agent.shutdown).await
+        }
+    };
     // What was committed is signalled even though the link is gone: its
     // signal is in the store, and the emitter only needs waking.
-    while pending.next().await.is_some() {}
+    while jobs.next().await.is_some() {}
     agent.signals.notify_one();
-    End {
-        why,
-        later,
-        store_failed: st.store_failed,
-        stored_any: st.stored_any,
+    Outcome {
+        end,
+        store_failed: s.store_failed,
+        stored_any: s.stored_any,
     }
 }
 
-async fn session_loop(
-    agent: &Arc<Agent>,
-    link: &mut Link<ClientTls>,
-    up: &mut mpsc::UnboundedReceiver<Up>,
-    pending: &mut FuturesOrdered<Pending>,
-    st: &mut Session,
-) -> (String, Option<Duration>) {
-    let keepalive = agent.cfg.keepalive;
-    let mut ping = match Ticker::new(keepalive) {
-        Ok(t) => t,
-        Err(e) => return (format!("cannot start the keepalive timer: {e}"), None),
-    };
-    let mut last_heard = Instant::now();
-    let mut last_seq = agent.store.read(|s| s.last_seq()).await.unwrap_or(0);
-    let mut unacked: Option<u64> = None;
-    let mut acked = last_seq;
+impl Session<'_> {
+    /// Sends what waits: the outbox, then the requests.
+    async fn start(&mut self, link: &mut Link<ClientTls>) -> Result<(), LinkError> {
+        send_outbox(self.agent, link, &mut self.inflight).await?;
+        send_requests(self.agent, link, &mut self.asked).await
+    }
+}
 
-    if let Err(e) = send_outbox(agent, link, &mut st.inflight).await {
-        return (e.to_string(), None);
-    }
-    if let Err(e) = send_requests(agent, link, &mut st.asked).await {
-        return (e.to_string(), None);
-    }
-    // Whether anything but keepalives went by since the agent last gave
-    // back its idle code pages (agent::memory); start-up counts.
-    let mut traffic = true;
-    loop {
-        // Set by the two keepalive arms: a ping or pong heard, or our own
-        // ping due. Either means the link was quiet for a whole period.
-        let mut quiet = false;
-        let step: Result<(), LinkError> = tokio::select! {
-            biased;
-            _ = agent.shutdown.cancelled() => return ("agent stopping".into(), None),
-            _ = agent.outbox.notified() => send_outbox(agent, link, &mut st.inflight).await,
-            _ = agent.requests.notified() => send_requests(agent, link, &mut st.asked).await,
-            Some(u) = up.recv() => match u {
-                Up::Presence(p) => link.send(&AgentFrame::SetPresence { state: p.state, text: p.text }).await,
-            },
-            Some(d) = pending.next(), if !pending.is_empty() => match d {
-                Done::Event(seq, Ok(signalled)) => {
-                    if signalled {
-                        agent.signals.notify_one();
-                    }
-                    last_seq = last_seq.max(seq);
-                    // Acks are cumulative: one for a burst (sent below,
-                    // once nothing else is ready), or every 256 events in a
-                    // long one.
-                    if seq >= acked + 256 {
-                        acked = seq;
-                        unacked = None;
-                        link.send(&AgentFrame::Ack { seq }).await
-                    } else {
-                        unacked = Some(seq);
-                        Ok(())
-                    }
-                }
-                Done::Status(Ok(signalled)) => {
-                    if signalled {
-                        agent.signals.notify_one();
-                    }
-                    Ok(())
-                }
-                Done::Event(_, Err(e)) | Done::Status(Err(e)) => {
-                    // Not acked: the home sends it again after reconnect.
-                    tracing::error!("storage: {e}");
-                    return (format!("storage failure: {e}"), None);
-                }
-            },
-            r = link.recv::<HomeFrame>() => {
-                last_heard = Instant::now();
-                // The keepalive pings a quiet link only: the home pings
-                // its agents itself (docs/protocol.md, keepalive), so an
-                // idle agent wakes once per period, to answer.
-                if let Err(e) = ping.reset() {
-                    return (format!("keepalive timer failed: {e}"), None);
-                }
-                match r {
-                    Ok(Recv::Frame(HomeFrame::Bye { reconnect_after_ms })) => {
-                        let why = if st.store_failed {
-                            "the home could not store what it was sent"
-                        } else {
-                            "home is restarting"
-                        };
-                        return (why.into(), Some(Duration::from_millis(reconnect_after_ms)));
-                    }
-                    Ok(Recv::Frame(HomeFrame::Contacts { contacts })) => {
-                        agent.on_contacts(contacts).await;
-                        Ok(())
-                    }
-                    Ok(Recv::Frame(HomeFrame::Presence { handle, state, text, since })) => {
-                        agent.on_presence(&handle, state, &text, since).await;
-                        Ok(())
-                    }
-                    Ok(Recv::Frame(f)) => {
-                        on_frame(agent, f, last_seq, st, pending);
-                        Ok(())
-                    }
-                    Ok(Recv::Bad(e)) => { tracing::warn!("malformed frame from home: {e}"); Ok(()) }
-                    Ok(Recv::Alive) => { quiet = true; Ok(()) }
-                    Ok(Recv::Closed) => return ("closed by home".into(), None),
-                    Err(e) => Err(e),
-                }
-            }
-            t = ping.tick() => {
-                quiet = true;
-                if let Err(e) = t {
-                    return (format!("keepalive timer failed: {e}"), None);
-                }
-                // The ticker restarts on every frame heard, so this is one
-                // quiet period (ping) or two (the ping went unanswered).
-                if last_heard.elapsed() > keepalive * 3 / 2 {
-                    return (format!("no answer for {}; link is dead",
-                        humantime::format_duration(keepalive * DEAD_AFTER)), None);
-                }
-                link.ping().await
-            }
-            // Last, so it runs only when nothing above is ready.
-            _ = std::future::ready(()), if unacked.is_some() => {
-                let seq = unacked.take().unwrap_or_default();
-                acked = seq;
-                link.send(&AgentFrame::Ack { seq }).await
-            }
-        };
-        if let Err(e) = step {
-            return (e.to_string(), None);
+impl Handler<ClientTls> for Session<'_> {
+    type In = HomeFrame;
+    type Done = Done;
+    type Wake = Wake;
+
+    fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Wake> {
+        use std::task::Poll;
+        if self.outbox.as_mut().poll(cx).is_ready() {
+            self.outbox.set(self.agent.outbox.clone().notified_owned());
+            return Poll::Ready(Wake::Outbox);
         }
+        if self.requests.as_mut().poll(cx).is_ready() {
+            self.requests
+                .set(self.agent.requests.clone().notified_owned());
+            return Poll::Ready(Wake::Requests);
+        }
+        match self.up.poll_recv(cx) {
+            Poll::Ready(Some(u)) => Poll::Ready(Wake::Up(u)),
+            // The agent holds the sender for as long as it runs.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    async fn frame(
+        &mut self,
+        link: &mut Link<ClientTls>,
+        f: HomeFrame,
+        jobs: &mut Jobs<Done>,
+    ) -> Result<(), End> {
+        let _ = link;
+        match f {
+            HomeFrame::Bye { reconnect_after_ms } => {
+                let why = if self.store_failed {
+                    "the home could not store what it was sent"
+                } else {
+                    "home is restarting"
+                };
+                return Err(End::Bye(why, Duration::from_millis(reconnect_after_ms)));
+            }
+            HomeFrame::Contacts { contacts } => self.agent.on_contacts(contacts).await,
+            HomeFrame::Presence {
+                handle,
+                state,
+                text,
+                since,
+            } => self.agent.on_presence(&handle, state, &text, since).await,
+            f => on_frame(self.agent, f, self.last_seq, self, jobs),
+        }
+        Ok(())
+    }
+
+    async fn done(
+        &mut self,
+        link: &mut Link<ClientTls>,
+        d: Done,
+        _: &mut Jobs<Done>,
+    ) -> Result<(), End> {
+        match d {
+            Done::Event(seq, Ok(signalled)) => {
+                if signalled {
+                    self.agent.signals.notify_one();
+                }
+                self.last_seq = self.last_seq.max(seq);
+                // Acks are cumulative: one for a burst (sent once nothing
+                // else is ready), or every 256 events in a long one.
+                if seq >= self.acked + 256 {
+                    self.acked = seq;
+                    self.unacked = None;
+                    link.send(&AgentFrame::Ack { seq }).await?;
+                } else {
+                    self.unacked = Some(seq);
+                }
+                Ok(())
+            }
+            Done::Status(Ok(signalled)) => {
+                if signalled {
+                    self.agent.signals.notify_one();
+                }
+                Ok(())
+            }
+            Done::Event(_, Err(e)) | Done::Status(Err(e)) => {
+                // Not acked: the home sends it again after reconnect.
+                tracing::error!("storage: {e}");
+                Err(End::Store(e.to_string()))
+            }
+        }
+    }
+
+    async fn wake(
+        &mut self,
+        link: &mut Link<ClientTls>,
+        w: Wake,
+        _: &mut Jobs<Done>,
+    ) -> Result<(), End> {
+        match w {
+            Wake::Outbox => send_outbox(self.agent, link, &mut self.inflight).await?,
+            Wake::Requests => send_requests(self.agent, link, &mut self.asked).await?,
+            Wake::Up(Up::Presence(p)) => {
+                link.send(&AgentFrame::SetPresence {
+                    state: p.state,
+                    text: p.text,
+                })
+                .await?
+            }
+        }
+        Ok(())
+    }
+
+    fn bad_frame(&self, why: &str) -> Option<String> {
+        tracing::warn!("malformed frame from home: {why}");
+        None
+    }
+
+    fn idle_due(&self) -> bool {
+        self.unacked.is_some()
+    }
+
+    async fn idle(&mut self, link: &mut Link<ClientTls>) -> Result<(), End> {
+        if let Some(seq) = self.unacked.take() {
+            self.acked = seq;
+            link.feed(&AgentFrame::Ack { seq }).await?;
+        }
+        Ok(())
+    }
+
+    fn turned(&mut self, quiet: bool) {
         if !quiet {
-            traffic = true;
-        } else if std::mem::take(&mut traffic) {
+            self.traffic = true;
+        } else if std::mem::take(&mut self.traffic) {
             match memory::release_code_pages() {
                 Ok(n) => tracing::debug!("quiet: released {} KiB of mapped code", n / 1024),
                 Err(e) => tracing::debug!("quiet: cannot read /proc/self/smaps: {e}"),
@@ -337,8 +385,8 @@ fn on_frame(
     agent: &Arc<Agent>,
     f: HomeFrame,
     last_seq: u64,
-    st: &mut Session,
-    pending: &mut FuturesOrdered<Pending>,
+    st: &mut Session<'_>,
+    pending: &mut Jobs<Done>,
 ) {
     let store = &agent.store;
     match f {
@@ -440,7 +488,7 @@ fn status(
     id: String,
     state: Delivery,
     reason: String,
-) -> Pending {
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Done> + Send>> {
     let p = store.submit(move |s| {
         let changed = s.set_status(&id, state, &reason)?;
         if changed {

@@ -81,9 +81,9 @@ pub struct Agent {
     pub store: Batcher<AgentStore>,
     pub link: Mutex<LinkState>,
     /// Wakes the link when the outbox grew.
-    pub outbox: Notify,
+    pub outbox: Arc<Notify>,
     /// Wakes the link when a request was stored.
-    pub requests: Notify,
+    pub requests: Arc<Notify>,
     /// Wakes the signal emitter when a signal was stored.
     pub signals: Notify,
     pub up: mpsc::UnboundedSender<Up>,
@@ -211,8 +211,8 @@ pub async fn run(
     let agent = Arc::new(Agent {
         store: Batcher::spawn(&cfg.handle, store)?,
         link: Mutex::new(LinkState::default()),
-        outbox: Notify::new(),
-        requests: Notify::new(),
+        outbox: Arc::default(),
+        requests: Arc::default(),
         signals: Notify::new(),
         up,
         iface: OnceLock::new(),

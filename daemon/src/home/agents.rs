@@ -4,24 +4,23 @@
 //! **Architecture Invariant:** an actor owns its link; everything else talks
 //! to it through its bounded queue. If the queue is full the push is dropped
 //! and the actor is told it lagged: it then re-reads its mailbox from disk,
-//! so a slow device slows only itself and loses nothing.
+//! so a slow device slows only itself and loses nothing. A connection that
+//! is replaced (a newer one of the same device) or revoked loses its queue's
+//! sender, and ends once it has drained it.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use super::Home;
+use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
 use crate::storage::home::{Effects, Push, SendOutcome};
 use crate::storage::secret_hash;
-use crate::task::{Shutdown, on_grid};
 use popupd_protocol::net::{HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
 use popupd_protocol::{
     AgentFrame, ErrorCode, HomeFrame, MAX_STATUS_TEXT, MAX_TEXT, Message, MsgId, PROTOCOL_VERSION,
@@ -50,9 +49,9 @@ struct Conn {
     id: u64,
     device: String,
     tx: mpsc::Sender<Out>,
-    lag: Arc<Notify>,
-    /// Cancelled when a newer connection of the same device arrives.
-    replaced: Shutdown,
+    /// Set when a push did not fit in the queue. The queue is full then,
+    /// so the actor is awake and finds it once it has drained the queue.
+    lag: Arc<AtomicBool>,
 }
 
 /// Which devices of which users are online, and a queue to each.
@@ -66,34 +65,26 @@ pub struct Registry {
 struct Registration {
     id: u64,
     rx: mpsc::Receiver<Out>,
-    lag: Arc<Notify>,
-    replaced: Shutdown,
+    lag: Arc<AtomicBool>,
 }
 
 impl Registry {
     fn register(&self, handle: &str, device: &str) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(QUEUE);
-        let lag = Arc::new(Notify::new());
-        let replaced = Shutdown::new();
+        let lag = Arc::new(AtomicBool::new(false));
         let mut map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = map.entry(handle.to_owned()).or_default();
-        for old in list.iter().filter(|c| c.device == device) {
-            old.replaced.cancel();
-        }
+        // The newest connection of a device wins; the older ones lose
+        // their queue and end.
+        list.retain(|c| c.device != device);
         list.push(Conn {
             id,
             device: device.to_owned(),
             tx,
             lag: lag.clone(),
-            replaced: replaced.clone(),
         });
-        Registration {
-            id,
-            rx,
-            lag,
-            replaced,
-        }
+        Registration { id, rx, lag }
     }
 
     fn unregister(&self, handle: &str, id: u64) {
@@ -115,7 +106,7 @@ impl Registry {
         let p = Arc::new(p);
         for c in list {
             if c.tx.try_send(Out::Event(p.clone())).is_err() {
-                c.lag.notify_one();
+                c.lag.store(true, Ordering::Release);
             }
         }
     }
@@ -127,7 +118,7 @@ impl Registry {
         let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         for c in map.get(handle).into_iter().flatten() {
             if c.tx.try_send(Out::Frame(frame.clone())).is_err() {
-                c.lag.notify_one();
+                c.lag.store(true, Ordering::Release);
             }
         }
     }
@@ -145,19 +136,16 @@ impl Registry {
         mark: u64,
         allowed: &std::collections::HashSet<(String, String)>,
     ) -> usize {
-        let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
-        for (handle, list) in map.iter() {
-            for c in list {
-                if c.id < mark
-                    && !allowed.contains(&(handle.clone(), c.device.clone()))
-                    && !c.replaced.is_cancelled()
-                {
-                    c.replaced.cancel();
-                    n += 1;
-                }
-            }
+        for (handle, list) in map.iter_mut() {
+            list.retain(|c| {
+                let keep = c.id >= mark || allowed.contains(&(handle.clone(), c.device.clone()));
+                n += usize::from(!keep);
+                keep
+            });
         }
+        map.retain(|_, list| !list.is_empty());
         n
     }
 
@@ -182,17 +170,15 @@ enum Done {
     /// goes back to the agent.
     Contact(u64, String, Result<(), StoreError>),
 }
-type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
-/// What woke a connection's actor.
+/// What an agent connection's own queue woke it for.
 enum Wake {
-    Shutdown,
-    Replaced,
-    Done(Done),
-    Frame(Result<Recv<AgentFrame>, LinkError>),
     Out(Out),
+    /// Pushes were dropped: re-read the mailbox.
     Lag,
-    Tick,
+    /// The queue's sender is gone: a newer connection of the device, or
+    /// the device was revoked.
+    Replaced,
 }
 
 /// Callers box this future: it holds the whole link, and a connection's
@@ -310,8 +296,10 @@ pub fn serve(
             peer,
             chain: Chain::default(),
             failure: None,
+            rx: reg.rx,
+            lag: reg.lag,
         };
-        let why = Box::pin(conn.run(&mut link, reg.rx, reg.lag, reg.replaced)).await;
+        let why = Box::pin(conn.run(&mut link)).await;
         home.registry.unregister(&handle, reg.id);
         home.hub.device_down(&handle, &conn.device, reg.id);
         tracing::info!(%peer, %handle, device = %conn.device, "agent offline: {why}");
@@ -347,174 +335,33 @@ struct AgentConn {
     /// agent sends what it was not told is stored again, in order, on a
     /// new one.
     failure: Option<&'static str>,
+    /// What the registry hands this connection.
+    rx: mpsc::Receiver<Out>,
+    /// Set when a push did not fit in `rx`.
+    lag: Arc<AtomicBool>,
 }
 
 impl AgentConn {
-    async fn run(
-        &mut self,
-        link: &mut Link<ServerTls>,
-        rx: mpsc::Receiver<Out>,
-        lag: Arc<Notify>,
-        replaced: Shutdown,
-    ) -> String {
+    async fn run(&mut self, link: &mut Link<ServerTls>) -> End {
         if let Err(e) = Box::pin(self.replay(link)).await {
-            return e.to_string();
+            return e.into();
         }
-        let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-        let why = self.run_loop(link, rx, lag, replaced, &mut pending).await;
-        // Jobs still pending when the link fails have their effects all the
-        // same: at commit, on the store thread.
-        while pending.next().await.is_some() {}
-        why
-    }
-
-    async fn run_loop(
-        &mut self,
-        link: &mut Link<ServerTls>,
-        mut rx: mpsc::Receiver<Out>,
-        lag: Arc<Notify>,
-        replaced: Shutdown,
-        pending: &mut FuturesOrdered<Pending>,
-    ) -> String {
-        let idle = self.home.cfg.idle_timeout;
-        // The home pings a link quiet for a quarter of `idle_timeout`. One
-        // timer per connection, moved on only when it fires, and on a
+        let mut jobs = Jobs::new();
+        // The home pings a link quiet for a quarter of `idle_timeout`, on a
         // one-second grid: the pings to every quiet agent due in the same
         // second go out in one wake-up, and their pongs come back together.
-        let ping_after = idle / 4;
-        let mut last_heard = Instant::now();
-        let check = tokio::time::sleep_until(on_grid((last_heard + ping_after).into(), GRID));
-        tokio::pin!(check);
-        let mut bad = 0u32;
-        // The waits on shared signals are made once, not per turn of the
-        // loop: each new one would take the signal's lock to join its wait
-        // list and again to leave it, and every connection shares the
-        // home's shutdown token.
+        let idle = self.home.cfg.idle_timeout;
+        let ka = Keepalive {
+            ping_after: idle / 4,
+            dead_after: idle,
+            clock: Clock::Grid(GRID),
+        };
         let shutdown = self.home.shutdown.clone();
-        let stopping = shutdown.cancelled();
-        let replaced = replaced.cancelled();
-        let lagged = lag.notified();
-        tokio::pin!(stopping, replaced, lagged);
-        loop {
-            // Frames are queued, not written, while more work is ready; the
-            // link is flushed once nothing is. Under load that makes one
-            // TLS record and one write of many frames.
-            //
-            // The handlers below are boxed while they run: an idle
-            // connection's task then holds only what this wait needs, not
-            // room for the largest handler (10 KB of 24 per connection
-            // before, by heaptrack).
-            let wake = {
-                let flush_due = link.needs_flush();
-                let next = async {
-                    tokio::select! {
-                        _ = &mut stopping => Wake::Shutdown,
-                        _ = &mut replaced => Wake::Replaced,
-                        Some(d) = pending.next(), if !pending.is_empty() => Wake::Done(d),
-                        r = link.recv::<AgentFrame>() => Wake::Frame(r),
-                        Some(out) = rx.recv() => Wake::Out(out),
-                        _ = &mut lagged => Wake::Lag,
-                        _ = &mut check => Wake::Tick,
-                    }
-                };
-                if flush_due {
-                    // Every branch above is cancel-safe.
-                    match futures_util::FutureExt::now_or_never(next) {
-                        Some(w) => w,
-                        None => match link.flush().await {
-                            Ok(()) => continue,
-                            Err(e) => return e.to_string(),
-                        },
-                    }
-                } else {
-                    next.await
-                }
-            };
-            let step: Result<(), LinkError> = match wake {
-                Wake::Shutdown => {
-                    // Flush what is committed, then say when to come back.
-                    while let Some(d) = pending.next().await {
-                        let _ = Box::pin(self.finish(link, d)).await;
-                    }
-                    let _ = link
-                        .send(&HomeFrame::Bye {
-                            reconnect_after_ms: 500 + fastrand::u64(0..1500),
-                        })
-                        .await;
-                    return "home shutting down".into();
-                }
-                Wake::Replaced => return "replaced by a newer connection, or revoked".into(),
-                Wake::Done(d) => Box::pin(self.finish(link, d)).await,
-                Wake::Frame(r) => {
-                    last_heard = Instant::now();
-                    match r {
-                        Ok(Recv::Frame(f)) => Box::pin(self.on_frame(link, f, pending)).await,
-                        Ok(Recv::Bad(e)) => {
-                            bad += 1;
-                            tracing::info!(peer = %self.peer, handle = %self.handle, "malformed frame: {e}");
-                            let r = link
-                                .send(&HomeFrame::Error {
-                                    code: ErrorCode::BadFrame,
-                                    message: e,
-                                    id: None,
-                                    req: None,
-                                })
-                                .await;
-                            if bad > MAX_BAD_FRAMES {
-                                return "too many malformed frames".into();
-                            }
-                            r
-                        }
-                        Ok(Recv::Alive) => Ok(()),
-                        Ok(Recv::Closed) => return "closed by agent".into(),
-                        Err(LinkError::TooLarge) => {
-                            let _ = link
-                                .send(&HomeFrame::Error {
-                                    code: ErrorCode::TooLarge,
-                                    message: format!(
-                                        "frames are limited to {} bytes",
-                                        popupd_protocol::MAX_FRAME
-                                    ),
-                                    id: None,
-                                    req: None,
-                                })
-                                .await;
-                            return "frame too large".into();
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-                Wake::Out(Out::Event(p)) => Box::pin(self.on_push(link, &p)).await,
-                Wake::Out(Out::Frame(f)) => link.feed_text(f.to_string()).await,
-                Wake::Lag => {
-                    lagged.set(lag.notified());
-                    // Frames may have been dropped too: resend the list.
-                    Box::pin(super::send_contacts(&self.home, &self.handle)).await;
-                    Box::pin(self.replay(link)).await
-                }
-                Wake::Tick => {
-                    let quiet = last_heard.elapsed();
-                    if quiet >= idle {
-                        return format!("silent for {}", humantime::format_duration(idle));
-                    }
-                    // Quiet for about a ping interval (within a grid step:
-                    // the pong to our last ping came just after it): ping
-                    // now, and look again one interval on.
-                    let ping = quiet + GRID >= ping_after;
-                    let next = if ping { Instant::now() } else { last_heard } + ping_after;
-                    check
-                        .as_mut()
-                        .reset(on_grid(next.min(last_heard + idle).into(), GRID));
-                    if ping { link.ping().await } else { Ok(()) }
-                }
-            };
-            if let Err(e) = step {
-                return e.to_string();
-            }
-            if let Some(why) = self.failure {
-                return Box::pin(self.end_after_failure(link, pending, why)).await;
-            }
-        }
+        let end = session::run(link, self, &mut jobs, ka, &shutdown).await;
+        // Jobs still pending when the link fails have their effects all the
+        // same: at commit, on the store thread.
+        while jobs.next().await.is_some() {}
+        end
     }
 
     /// The store failed: answer what is pending (what came after the
@@ -523,12 +370,12 @@ impl AgentConn {
     async fn end_after_failure(
         &mut self,
         link: &mut Link<ServerTls>,
-        pending: &mut FuturesOrdered<Pending>,
+        jobs: &mut Jobs<Done>,
         why: &'static str,
-    ) -> String {
-        while let Some(d) = pending.next().await {
+    ) -> End {
+        while let Some(d) = jobs.next().await {
             if Box::pin(self.finish(link, d)).await.is_err() {
-                return format!("storage failure ({why}); link lost");
+                return End::Store(format!("{why}; link lost"));
             }
         }
         let bye = HomeFrame::Bye {
@@ -537,14 +384,14 @@ impl AgentConn {
         if link.send(&bye).await.is_ok() {
             link.linger(std::time::Duration::from_secs(2)).await;
         }
-        format!("storage failure: {why}")
+        End::Store(why.into())
     }
 
     async fn on_frame(
         &mut self,
         link: &mut Link<ServerTls>,
         f: AgentFrame,
-        pending: &mut FuturesOrdered<Pending>,
+        pending: &mut Jobs<Done>,
     ) -> Result<(), LinkError> {
         let store = &self.home.store;
         match f {
@@ -802,6 +649,98 @@ impl AgentConn {
                 return Ok(());
             }
         }
+    }
+}
+
+impl Handler<ServerTls> for AgentConn {
+    type In = AgentFrame;
+    type Done = Done;
+    type Wake = Wake;
+    const MAX_BAD_FRAMES: Option<u32> = Some(MAX_BAD_FRAMES);
+
+    fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Wake> {
+        use std::task::Poll;
+        if self.lag.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(Wake::Lag);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(o)) => Poll::Ready(Wake::Out(o)),
+            Poll::Ready(None) => Poll::Ready(Wake::Replaced),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    async fn frame(
+        &mut self,
+        link: &mut Link<ServerTls>,
+        f: AgentFrame,
+        jobs: &mut Jobs<Done>,
+    ) -> Result<(), End> {
+        Ok(self.on_frame(link, f, jobs).await?)
+    }
+
+    async fn done(
+        &mut self,
+        link: &mut Link<ServerTls>,
+        d: Done,
+        jobs: &mut Jobs<Done>,
+    ) -> Result<(), End> {
+        self.finish(link, d).await?;
+        match self.failure {
+            Some(why) => Err(self.end_after_failure(link, jobs, why).await),
+            None => Ok(()),
+        }
+    }
+
+    async fn wake(
+        &mut self,
+        link: &mut Link<ServerTls>,
+        w: Wake,
+        _: &mut Jobs<Done>,
+    ) -> Result<(), End> {
+        match w {
+            Wake::Out(Out::Event(p)) => Ok(self.on_push(link, &p).await?),
+            Wake::Out(Out::Frame(f)) => Ok(link.feed_text(f.to_string()).await?),
+            Wake::Lag => {
+                // Frames may have been dropped too: resend the list.
+                super::send_contacts(&self.home, &self.handle).await;
+                Ok(self.replay(link).await?)
+            }
+            Wake::Replaced => Err(End::Replaced),
+        }
+    }
+
+    fn bad_frame(&self, why: &str) -> Option<String> {
+        tracing::info!(peer = %self.peer, handle = %self.handle, "malformed frame: {why}");
+        serde_json::to_string(&HomeFrame::Error {
+            code: ErrorCode::BadFrame,
+            message: why.to_owned(),
+            id: None,
+            req: None,
+        })
+        .ok()
+    }
+
+    fn too_large(&self) -> Option<String> {
+        serde_json::to_string(&HomeFrame::Error {
+            code: ErrorCode::TooLarge,
+            message: format!("frames are limited to {} bytes", popupd_protocol::MAX_FRAME),
+            id: None,
+            req: None,
+        })
+        .ok()
+    }
+
+    async fn stopping(&mut self, link: &mut Link<ServerTls>, jobs: &mut Jobs<Done>) {
+        // Answer what is committed, then say when to come back.
+        while let Some(d) = jobs.next().await {
+            let _ = Box::pin(self.finish(link, d)).await;
+        }
+        let _ = link
+            .send(&HomeFrame::Bye {
+                reconnect_after_ms: 500 + fastrand::u64(0..1500),
+            })
+            .await;
     }
 }
 

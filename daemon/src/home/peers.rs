@@ -26,14 +26,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, mpsc};
 
 use super::Home;
+use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
 use crate::storage::home::{Effects, OutItem};
 use crate::task::sleep_or_shutdown;
 use popupd_protocol::net::Backoff;
@@ -53,6 +52,8 @@ const PEER_PING: Duration = Duration::from_secs(5);
 /// for: short, so that delivery resumes within seconds of a network
 /// healing (a dial also gives up after `net::CONNECT_TIMEOUT`).
 const REDIAL_MAX: Duration = Duration::from_secs(2);
+/// Malformed frames tolerated on one peer link before it is closed.
+const MAX_BAD_FRAMES: u32 = 16;
 /// How often every queued item is looked at again, whatever the wakes said.
 const SWEEP: Duration = Duration::from_secs(30);
 
@@ -61,7 +62,7 @@ const SWEEP: Duration = Duration::from_secs(30);
 /// which items are new keeps a busy link from re-reading its whole queue.
 #[derive(Default)]
 struct Wake {
-    notify: Notify,
+    notify: Arc<Notify>,
     wanted: Mutex<Wanted>,
 }
 
@@ -69,6 +70,15 @@ struct Wake {
 struct Wanted {
     all: bool,
     ns: Vec<u64>,
+}
+
+impl Wanted {
+    fn all() -> Wanted {
+        Wanted {
+            all: true,
+            ns: Vec::new(),
+        }
+    }
 }
 
 impl Wake {
@@ -335,14 +345,13 @@ enum Done {
     /// The users a `subscribe` may see.
     Subscribe(Result<Vec<String>, StoreError>),
 }
-type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 /// Runs one link both ways until it drops.
-async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
+async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send>(
     home: &Arc<Home>,
     link: &mut Link<S>,
     peer: &str,
-) -> String {
+) -> End {
     link.set_write_timeout(PEER_IDLE);
     let (link_id, kick) = enter(home, peer);
     let why = serve_link_as(home, link, peer, &kick).await;
@@ -350,126 +359,169 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
     why
 }
 
-async fn serve_link_as<S: AsyncRead + AsyncWrite + Unpin>(
+async fn serve_link_as<S: AsyncRead + AsyncWrite + Unpin + Send>(
     home: &Arc<Home>,
     link: &mut Link<S>,
     peer: &str,
-    kick: &Wake,
-) -> String {
-    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-    let (id, mut presence, first) = home.hub.link_up(peer);
-    let why = match first {
-        Some(f) => link.send_text(f).await.err().map(|e| e.to_string()),
+    kick: &Arc<Wake>,
+) -> End {
+    let (id, presence, first) = home.hub.link_up(peer);
+    let end = match first {
+        Some(f) => link.send_text(f).await.err().map(End::from),
         None => None,
     };
-    let why = match why {
-        Some(w) => w,
+    let end = match end {
+        Some(e) => e,
         None => {
-            let mut l = PeerLinkState {
-                id,
-                presence: &mut presence,
+            let mut jobs = Jobs::new();
+            let mut s = PeerSession {
+                home,
+                peer,
+                link_id: id,
+                presence,
+                kicked: Box::pin(kick.notify.clone().notified_owned()),
+                kick: kick.clone(),
+                inflight: HashSet::new(),
+                chain: Chain::default(),
             };
-            serve_loop(home, link, peer, kick, &mut pending, &mut l).await
+            // A new link sends everything queued; later wakes name new items.
+            kick.take();
+            match send_queued(home, link, peer, &mut s.inflight, Wanted::all()).await {
+                Err(e) => e.into(),
+                Ok(()) => {
+                    let ka = Keepalive {
+                        ping_after: PEER_PING,
+                        dead_after: PEER_IDLE,
+                        clock: Clock::Grid(Duration::from_secs(1)),
+                    };
+                    session::run(link, &mut s, &mut jobs, ka, &home.shutdown).await
+                }
+            }
+            // Jobs still pending have their effects all the same: the
+            // store thread applies them at commit.
         }
     };
     home.hub.link_down(&home.registry, id);
-    // Jobs still pending have their effects all the same: the store thread
-    // applies them at commit.
-    why
+    end
 }
 
-/// This link's place in the presence hub.
-struct PeerLinkState<'a> {
-    id: u64,
+/// One link with a peer home, as the session loop sees it.
+struct PeerSession<'a> {
+    home: &'a Arc<Home>,
+    peer: &'a str,
+    /// This link's id in the presence hub.
+    link_id: u64,
     /// Presence frames (and subscription changes) to send.
-    presence: &'a mut mpsc::UnboundedReceiver<String>,
+    presence: mpsc::UnboundedReceiver<String>,
+    kick: Arc<Wake>,
+    kicked: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    /// Items sent on this link and not yet acked.
+    inflight: HashSet<u64>,
+    /// What the peer sends is stored in the order it came, or the link
+    /// ends at the first failure.
+    chain: Chain,
 }
 
-async fn serve_loop<S: AsyncRead + AsyncWrite + Unpin>(
-    home: &Arc<Home>,
-    link: &mut Link<S>,
-    peer: &str,
-    kick: &Wake,
-    pending: &mut FuturesOrdered<Pending>,
-    pl: &mut PeerLinkState<'_>,
-) -> String {
-    let mut inflight: HashSet<u64> = HashSet::new();
-    // What the peer sends us is stored in the order it came, or the link
-    // ends at the first failure.
-    let chain = Chain::default();
-    let mut ping = tokio::time::interval(PEER_PING);
-    let mut last_heard = Instant::now();
-    // A new link sends everything queued; later wakes name new items.
-    kick.take();
-    if let Err(e) = send_queued(
-        home,
-        link,
-        peer,
-        &mut inflight,
-        Wanted {
-            all: true,
-            ns: Vec::new(),
-        },
-    )
-    .await
-    {
-        return e.to_string();
-    }
-    loop {
-        let step: Result<(), LinkError> = tokio::select! {
-            _ = home.shutdown.cancelled() => return "shutting down".into(),
-            _ = kick.notify.notified() => send_queued(home, link, peer, &mut inflight, kick.take()).await,
-            Some(d) = pending.next(), if !pending.is_empty() => match d {
-                Done::Ack(n, Ok(())) => link.send(&PeerFrame::Ack { n, refused: None }).await,
-                Done::Ack(n, Err(StoreError::NotFound(m))) => {
-                    link.send(&PeerFrame::Ack { n, refused: Some(Refusal {
-                        code: ErrorCode::NoSuchUser, message: m,
-                    })}).await
-                }
-                Done::Ack(n, Err(StoreError::NotAccepted)) => {
-                    link.send(&PeerFrame::Ack { n, refused: Some(Refusal {
-                        code: ErrorCode::NotAccepted, message: popupd_protocol::NOT_ACCEPTED.into(),
-                    })}).await
-                }
-                Done::Subscribe(Ok(users)) => {
-                    home.hub.subscribe(pl.id, &users);
-                    Ok(())
-                }
-                Done::Subscribe(Err(e)) => {
-                    tracing::error!(peer, "checking a presence subscription: {e}");
-                    Ok(())
-                }
-                Done::Ack(_, Err(e)) | Done::Applied(Err(e)) => {
-                    // Not acked: the peer sends it again on the next link.
-                    tracing::error!(peer, "storage failure: {e}");
-                    Err(LinkError::Io(std::io::Error::other(e)))
-                }
-                Done::Applied(Ok(())) => Ok(()),
-            },
-            Some(f) = pl.presence.recv() => link.send_text(f).await,
-            r = link.recv::<PeerFrame>() => {
-                last_heard = Instant::now();
-                match r {
-                    Ok(Recv::Frame(f)) => on_frame(home, link, peer, f, pending, &mut inflight, pl.id, &chain).await,
-                    Ok(Recv::Bad(e)) => {
-                        tracing::warn!(peer, "malformed frame from peer: {e}");
-                        link.send(&PeerFrame::Error { code: ErrorCode::BadFrame, message: e }).await
-                    }
-                    Ok(Recv::Alive) => Ok(()),
-                    Ok(Recv::Closed) => return "closed by peer".into(),
-                    Err(e) => Err(e),
-                }
-            }
-            _ = ping.tick() => {
-                if last_heard.elapsed() > PEER_IDLE {
-                    return format!("peer silent for {}", humantime::format_duration(PEER_IDLE));
-                }
-                link.ping().await
-            }
-        };
-        if let Err(e) = step {
-            return e.to_string();
+enum PeerWake {
+    /// Items to send.
+    Kick(Wanted),
+    /// A presence frame to send.
+    Presence(String),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
+    type In = PeerFrame;
+    type Done = Done;
+    type Wake = PeerWake;
+    const MAX_BAD_FRAMES: Option<u32> = Some(MAX_BAD_FRAMES);
+
+    fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<PeerWake> {
+        use std::task::Poll;
+        if self.kicked.as_mut().poll(cx).is_ready() {
+            self.kicked.set(self.kick.notify.clone().notified_owned());
+            return Poll::Ready(PeerWake::Kick(self.kick.take()));
         }
+        match self.presence.poll_recv(cx) {
+            Poll::Ready(Some(f)) => Poll::Ready(PeerWake::Presence(f)),
+            // The hub keeps the sender while the link is registered.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    async fn frame(
+        &mut self,
+        link: &mut Link<S>,
+        f: PeerFrame,
+        jobs: &mut Jobs<Done>,
+    ) -> Result<(), End> {
+        let (home, peer) = (self.home, self.peer);
+        Ok(on_frame(
+            home,
+            link,
+            peer,
+            f,
+            jobs,
+            &mut self.inflight,
+            self.link_id,
+            &self.chain,
+        )
+        .await?)
+    }
+
+    async fn done(&mut self, link: &mut Link<S>, d: Done, _: &mut Jobs<Done>) -> Result<(), End> {
+        let peer = self.peer;
+        match d {
+            Done::Ack(n, Ok(())) => link.send(&PeerFrame::Ack { n, refused: None }).await?,
+            Done::Ack(n, Err(StoreError::NotFound(m))) => {
+                let refused = Some(Refusal {
+                    code: ErrorCode::NoSuchUser,
+                    message: m,
+                });
+                link.send(&PeerFrame::Ack { n, refused }).await?
+            }
+            Done::Ack(n, Err(StoreError::NotAccepted)) => {
+                let refused = Some(Refusal {
+                    code: ErrorCode::NotAccepted,
+                    message: popupd_protocol::NOT_ACCEPTED.into(),
+                });
+                link.send(&PeerFrame::Ack { n, refused }).await?
+            }
+            Done::Subscribe(Ok(users)) => self.home.hub.subscribe(self.link_id, &users),
+            Done::Subscribe(Err(e)) => {
+                tracing::error!(peer, "checking a presence subscription: {e}");
+            }
+            Done::Ack(_, Err(e)) | Done::Applied(Err(e)) => {
+                // Not acked: the peer sends it again on the next link.
+                tracing::error!(peer, "storage failure: {e}");
+                return Err(End::Store(e.to_string()));
+            }
+            Done::Applied(Ok(())) => {}
+        }
+        Ok(())
+    }
+
+    async fn wake(
+        &mut self,
+        link: &mut Link<S>,
+        w: PeerWake,
+        _: &mut Jobs<Done>,
+    ) -> Result<(), End> {
+        match w {
+            PeerWake::Kick(wanted) => {
+                send_queued(self.home, link, self.peer, &mut self.inflight, wanted).await?
+            }
+            PeerWake::Presence(f) => link.send_text(f).await?,
+        }
+        Ok(())
+    }
+
+    fn bad_frame(&self, why: &str) -> Option<String> {
+        tracing::warn!(peer = self.peer, "malformed frame from peer: {why}");
+        let e = PeerFrame::Error {
+            code: ErrorCode::BadFrame,
+            message: why.to_owned(),
+        };
+        serde_json::to_string(&e).ok()
     }
 }
 
@@ -478,7 +530,7 @@ async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
     link: &mut Link<S>,
     peer: &str,
     f: PeerFrame,
-    pending: &mut FuturesOrdered<Pending>,
+    pending: &mut Jobs<Done>,
     inflight: &mut HashSet<u64>,
     link_id: u64,
     chain: &Chain,
