@@ -13,6 +13,7 @@
 //! links) and `popupd-store` (SQLite with group commit). Neither knows the
 //! roles, and Cargo keeps it so.
 
+pub mod accept;
 pub mod agent;
 pub mod ca;
 pub mod config;

@@ -403,6 +403,8 @@ pub enum ErrorCode {
     /// The server failed (its storage, most often; the message says
     /// why); try again later.
     Internal,
+    /// The server is at one of its limits (connections); try again later.
+    Busy,
 }
 
 /// Frames between two homes, both directions.

@@ -253,6 +253,8 @@ pub struct Network {
 pub struct Layout {
     /// The homes' `idle_timeout`.
     pub idle_timeout: String,
+    /// Lines added to each home's section (indented two spaces).
+    pub home_yaml: String,
     /// The address the global server listens on.
     pub global_ip: String,
     /// Home A, then home B.
@@ -290,6 +292,7 @@ impl Default for Layout {
     fn default() -> Self {
         Layout {
             idle_timeout: "10s".into(),
+            home_yaml: String::new(),
             global_ip: "127.0.0.1".into(),
             homes: Default::default(),
         }
@@ -298,16 +301,19 @@ impl Default for Layout {
 
 impl Network {
     pub async fn start(dir: &Path) -> anyhow::Result<Network> {
-        Network::start_with(dir, "10s").await
+        Network::start_laid_out(dir, Layout::default()).await
     }
 
-    /// Like `start`, with the homes' `idle_timeout` (benchmarks hold idle
-    /// agents that ping at the agent's default 25 s).
+    /// For load generators: the homes' `idle_timeout` (benchmarks hold
+    /// idle agents that ping at the agent's default 25 s), and limits on
+    /// connections not yet logged in that thousands of logins at once from
+    /// a few addresses stay within.
     pub async fn start_with(dir: &Path, idle_timeout: &str) -> anyhow::Result<Network> {
         Network::start_laid_out(
             dir,
             Layout {
                 idle_timeout: idle_timeout.into(),
+                home_yaml: "  limits:\n    pending_connections: 100000\n    pending_per_address: 100000\n    login_timeout: 60s\n".into(),
                 ..Layout::default()
             },
         )
@@ -364,12 +370,13 @@ impl Network {
             std::fs::write(
                 &file,
                 format!(
-                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}:{port}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n",
+                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}:{port}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n{}",
                     h.listen_ip,
                     h.public_ip,
                     data_dir.display(),
                     layout.idle_timeout,
                     h.global_ip,
+                    layout.home_yaml,
                 ),
             )?;
             let mut argv: Vec<String> = h.prefix.clone();

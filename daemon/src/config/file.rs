@@ -52,6 +52,28 @@ pub struct GlobalFile {
     pub ca: Spanned<PathBuf>,
     /// Where the directory database lives.
     pub data_dir: Spanned<PathBuf>,
+    /// Limits for what connects (see `LimitsFile`).
+    #[serde(default)]
+    pub limits: Option<LimitsFile>,
+}
+
+/// `limits:` of a server: what an open port needs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Connections accepted but not logged in yet, at most (default 1024).
+    #[serde(default)]
+    pub pending_connections: Option<Spanned<usize>>,
+    /// Of those, from one IP address (default 64).
+    #[serde(default)]
+    pub pending_per_address: Option<Spanned<usize>>,
+    /// From TCP accept to a valid `hello` (default 10s).
+    #[serde(default)]
+    pub login_timeout: Option<Spanned<String>>,
+    /// Links from other homes (on the global server: homes) held at once
+    /// (default 1000).
+    #[serde(default)]
+    pub peer_links: Option<Spanned<usize>>,
 }
 
 /// `home:` or an entry of `homes:`
@@ -81,9 +103,12 @@ pub struct HomeFile {
     /// How long a route learned from the global server is trusted.
     #[serde(default)]
     pub route_cache_ttl: Option<Spanned<String>>,
-    /// Most connections held at once, agents and peer homes together.
+    /// Most agent connections held at once (logged in).
     #[serde(default)]
     pub max_connections: Option<Spanned<usize>>,
+    /// Limits for what connects (see `LimitsFile`).
+    #[serde(default)]
+    pub limits: Option<LimitsFile>,
     /// How long a user whose last device dropped still shows their
     /// presence, so a quick reconnect does not flap it (default 10s).
     #[serde(default)]

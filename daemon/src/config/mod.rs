@@ -70,6 +70,31 @@ pub struct GlobalConfig {
     pub identity: Identity,
     pub ca: Arc<RootCertStore>,
     pub data_dir: PathBuf,
+    pub limits: Limits,
+}
+
+/// What a server's open port takes (`limits:`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections accepted but not logged in yet, at most.
+    pub pending: usize,
+    /// Of those, from one IP address.
+    pub pending_per_address: usize,
+    /// From TCP accept to a valid `hello`.
+    pub login_timeout: Duration,
+    /// Links from other homes (global: homes) held at once.
+    pub peer_links: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            pending: 1024,
+            pending_per_address: 64,
+            login_timeout: Duration::from_secs(10),
+            peer_links: 1000,
+        }
+    }
 }
 
 /// A home server.
@@ -89,8 +114,9 @@ pub struct HomeConfig {
     pub idle_timeout: Duration,
     /// How long a route learned from the global server is trusted.
     pub route_ttl: Duration,
-    /// Most connections held at once (agents and peer homes together).
+    /// Most agent connections held at once (logged in).
     pub max_connections: usize,
+    pub limits: Limits,
     /// A user whose last device dropped shows their presence this much
     /// longer, so a quick reconnect does not flap it.
     pub presence_grace: Duration,
@@ -451,7 +477,50 @@ impl Cx {
             identity: self.identity(&g.cert, &g.key, "global")?,
             ca: self.ca(&g.ca, "global.ca")?,
             data_dir: self.path(&g.data_dir),
+            limits: self.limits(g.limits.as_ref(), "global")?,
         })
+    }
+
+    fn limits(&self, l: Option<&file::LimitsFile>, sec: &str) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let Some(l) = l else { return Ok(d) };
+        Ok(Limits {
+            pending: self.count(
+                &l.pending_connections,
+                &format!("{sec}.limits.pending_connections"),
+                d.pending,
+            )?,
+            pending_per_address: self.count(
+                &l.pending_per_address,
+                &format!("{sec}.limits.pending_per_address"),
+                d.pending_per_address,
+            )?,
+            login_timeout: self.duration(
+                &l.login_timeout,
+                &format!("{sec}.limits.login_timeout"),
+                d.login_timeout,
+                Duration::from_millis(500),
+            )?,
+            peer_links: self.count(
+                &l.peer_links,
+                &format!("{sec}.limits.peer_links"),
+                d.peer_links,
+            )?,
+        })
+    }
+
+    /// A count of at least 1.
+    fn count(
+        &self,
+        v: &Option<Spanned<usize>>,
+        field: &str,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(m) if m.value == 0 => Err(self.err(m, field, "must be at least 1".into(), "")),
+            Some(m) => Ok(m.value),
+        }
     }
 
     fn home(&self, h: file::HomeFile, sec: &str) -> Result<HomeConfig, ConfigError> {
@@ -460,18 +529,12 @@ impl Cx {
             Some(a) => self.host_port(a, &format!("{sec}.public_address"))?,
             None => listen.to_string(),
         };
-        let max_connections = h.max_connections.map_or(Ok(100_000), |m| {
-            if m.value == 0 {
-                Err(self.err(
-                    &m,
-                    &format!("{sec}.max_connections"),
-                    "must be at least 1".into(),
-                    "",
-                ))
-            } else {
-                Ok(m.value)
-            }
-        })?;
+        let max_connections = self.count(
+            &h.max_connections,
+            &format!("{sec}.max_connections"),
+            100_000,
+        )?;
+        let limits = self.limits(h.limits.as_ref(), sec)?;
         Ok(HomeConfig {
             name: self.name(&h.name, &format!("{sec}.name"))?,
             listen,
@@ -497,6 +560,7 @@ impl Cx {
                 Duration::from_secs(1),
             )?,
             max_connections,
+            limits,
             presence_grace: self.duration(
                 &h.presence_grace,
                 &format!("{sec}.presence_grace"),

@@ -8,18 +8,20 @@
 //! (A user moves by being removed from one home and added to another.)
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::accept::{self, Pool};
 use crate::config::GlobalConfig;
+use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
 use crate::storage::global::GlobalStore;
 use crate::task::Shutdown;
-use popupd_protocol::net::{self, HANDSHAKE_TIMEOUT, Link, Recv, ServerTls, tls};
+use popupd_protocol::net::{self, Link, Recv, ServerTls, tls};
 use popupd_protocol::{
     ErrorCode, GLOBAL_PATH, GlobalReply, GlobalRequest, PROTOCOL_VERSION, Route, valid_handle,
 };
@@ -27,6 +29,8 @@ use popupd_store::{Batcher, StoreError};
 
 struct Global {
     store: Batcher<GlobalStore>,
+    /// Slots of linked homes (`limits.peer_links`).
+    slots: Pool,
     /// Linked homes, to push invalidations to.
     linked: Mutex<HashMap<u64, mpsc::UnboundedSender<GlobalReply>>>,
     next_id: AtomicU64,
@@ -52,6 +56,7 @@ pub async fn run(
     tracing::info!(global = %cfg.name, listen = %cfg.listen, "global server listening");
     let g = Arc::new(Global {
         store: Batcher::spawn("global", store)?,
+        slots: Pool::new(cfg.limits.peer_links),
         linked: Mutex::default(),
         next_id: AtomicU64::new(0),
         lookups: AtomicU64::new(0),
@@ -59,40 +64,46 @@ pub async fn run(
     });
     ready();
     tokio::spawn(report_status(g.clone(), cfg.name.clone()));
-    let mut acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
-    loop {
-        let (tcp, addr) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Ok(()) = reload.changed() => {
+    let acceptor = Arc::new(std::sync::Mutex::new(tokio_rustls::TlsAcceptor::from(
+        server_tls,
+    )));
+    let reloads = {
+        let acceptor = acceptor.clone();
+        async move {
+            while reload.changed().await.is_ok() {
                 let new = reload.borrow_and_update().clone();
                 match tls::server_config(&new.identity, new.ca.clone(), tls::ClientAuth::Required) {
                     Ok(t) => {
-                        acceptor = tokio_rustls::TlsAcceptor::from(t);
+                        *acceptor.lock().unwrap_or_else(|e| e.into_inner()) =
+                            tokio_rustls::TlsAcceptor::from(t);
                         tracing::info!("reloaded certificates and CA");
                     }
                     Err(e) => tracing::error!("reload: keeping the old certificates: {e}"),
                 }
-                if new.listen != cfg.listen || new.data_dir != cfg.data_dir || new.name != cfg.name {
-                    tracing::warn!("reload: name, listen or data_dir changed; restart the service to apply");
+                if new.listen != cfg.listen || new.data_dir != cfg.data_dir || new.name != cfg.name
+                {
+                    tracing::warn!(
+                        "reload: name, listen or data_dir changed; restart the service to apply"
+                    );
                 }
-                continue;
             }
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let (g, acceptor) = (g.clone(), acceptor.clone());
-        tokio::spawn(async move {
-            match net::accept(tcp, &acceptor, &[GLOBAL_PATH]).await {
-                Ok((link, _)) => serve(g, link, addr).await,
-                Err(e) => tracing::info!(%addr, "refused: {e}"),
-            }
-        });
+            std::future::pending::<()>().await
+        }
+    };
+    let accepting = accept::serve(
+        listener,
+        || acceptor.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        &[GLOBAL_PATH],
+        &cfg.limits,
+        &shutdown,
+        {
+            let g = g.clone();
+            move |a: accept::Accepted| serve(g.clone(), a)
+        },
+    );
+    tokio::select! {
+        _ = accepting => {}
+        _ = reloads => {}
     }
     tracing::info!(
         lookups = g.lookups.load(Ordering::Relaxed),
@@ -116,8 +127,14 @@ async fn report_status(g: Arc<Global>, name: String) {
     }
 }
 
-async fn serve(g: Arc<Global>, mut link: Link<ServerTls>, addr: SocketAddr) {
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, link.recv::<GlobalRequest>()).await;
+async fn serve(g: Arc<Global>, accepted: accept::Accepted) {
+    let accept::Accepted {
+        mut link,
+        addr,
+        ticket,
+        ..
+    } = accepted;
+    let first = tokio::time::timeout_at(ticket.deadline, link.recv::<GlobalRequest>()).await;
     let Ok(Ok(Recv::Frame(GlobalRequest::Hello { v, home, address }))) = first else {
         let _ = link
             .send(&GlobalReply::Error {
@@ -140,6 +157,19 @@ async fn serve(g: Arc<Global>, mut link: Link<ServerTls>, addr: SocketAddr) {
             .await;
         return link.close().await;
     }
+    drop(ticket);
+    let Some(_slot) = g.slots.admit() else {
+        tracing::warn!(%addr, %home, limit = g.slots.size,
+            "home refused: as many homes linked as this server takes (limits.peer_links)");
+        let _ = link
+            .send(&GlobalReply::Error {
+                req: None,
+                code: ErrorCode::Busy,
+                message: "this server holds as many home links as it takes; try again later".into(),
+            })
+            .await;
+        return link.close().await;
+    };
     let (h, a) = (home.clone(), address.clone());
     if let Err(e) = g.store.run(move |s| s.upsert_home(&h, &a)).await {
         tracing::error!("storing home: {e}");
@@ -156,37 +186,91 @@ async fn serve(g: Arc<Global>, mut link: Link<ServerTls>, addr: SocketAddr) {
     }
     tracing::info!(%home, %address, "home linked");
     let id = g.next_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, pushes) = mpsc::unbounded_channel();
     g.linked
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id, tx);
-    loop {
-        tokio::select! {
-            _ = g.shutdown.cancelled() => break,
-            Some(push) = rx.recv() => {
-                if link.send(&push).await.is_err() { break; }
-            }
-            r = link.recv::<GlobalRequest>() => match r {
-                Ok(Recv::Frame(req)) => {
-                    let reply = answer(&g, &home, req).await;
-                    if link.send(&reply).await.is_err() { break; }
-                }
-                Ok(Recv::Bad(e)) => {
-                    let bad = GlobalReply::Error { req: None, code: ErrorCode::BadFrame, message: e };
-                    if link.send(&bad).await.is_err() { break; }
-                }
-                Ok(Recv::Alive) => {}
-                Ok(Recv::Closed) | Err(_) => break,
-            },
-        }
-    }
+    let mut s = HomeLink {
+        g: g.clone(),
+        home: home.clone(),
+        pushes,
+    };
+    let mut jobs = Jobs::new();
+    // The home pings a quiet link (every 20 s); this side only listens.
+    let ka = Keepalive {
+        ping_after: Duration::from_secs(30),
+        dead_after: Duration::from_secs(60),
+        clock: Clock::Grid(Duration::from_secs(1)),
+    };
+    let end = session::run(&mut link, &mut s, &mut jobs, ka, &g.shutdown).await;
     g.linked
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
-    tracing::info!(%home, "home unlinked");
+    tracing::info!(%home, "home unlinked: {end}");
     link.close().await;
+}
+
+/// A home's link, as the session loop sees it.
+struct HomeLink {
+    g: Arc<Global>,
+    home: String,
+    /// Invalidations to push.
+    pushes: mpsc::UnboundedReceiver<GlobalReply>,
+}
+
+impl Handler<ServerTls> for HomeLink {
+    type In = GlobalRequest;
+    type Done = GlobalReply;
+    type Wake = GlobalReply;
+    const MAX_BAD_FRAMES: Option<u32> = Some(16);
+
+    fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<GlobalReply> {
+        match self.pushes.poll_recv(cx) {
+            std::task::Poll::Ready(Some(p)) => std::task::Poll::Ready(p),
+            _ => std::task::Poll::Pending,
+        }
+    }
+
+    async fn frame(
+        &mut self,
+        _: &mut Link<ServerTls>,
+        req: GlobalRequest,
+        jobs: &mut Jobs<GlobalReply>,
+    ) -> Result<(), End> {
+        // Answered in the order asked.
+        let (g, home) = (self.g.clone(), self.home.clone());
+        jobs.push_back(Box::pin(async move { answer(&g, &home, req).await }));
+        Ok(())
+    }
+
+    async fn done(
+        &mut self,
+        link: &mut Link<ServerTls>,
+        reply: GlobalReply,
+        _: &mut Jobs<GlobalReply>,
+    ) -> Result<(), End> {
+        Ok(link.feed(&reply).await?)
+    }
+
+    async fn wake(
+        &mut self,
+        link: &mut Link<ServerTls>,
+        push: GlobalReply,
+        _: &mut Jobs<GlobalReply>,
+    ) -> Result<(), End> {
+        Ok(link.feed(&push).await?)
+    }
+
+    fn bad_frame(&self, why: &str) -> Option<String> {
+        serde_json::to_string(&GlobalReply::Error {
+            req: None,
+            code: ErrorCode::BadFrame,
+            message: why.to_owned(),
+        })
+        .ok()
+    }
 }
 
 async fn answer(g: &Arc<Global>, home: &str, req: GlobalRequest) -> GlobalReply {

@@ -18,10 +18,11 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::Home;
+use crate::accept::Accepted;
 use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
 use crate::storage::home::{Effects, Push, SendOutcome};
 use crate::storage::secret_hash;
-use popupd_protocol::net::{HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
+use popupd_protocol::net::{Link, LinkError, Recv, ServerTls};
 use popupd_protocol::{
     AgentFrame, ErrorCode, HomeFrame, MAX_STATUS_TEXT, MAX_TEXT, Message, MsgId, PROTOCOL_VERSION,
     PresenceReport, PresenceState, now_ms, valid_handle, valid_id,
@@ -201,14 +202,16 @@ async fn refuse(mut link: Link<ServerTls>, code: ErrorCode, message: &str) {
 /// `async fn` moves its arguments into locals and keeps room for both, and
 /// the link alone is 1.5 KB of every idle connection.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
-pub fn serve(
-    home: Arc<Home>,
-    mut link: Link<ServerTls>,
-    peer: SocketAddr,
-) -> impl Future<Output = ()> + Send {
+pub fn serve(home: Arc<Home>, accepted: Accepted) -> impl Future<Output = ()> + Send {
     async move {
-        let first = match Box::pin(tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
+        let Accepted {
+            mut link,
+            addr: peer,
+            ticket,
+            ..
+        } = accepted;
+        let first = match Box::pin(tokio::time::timeout_at(
+            ticket.deadline,
             link.recv::<AgentFrame>(),
         ))
         .await
@@ -270,6 +273,18 @@ pub fn serve(
                 .await;
             }
         };
+        // Logged in: from the pending pool to a slot of the agents' own.
+        drop(ticket);
+        let Some(_slot) = home.agent_slots.admit() else {
+            tracing::warn!(%peer, %handle, limit = home.agent_slots.size,
+                "agent refused: the home holds as many agent connections as it takes (max_connections)");
+            return Box::pin(refuse(
+                link,
+                ErrorCode::Busy,
+                "this home holds as many connections as it takes; try again later",
+            ))
+            .await;
+        };
         let welcome = HomeFrame::Welcome {
             v: PROTOCOL_VERSION,
             handle: handle.clone(),
@@ -308,9 +323,11 @@ pub fn serve(
         // quick reconnect changes nothing for their contacts.
         let grace = home.cfg.presence_grace;
         let (device, id) = (conn.device, reg.id);
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            home.hub.expire(&home.registry, &handle, &device, id);
+        let h = home.clone();
+        home.tasks.spawn(async move {
+            if !crate::task::sleep_or_shutdown(grace, &h.shutdown).await {
+                h.hub.expire(&h.registry, &handle, &device, id);
+            }
         });
     }
 }

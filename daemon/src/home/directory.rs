@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Home;
 use crate::config::{HomeConfig, Remote};
+use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
 use crate::task::sleep_or_shutdown;
 use popupd_protocol::net::Backoff;
 use popupd_protocol::net::{self, ClientTls, Dial, Link, LinkError, Recv};
@@ -22,6 +23,10 @@ use popupd_protocol::{
 
 /// How long a caller waits for the global server.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The home pings its link to the global server after this long quiet.
+const PING: Duration = Duration::from_secs(20);
+/// And gives it up after this long with nothing heard.
+const SILENT: Duration = Duration::from_secs(60);
 
 /// Directory errors.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -280,8 +285,10 @@ pub async fn run(home: Arc<Home>) {
             Ok(link) => {
                 backoff.reset();
                 tracing::info!(global = %dial.name, "linked to the global server");
-                let why = serve(&home, link, &mut rx).await;
-                tracing::warn!(global = %dial.name, "global server link lost: {why}");
+                match serve(&home, link, &mut rx).await {
+                    End::Shutdown => return,
+                    why => tracing::warn!(global = %dial.name, "global server link lost: {why}"),
+                }
             }
             Err(e) => {
                 tracing::warn!(global = %dial.name, address = %dial.address,
@@ -311,79 +318,128 @@ async fn serve(
     home: &Arc<Home>,
     mut link: Link<ClientTls>,
     rx: &mut mpsc::Receiver<(Ask, Reply)>,
-) -> String {
-    let mut pending: HashMap<u64, Reply> = HashMap::new();
-    let mut next_req = 1u64;
+) -> End {
+    let mut s = GlobalLink {
+        home,
+        rx,
+        pending: HashMap::new(),
+        next_req: 1,
+        registering: 0,
+    };
     // Claim every local handle again, in case the directory lost them.
     let handles = home
         .store
         .read(|s| s.all_handles())
         .await
         .unwrap_or_default();
+    let mut end = None;
     for h in handles {
-        let req = next_req;
-        next_req += 1;
+        let req = s.next_req;
+        s.next_req += 1;
         if let Err(e) = link.feed(&Ask::Register(h).frame(req)).await {
-            return e.to_string();
+            end = Some(End::from(e));
+            break;
         }
     }
-    if let Err(e) = link.flush().await {
-        return e.to_string();
-    }
-    let registering = next_req;
-    let mut ping = tokio::time::interval(Duration::from_secs(20));
-    let mut last_heard = std::time::Instant::now();
-    let why = loop {
-        tokio::select! {
-            _ = home.shutdown.cancelled() => break "shutting down".to_string(),
-            Some((ask, reply)) = rx.recv() => {
-                let req = next_req;
-                next_req += 1;
-                tracing::debug!(?ask, "asking the global server");
-                if let Err(e) = link.send(&ask.frame(req)).await {
-                    let _ = reply.send(Err(DirError::Unavailable(e.to_string())));
-                    break e.to_string();
-                }
-                pending.insert(req, reply);
-            }
-            r = link.recv::<GlobalReply>() => { last_heard = std::time::Instant::now(); match r {
-                Ok(Recv::Frame(GlobalReply::Invalidate { handle })) => {
-                    tracing::debug!(%handle, "route invalidated");
-                    home.dir.invalidate(&handle);
-                }
-                Ok(Recv::Frame(f)) => {
-                    let req = match &f {
-                        GlobalReply::Done { req } | GlobalReply::Route { req, .. } => Some(*req),
-                        GlobalReply::Error { req, .. } => *req,
-                        _ => None,
-                    };
-                    match req.and_then(|r| pending.remove(&r)) {
-                        Some(reply) => { let _ = reply.send(Ok(f)); }
-                        None if req.is_some_and(|r| r < registering) => {
-                            if let GlobalReply::Error { message, .. } = f {
-                                tracing::error!("the global server refused a handle of this home: {message}");
-                            }
-                        }
-                        None => tracing::debug!(?f, "unsolicited answer from the global server"),
-                    }
-                }
-                Ok(Recv::Bad(e)) => tracing::warn!("bad frame from the global server: {e}"),
-                Ok(Recv::Alive) => {}
-                Ok(Recv::Closed) => break "closed".into(),
-                Err(e) => break e.to_string(),
-            }},
-            _ = ping.tick() => {
-                if last_heard.elapsed() > Duration::from_secs(60) {
-                    break "global server silent for 60 s".into();
-                }
-                if let Err(e) = link.ping().await {
-                    break e.to_string();
-                }
-            }
+    s.registering = s.next_req;
+    let end = match end {
+        Some(e) => e,
+        None => {
+            let ka = Keepalive {
+                ping_after: PING,
+                dead_after: SILENT,
+                clock: Clock::Grid(Duration::from_secs(1)),
+            };
+            let mut jobs = Jobs::new();
+            session::run(&mut link, &mut s, &mut jobs, ka, &home.shutdown).await
         }
     };
-    for (_, reply) in pending {
+    let why = end.to_string();
+    for (_, reply) in s.pending.drain() {
         let _ = reply.send(Err(DirError::Unavailable(why.clone())));
     }
-    why
+    link.close().await;
+    end
+}
+
+/// The link to the global server, as the session loop sees it.
+struct GlobalLink<'a> {
+    home: &'a Arc<Home>,
+    /// The home's questions.
+    rx: &'a mut mpsc::Receiver<(Ask, Reply)>,
+    /// Asked and not yet answered.
+    pending: HashMap<u64, Reply>,
+    next_req: u64,
+    /// Requests below this one are the handles claimed again at link-up.
+    registering: u64,
+}
+
+impl Handler<ClientTls> for GlobalLink<'_> {
+    type In = GlobalReply;
+    type Done = ();
+    type Wake = (Ask, Reply);
+
+    fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<(Ask, Reply)> {
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some(q)) => std::task::Poll::Ready(q),
+            // The directory holds the sender for as long as the home runs.
+            _ => std::task::Poll::Pending,
+        }
+    }
+
+    async fn frame(
+        &mut self,
+        _: &mut Link<ClientTls>,
+        f: GlobalReply,
+        _: &mut Jobs<()>,
+    ) -> Result<(), End> {
+        if let GlobalReply::Invalidate { handle } = &f {
+            tracing::debug!(%handle, "route invalidated");
+            self.home.dir.invalidate(handle);
+            return Ok(());
+        }
+        let req = match &f {
+            GlobalReply::Done { req } | GlobalReply::Route { req, .. } => Some(*req),
+            GlobalReply::Error { req, .. } => *req,
+            _ => None,
+        };
+        match req.and_then(|r| self.pending.remove(&r)) {
+            Some(reply) => {
+                let _ = reply.send(Ok(f));
+            }
+            None if req.is_some_and(|r| r < self.registering) => {
+                if let GlobalReply::Error { message, .. } = f {
+                    tracing::error!("the global server refused a handle of this home: {message}");
+                }
+            }
+            None => tracing::debug!(?f, "unsolicited answer from the global server"),
+        }
+        Ok(())
+    }
+
+    async fn done(&mut self, _: &mut Link<ClientTls>, _: (), _: &mut Jobs<()>) -> Result<(), End> {
+        Ok(())
+    }
+
+    async fn wake(
+        &mut self,
+        link: &mut Link<ClientTls>,
+        (ask, reply): (Ask, Reply),
+        _: &mut Jobs<()>,
+    ) -> Result<(), End> {
+        let req = self.next_req;
+        self.next_req += 1;
+        tracing::debug!(?ask, "asking the global server");
+        if let Err(e) = link.feed(&ask.frame(req)).await {
+            let _ = reply.send(Err(DirError::Unavailable(e.to_string())));
+            return Err(e.into());
+        }
+        self.pending.insert(req, reply);
+        Ok(())
+    }
+
+    fn bad_frame(&self, why: &str) -> Option<String> {
+        tracing::warn!("bad frame from the global server: {why}");
+        None
+    }
 }

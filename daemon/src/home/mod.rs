@@ -20,12 +20,14 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
+use tokio_util::task::TaskTracker;
 
+use crate::accept::{self, Pool};
 use crate::config::HomeConfig;
 use crate::storage::home::{Effects, HomeStore, SqliteHome};
 use crate::task::Shutdown;
-use popupd_protocol::net::{self, tls};
+use popupd_protocol::net::tls;
 use popupd_protocol::{AGENT_PATH, PEER_PATH};
 use popupd_store::Batcher;
 
@@ -50,6 +52,12 @@ pub struct Home {
     pub client_tls: tls::Swap<rustls::ClientConfig>,
     /// Wakes the router when unrouted items are queued.
     route_kick: Notify,
+    /// Slots of logged-in agents (`max_connections`) and peer homes
+    /// (`limits.peer_links`).
+    pub agent_slots: Pool,
+    pub peer_slots: Pool,
+    /// Tasks that are not connections (presence grace periods).
+    pub tasks: TaskTracker,
     pub shutdown: Shutdown,
 }
 
@@ -269,6 +277,9 @@ pub async fn run(
         client_tls: tls::Swap::new(client_tls),
         registry: agents::Registry::default(),
         route_kick: Notify::new(),
+        agent_slots: Pool::new(cfg.max_connections),
+        peer_slots: Pool::new(cfg.limits.peer_links),
+        tasks: TaskTracker::new(),
         store,
         shutdown: shutdown.clone(),
         cfg,
@@ -285,58 +296,36 @@ pub async fn run(
     tasks.spawn(apply_reloads(home.clone(), reload));
     ready();
 
-    let slots = Arc::new(Semaphore::new(home.cfg.max_connections));
-    let mut errors = 0u32;
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => p?,
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => { errors = 0; x }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, don't spin.
-                    errors = (errors + 1).min(10);
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(10 << errors)).await;
-                    continue;
+    let h = home.clone();
+    accept::serve(
+        listener,
+        || tokio_rustls::TlsAcceptor::from(h.server_tls.load()),
+        &[AGENT_PATH, PEER_PATH],
+        &home.cfg.limits,
+        &shutdown,
+        {
+            let home = home.clone();
+            move |a: accept::Accepted| {
+                let home = home.clone();
+                async move {
+                    if a.path == AGENT_PATH {
+                        agents::serve(home, a).await
+                    } else {
+                        peers::serve_inbound(home, a).await
+                    }
                 }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let home = home.clone();
-        let acceptor = tokio_rustls::TlsAcceptor::from(home.server_tls.load());
-        tokio::spawn(async move {
-            let _permit = permit;
-            // Boxed, so the task of a long-lived idle connection does not
-            // keep room for the (large, finished) handshake state, nor for
-            // the link it moved into the connection's own future: the
-            // accept result is gone before that future is awaited.
-            type Served = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-            let served: Served =
-                match Box::pin(net::accept(tcp, &acceptor, &[AGENT_PATH, PEER_PATH])).await {
-                    Ok((link, AGENT_PATH)) => Box::pin(agents::serve(home, link, peer)),
-                    Ok((link, _)) => Box::pin(peers::serve_inbound(home, link, peer)),
-                    Err(e) => return tracing::debug!(%peer, "handshake failed: {e}"),
-                };
-            served.await
-        });
-    }
+            }
+        },
+    )
+    .await;
     let st = home.hub.stats.snapshot();
     tracing::info!(home = %home.cfg.name,
         presence_changes = st.0,
         presence_to_agents = st.1,
         presence_to_peers = st.2,
         "home stopping");
-    // Let connections send their goodbyes and in-flight commits finish.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-        while slots.available_permits() < home.cfg.max_connections {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    home.tasks.close();
+    home.tasks.wait().await;
     tasks.shutdown().await;
     Ok(())
 }

@@ -23,7 +23,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,11 +31,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, mpsc};
 
 use super::Home;
+use crate::accept::Accepted;
 use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
 use crate::storage::home::{Effects, OutItem};
 use crate::task::sleep_or_shutdown;
 use popupd_protocol::net::Backoff;
-use popupd_protocol::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv, ServerTls};
+use popupd_protocol::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv};
 use popupd_protocol::{
     ErrorCode, MAX_TEXT, NOT_ACCEPTED, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal,
     valid_handle, valid_id,
@@ -295,8 +295,14 @@ async fn connect(home: &Arc<Home>, dest: &str) -> Result<Link<net::ClientTls>, S
 }
 
 /// Serves a link another home dialed.
-pub async fn serve_inbound(home: Arc<Home>, mut link: Link<ServerTls>, addr: SocketAddr) {
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, link.recv::<PeerFrame>()).await;
+pub async fn serve_inbound(home: Arc<Home>, accepted: Accepted) {
+    let Accepted {
+        mut link,
+        addr,
+        ticket,
+        ..
+    } = accepted;
+    let first = tokio::time::timeout_at(ticket.deadline, link.recv::<PeerFrame>()).await;
     let Ok(Ok(Recv::Frame(PeerFrame::Hello { v, home: name }))) = first else {
         let _ = link
             .send(&PeerFrame::Error {
@@ -319,6 +325,19 @@ pub async fn serve_inbound(home: Arc<Home>, mut link: Link<ServerTls>, addr: Soc
         let _ = link.send(&PeerFrame::Error { code, message }).await;
         return link.close().await;
     }
+    // Logged in: from the pending pool to a slot of the peers' own.
+    drop(ticket);
+    let Some(_slot) = home.peer_slots.admit() else {
+        tracing::warn!(%addr, peer = %name, limit = home.peer_slots.size,
+            "peer home refused: as many peer links as this home takes (limits.peer_links)");
+        let _ = link
+            .send(&PeerFrame::Error {
+                code: ErrorCode::Busy,
+                message: "this home holds as many peer links as it takes; try again later".into(),
+            })
+            .await;
+        return link.close().await;
+    };
     if link
         .send(&PeerFrame::Welcome {
             v: PROTOCOL_VERSION,

@@ -167,7 +167,7 @@ async fn login(
 
 async fn throughput(a: &Args) -> anyhow::Result<()> {
     let dir = TestDir::new("bench-throughput");
-    let net = Network::start(&dir.path).await?;
+    let net = Network::start_with(&dir.path, "10s").await?;
     let ca = dir.path.join("pki/ca.crt");
     let rhome = if a.one_home { 0 } else { 1 };
     let mut senders = Vec::new();

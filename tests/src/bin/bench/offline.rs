@@ -42,7 +42,7 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     let total = a.messages - a.messages % RECIPIENTS;
     let per_recipient = total / RECIPIENTS;
     let dir = TestDir::new("bench-offline");
-    let net = Network::start(&dir.path).await?;
+    let net = Network::start_with(&dir.path, "10s").await?;
     let senders = Arc::new(accounts(&net, &dir, "s", SENDERS)?);
     let recips = Arc::new(accounts(&net, &dir, "o", RECIPIENTS)?);
     let home = &net.homes[0];
