@@ -35,6 +35,7 @@ strip --strip-unneeded "$stage/usr/lib/popupd/plugins/"*.so
 f packaging/systemd/popupd@.service lib/systemd/system/popupd@.service
 f packaging/systemd/popupd-agent.service usr/lib/systemd/user/popupd-agent.service
 f packaging/dbus/org.popupd.Agent1.service usr/share/dbus-1/services/org.popupd.Agent1.service
+f ipc/org.popupd.Agent1.xml usr/share/dbus-1/interfaces/org.popupd.Agent1.xml
 f packaging/debian/sysusers.conf usr/lib/sysusers.d/popupd.conf
 f packaging/debian/README.etc etc/popupd/README
 

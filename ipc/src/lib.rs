@@ -1,10 +1,12 @@
 //! The D-Bus contract of the popupd agent: `org.popupd.Agent1`.
 //!
 //! The agent owns the well-known name [`BUS_NAME`] on the session bus and
-//! serves [`OBJECT_PATH`]. This crate holds the client side (the [`Agent1Proxy`])
-//! and the types both sides share; the daemon implements the interface with
-//! exactly these signatures. The `1` is the version: members are only ever
-//! added, never changed or removed.
+//! serves [`OBJECT_PATH`]. The interface itself, with every argument named
+//! and every member explained, is `ipc/org.popupd.Agent1.xml`, installed as
+//! `/usr/share/dbus-1/interfaces/org.popupd.Agent1.xml`; a test holds the
+//! running agent (`daemon/src/agent/dbus.rs`) and this crate's client side
+//! (the [`Agent1Proxy`], and the types both sides share) to it. The `1` is
+//! the version: members are only ever added, never changed or removed.
 //!
 //! Any language can use it. From a shell:
 //!
@@ -19,7 +21,8 @@
 //! | `Reply(id, text) → id` | `ss → s` | answer a received message (to its sender) |
 //! | `MarkRead(id)` | `s` | tell the sender you read it |
 //! | `History(peer, limit) → entries` | `su → a(sssssxss)` | newest last; `peer` "" for all |
-//! | `Status() → (connected, home, since_ms)` | `→ (bsx)` | the back connection |
+//! | `Messages(peer, limit) → entries` | `su → a(sssssxsss)` | as History, with `reply_to` last |
+//! | `Status() → connected, home, since_ms` | `→ bsx` | the back connection |
 //! | `Plugins() → entries` | `→ a(ssss)` | loaded plugins: name, version, state, file |
 //! | `Message(id) → entry` | `s → (sssssxss)` | one message of history |
 //! | property `Handle` | `s` | whose agent this is |
@@ -78,6 +81,22 @@ pub struct HistoryEntry {
     pub reason: String,
 }
 
+/// One entry of `Messages`: the fields of [`HistoryEntry`], then the id of
+/// the message it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, zbus::Type)]
+pub struct MessageEntry {
+    pub id: String,
+    pub direction: String,
+    pub from: String,
+    pub to: String,
+    pub text: String,
+    pub sent_at: i64,
+    pub status: String,
+    pub reason: String,
+    /// The id of the message this answers, or "".
+    pub reply_to: String,
+}
+
 /// One entry of `Contacts`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, zbus::Type)]
 pub struct ContactEntry {
@@ -109,6 +128,8 @@ pub trait Agent1 {
     fn mark_read(&self, id: &str) -> zbus::Result<()>;
     /// Up to `limit` newest entries with `peer` ("" for everyone), oldest first.
     fn history(&self, peer: &str, limit: u32) -> zbus::Result<Vec<HistoryEntry>>;
+    /// Like `history`, each entry with the id it answers.
+    fn messages(&self, peer: &str, limit: u32) -> zbus::Result<Vec<MessageEntry>>;
     /// The back connection: connected?, home name, since (ms since epoch, 0 if never).
     fn status(&self) -> zbus::Result<(bool, String, i64)>;
     /// One message of history.

@@ -27,7 +27,7 @@ async fn kill9_of_any_process_loses_doubles_and_reorders_nothing() {
     let mut total = Counts::default();
     for round in 0..2 {
         for v in Victim::ALL {
-            let tag = format!("{}-{round}", v.name().replace(' ', "_"));
+            let tag = format!("{v:?}-{round}");
             let c = kill_round(&mut cast, v, &tag, 120, Duration::from_secs(60))
                 .await
                 .unwrap();

@@ -184,11 +184,15 @@ fn explain(e: &anyhow::Error) -> (i32, String) {
                 "no popupd agent on this bus; start it with `systemctl --user start popupd-agent` (or `popupd run -c ~/.config/popupd/agent.yaml`) (or check --bus / DBUS_SESSION_BUS_ADDRESS)".into(),
             );
         }
+        let msg = msg.as_deref().unwrap_or("");
+        if name == popupd_ipc::errors::FAILED {
+            return (
+                exit::REFUSED,
+                format!("the agent failed: {msg} (see `journalctl --user -u popupd-agent`)"),
+            );
+        }
         let short = name.rsplit('.').next().unwrap_or(name);
-        return (
-            exit::REFUSED,
-            format!("{short}: {}", msg.as_deref().unwrap_or("")),
-        );
+        return (exit::REFUSED, format!("{short}: {msg}"));
     }
     if e.downcast_ref::<zbus::Error>().is_some() {
         return (

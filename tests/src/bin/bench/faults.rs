@@ -25,7 +25,12 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     let mut all = Counts::default();
     for v in Victim::ALL {
         // A fresh network per process keeps each history small.
-        let dir = TestDir::new(&format!("bench-faults-{}", v.name().replace(' ', "_")));
+        let slug: String = v
+            .name()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let dir = TestDir::new(&format!("bench-faults-{slug}"));
         let mut cast = Cast::start(&dir.path).await;
         let mut c = Counts::default();
         for r in 0..rounds {
@@ -36,13 +41,13 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
             }
             c.add(&one);
         }
-        t.text(
-            v.name(),
-            &format!(
-                "{} sent: {} lost, {} doubled ({} kills that may repeat one), {} reordered, {} unsignalled, {} without receipt",
-                c.sent, c.lost, c.doubled, c.repeatable, c.reordered, c.unsignalled, c.no_receipt
-            ),
+        let line = format!(
+            "{} sent: {} lost, {} doubled ({} kills that may repeat one), {} reordered, {} unsignalled, {} without receipt",
+            c.sent, c.lost, c.doubled, c.repeatable, c.reordered, c.unsignalled, c.no_receipt
         );
+        // Now, too: the table comes at the end of a long run.
+        println!("{}: {line}", v.name());
+        t.text(v.name(), &line);
         for (what, v2) in [
             ("lost", c.lost),
             ("doubled", c.doubled),
