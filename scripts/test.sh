@@ -35,6 +35,18 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# Style and lints first: they are quick, and CI keeps them at zero.
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --all --check
+else
+  echo "skipped: cargo fmt --check: rustfmt is not installed (rustup component add rustfmt)"
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+else
+  echo "skipped: cargo clippy: clippy is not installed (rustup component add clippy)"
+fi
+
 # One build shared by every test: the end-to-end tests run these binaries.
 # --all-targets: binaries, plugins, the plugin fixtures (examples) and the
 # tests in one build with one feature set, which `cargo test` then reuses.

@@ -4,6 +4,10 @@
 //! too, once their certificates exist. Certificates are made fresh for the
 //! run, under the paths the fixtures name.
 
+// Test code: an unwrap that fails is the test failing (as clippy.toml
+// allows in #[test] functions, here for their helpers too).
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use popupd::config::Config;

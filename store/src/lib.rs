@@ -180,8 +180,11 @@ struct Job<S> {
     chain: Option<Chain>,
     /// Runs the job; with `false` (its chain is broken) it only reports
     /// [`StoreError::Aborted`].
-    run: Box<dyn FnOnce(&mut S, bool) -> Ran + Send>,
+    run: Run<S>,
 }
+
+/// A job's body, as the store thread calls it.
+type Run<S> = Box<dyn FnOnce(&mut S, bool) -> Ran + Send>;
 
 /// A job that has run, its batch not yet committed.
 struct Ran {

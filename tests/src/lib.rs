@@ -645,19 +645,19 @@ impl Agent {
             loop {
                 tokio::select! {
                     Some(s) = pr.next() => if let Ok(a) = s.args() {
-                        seen.lock().unwrap().presence.push((Instant::now(), a.handle.to_string(), a.state.to_string(), a.text.to_string()));
+                        seen.lock().unwrap_or_else(|e| e.into_inner()).presence.push((Instant::now(), a.handle.to_string(), a.state.to_string(), a.text.to_string()));
                     },
                     Some(s) = rq.next() => if let Ok(a) = s.args() {
-                        seen.lock().unwrap().requests.push(a.handle.to_string());
+                        seen.lock().unwrap_or_else(|e| e.into_inner()).requests.push(a.handle.to_string());
                     },
                     Some(s) = cc.next() => if let Ok(a) = s.args() {
-                        seen.lock().unwrap().connection.push(a.connected);
+                        seen.lock().unwrap_or_else(|e| e.into_inner()).connection.push(a.connected);
                     },
                     Some(s) = rx.next() => if let Ok(a) = s.args() {
-                        seen.lock().unwrap().received.push((a.id.to_string(), a.from.to_string(), a.text.to_string()));
+                        seen.lock().unwrap_or_else(|e| e.into_inner()).received.push((a.id.to_string(), a.from.to_string(), a.text.to_string()));
                     },
                     Some(s) = st.next() => if let Ok(a) = s.args() {
-                        seen.lock().unwrap().status.entry(a.id.to_string()).or_default().push(a.status.to_string());
+                        seen.lock().unwrap_or_else(|e| e.into_inner()).status.entry(a.id.to_string()).or_default().push(a.status.to_string());
                     },
                     else => break,
                 }
@@ -680,13 +680,11 @@ impl Agent {
     pub async fn wait_connected(&self, want: bool, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(p) = self.proxy().await {
-                if let Ok((c, _, _)) = p.status().await {
-                    if c == want {
+            if let Ok(p) = self.proxy().await
+                && let Ok((c, _, _)) = p.status().await
+                    && c == want {
                         return Ok(());
                     }
-                }
-            }
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "{}: connected != {want} after {within:?}",
@@ -705,7 +703,7 @@ impl Agent {
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if pred(&self.seen.lock().unwrap()) {
+            if pred(&self.seen.lock().unwrap_or_else(|e| e.into_inner())) {
                 return Ok(());
             }
             anyhow::ensure!(

@@ -3,6 +3,10 @@
 //! every presence change arrives, once); it measures nothing. The figures
 //! come from release runs, see docs/performance.md.
 
+// Test code: an unwrap that fails is the test failing (as clippy.toml
+// allows in #[test] functions, here for their helpers too).
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 use popupd_e2e::bin;

@@ -7,6 +7,10 @@
 //! After a deliberate change to the interface, write the file anew with
 //! `POPUPD_WRITE_INTERFACE=1 cargo test -p popupd-e2e --test dbus_contract`.
 
+// Test code: an unwrap that fails is the test failing (as clippy.toml
+// allows in #[test] functions, here for their helpers too).
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -63,9 +67,8 @@ async fn the_running_agent_says_what_the_published_interface_says() {
         }
     }
     for member in ["<method", "<signal", "<property"] {
-        let mut lines = live.lines().map(str::trim).peekable();
         let mut prev = "";
-        while let Some(l) = lines.next() {
+        for l in live.lines().map(str::trim) {
             if l.starts_with(member) {
                 assert!(prev.ends_with("-->"), "no doc text before {l}");
             }

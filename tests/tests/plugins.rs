@@ -2,6 +2,10 @@
 //! message; the exec plugin runs its command; a plugin that kills the agent
 //! is skipped on the next start.
 
+// Test code: an unwrap that fails is the test failing (as clippy.toml
+// allows in #[test] functions, here for their helpers too).
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -5,6 +5,10 @@
 //! `inline-reply` (no KDE Plasma runs here): the reply typed in the popup
 //! reaches alice.
 
+// Test code: an unwrap that fails is the test failing (as clippy.toml
+// allows in #[test] functions, here for their helpers too).
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -264,8 +268,11 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
 /// A notification server that answers every popup with a reply typed
 /// inside it, as KDE Plasma's inline reply does.
 struct InlineServer {
-    calls: Arc<Mutex<Vec<(String, String, Vec<String>)>>>,
+    calls: Calls,
 }
+
+/// Each Notify: (summary, body, actions).
+type Calls = Arc<Mutex<Vec<(String, String, Vec<String>)>>>;
 
 /// A notification server that only records what it is asked to show.
 struct QuietServer {
@@ -373,7 +380,7 @@ impl InlineServer {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let em = SignalEmitter::new(&conn, "/org/freedesktop/Notifications").unwrap();
             let em = match caller {
-                Some(c) => em.set_destination(zbus::names::BusName::Unique(c.into())),
+                Some(c) => em.set_destination(zbus::names::BusName::Unique(c)),
                 None => em,
             };
             InlineServer::notification_replied(&em, 7, "typed in the popup")

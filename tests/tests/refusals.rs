@@ -2,6 +2,10 @@
 //! certificate from another CA, garbage and oversized frames, a spoofed
 //! sender, a config with an unknown key.
 
+// Test code: an unwrap that fails is the test failing (as clippy.toml
+// allows in #[test] functions, here for their helpers too).
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, popupd, secret_of};

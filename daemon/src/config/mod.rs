@@ -34,13 +34,13 @@ use popupd_protocol::valid_handle;
     hint = if hint.is_empty() { String::new() } else { format!("\n  hint: {hint}") })]
 pub struct ConfigError {
     pub file: String,
-    pub line: u64,
-    pub column: u64,
+    pub line: u32,
+    pub column: u32,
     /// Dotted path of the field, e.g. `home.listen`; empty when unknown.
     pub field: String,
     pub message: String,
     /// The offending lines, when the parser gave them (indented, one per line).
-    pub snippet: String,
+    pub snippet: Box<str>,
     pub hint: String,
 }
 
@@ -205,7 +205,7 @@ impl Config {
             column: 0,
             field: String::new(),
             message: format!("cannot read: {e}"),
-            snippet: String::new(),
+            snippet: "".into(),
             hint: "give the path of a YAML config; examples are in packaging/examples/".into(),
         })?;
         Config::parse(&text, path)
@@ -218,14 +218,14 @@ impl Config {
         let f: file::ConfigFile = serde_saphyr::from_str(text).map_err(|e| {
             let (line, column) = e
                 .location()
-                .map(|l| (l.line(), l.column()))
+                .map(|l| (clip(l.line()), clip(l.column())))
                 .unwrap_or((0, 0));
             let full = e.to_string();
             let mut lines = full.lines();
             // The position is already in front of the message; drop the
             // parser's own copy of it.
             let message = strip_position(lines.next().unwrap_or_default());
-            let snippet = lines
+            let snippet: String = lines
                 .filter(|l| !l.trim().is_empty())
                 .map(|l| format!("\n    {l}"))
                 .collect();
@@ -236,7 +236,7 @@ impl Config {
                 field: String::new(),
                 hint: syntax_hint(&message),
                 message,
-                snippet,
+                snippet: snippet.into(),
             }
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -300,11 +300,11 @@ impl Cx {
     fn err<T>(&self, s: &Spanned<T>, field: &str, message: String, hint: &str) -> ConfigError {
         ConfigError {
             file: self.file.clone(),
-            line: s.referenced.line(),
-            column: s.referenced.column(),
+            line: clip(s.referenced.line()),
+            column: clip(s.referenced.column()),
             field: field.into(),
             message,
-            snippet: String::new(),
+            snippet: "".into(),
             hint: hint.into(),
         }
     }
@@ -316,7 +316,7 @@ impl Cx {
             column: 0,
             field: String::new(),
             message: message.into(),
-            snippet: String::new(),
+            snippet: "".into(),
             hint: hint.into(),
         }
     }
@@ -692,6 +692,12 @@ pub fn default_data_dir() -> PathBuf {
     expand_home(Path::new("~/.local/share/popupd"))
 }
 
+/// A position the parser gives, as [`ConfigError`] keeps it (a config
+/// file has far fewer than 4 billion lines).
+fn clip(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -720,3 +726,4 @@ mod tests {
         }
     }
 }
+

@@ -448,6 +448,141 @@ enum PeerWake {
     Presence(String),
 }
 
+impl PeerSession<'_> {
+    /// What the peer sent: items to store (acked once on disk), presence,
+    /// acks of our items.
+    async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        link: &mut Link<S>,
+        f: PeerFrame,
+        pending: &mut Jobs<Done>,
+    ) -> Result<(), LinkError> {
+        let (home, peer, link_id) = (self.home, self.peer, self.link_id);
+        let (inflight, chain) = (&mut self.inflight, &self.chain);
+        let store = &home.store;
+        match f {
+            PeerFrame::Contact { n, from, to, op } => {
+                if !valid_handle(&from) || !valid_handle(&to) {
+                    return refuse(link, n, ErrorCode::Invalid, "bad handle").await;
+                }
+                if !check_sender(home, link, peer, n, &from).await? {
+                    return Ok(());
+                }
+                let (from_home, h) = (peer.to_owned(), home.clone());
+                let p = store.chain_then(chain, move |s| {
+                    let mut fx = Effects::default();
+                    s.contact_from_peer(&from_home, &from, &to, op, &mut fx)?;
+                    Ok(((), move || h.apply(fx)))
+                });
+                pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
+            }
+            PeerFrame::Subscribe { users } => {
+                let users: Vec<String> = users.into_iter().filter(|u| valid_handle(u)).collect();
+                let from_home = peer.to_owned();
+                // Only reads.
+                let p = store.submit_lazy(move |s| s.visible_to_home(&from_home, &users));
+                pending.push_back(Box::pin(async move { Done::Subscribe(p.await) }));
+            }
+            PeerFrame::Unsubscribe { users } => home.hub.unsubscribe(link_id, &users),
+            PeerFrame::Presence {
+                handle,
+                state,
+                text,
+                since,
+            } => {
+                let text: String = text
+                    .chars()
+                    .take(popupd_protocol::MAX_STATUS_TEXT)
+                    .collect();
+                let shown = super::presence::Shown { state, text, since };
+                home.hub
+                    .remote_presence(&home.registry, link_id, &handle, shown);
+            }
+            PeerFrame::Deliver { n, msg } => {
+                if !valid_handle(&msg.from) || !valid_handle(&msg.to) {
+                    return refuse(link, n, ErrorCode::Invalid, "bad handle").await;
+                }
+                if !valid_id(&msg.id) || msg.text.is_empty() || msg.text.len() > MAX_TEXT {
+                    return refuse(link, n, ErrorCode::Invalid, "bad id or text length").await;
+                }
+                if !check_sender(home, link, peer, n, &msg.from).await? {
+                    return Ok(());
+                }
+                // The recipient gets it at commit; the peer's ack waits for
+                // the disk.
+                let (from, h) = (peer.to_owned(), home.clone());
+                let p = store.chain_then(chain, move |s| {
+                    let mut fx = Effects::default();
+                    s.accept_remote(&from, &msg, &mut fx)?;
+                    Ok(((), move || h.apply(fx)))
+                });
+                pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
+            }
+            PeerFrame::Receipt {
+                n,
+                id,
+                to,
+                state,
+                reason,
+            } => {
+                let (from, h) = (peer.to_owned(), home.clone());
+                let p = store.chain_then(chain, move |s| {
+                    let mut fx = Effects::default();
+                    s.apply_receipt(&id, &to, Some(&from), state, reason.as_deref(), &mut fx)?;
+                    Ok(((), move || h.apply(fx)))
+                });
+                pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
+            }
+            PeerFrame::Ack { n, refused } => {
+                inflight.remove(&n);
+                match refused {
+                    // Lazy, and no one waits: an item a power cut brings back
+                    // is forwarded again, and the peer drops it by id.
+                    None => {
+                        let peer = peer.to_owned();
+                        store.submit_lazy(move |s| {
+                            s.outq_done(n).inspect_err(|e| {
+                                tracing::error!(peer, n, "storing a peer's ack failed: {e}")
+                            })
+                        });
+                    }
+                    Some(r) => {
+                        tracing::warn!(peer, n, "peer refused an item: {}", r.message);
+                        let reason = match r.code {
+                            ErrorCode::NoSuchUser | ErrorCode::NotAccepted => NOT_ACCEPTED.to_string(),
+                            _ => r.message,
+                        };
+                        let gone = r.code == ErrorCode::NoSuchUser;
+                        let h = home.clone();
+                        let p = store.submit_then(move |s| {
+                            let mut fx = Effects::default();
+                            if let Some(item) = s.outq_fail(n, &reason, &mut fx)?
+                                && gone
+                            {
+                                // The user left that home: ask the directory afresh next time.
+                                h.dir.invalidate(item.dest_handle());
+                            }
+                            Ok(((), move || h.apply(fx)))
+                        });
+                        pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
+                    }
+                }
+            }
+            PeerFrame::Error { code, message } => {
+                tracing::warn!(peer, ?code, "peer reports: {message}");
+            }
+            PeerFrame::Hello { .. } | PeerFrame::Welcome { .. } => {
+                link.send(&PeerFrame::Error {
+                    code: ErrorCode::BadFrame,
+                    message: "already introduced".into(),
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
     type In = PeerFrame;
     type Done = Done;
@@ -473,18 +608,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
         f: PeerFrame,
         jobs: &mut Jobs<Done>,
     ) -> Result<(), End> {
-        let (home, peer) = (self.home, self.peer);
-        Ok(on_frame(
-            home,
-            link,
-            peer,
-            f,
-            jobs,
-            &mut self.inflight,
-            self.link_id,
-            &self.chain,
-        )
-        .await?)
+        Ok(self.on_frame(link, f, jobs).await?)
     }
 
     async fn done(&mut self, link: &mut Link<S>, d: Done, _: &mut Jobs<Done>) -> Result<(), End> {
@@ -544,138 +668,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
     }
 }
 
-async fn on_frame<S: AsyncRead + AsyncWrite + Unpin>(
-    home: &Arc<Home>,
-    link: &mut Link<S>,
-    peer: &str,
-    f: PeerFrame,
-    pending: &mut Jobs<Done>,
-    inflight: &mut HashSet<u64>,
-    link_id: u64,
-    chain: &Chain,
-) -> Result<(), LinkError> {
-    let store = &home.store;
-    match f {
-        PeerFrame::Contact { n, from, to, op } => {
-            if !valid_handle(&from) || !valid_handle(&to) {
-                return refuse(link, n, ErrorCode::Invalid, "bad handle").await;
-            }
-            if !check_sender(home, link, peer, n, &from).await? {
-                return Ok(());
-            }
-            let (from_home, h) = (peer.to_owned(), home.clone());
-            let p = store.chain_then(chain, move |s| {
-                let mut fx = Effects::default();
-                s.contact_from_peer(&from_home, &from, &to, op, &mut fx)?;
-                Ok(((), move || h.apply(fx)))
-            });
-            pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
-        }
-        PeerFrame::Subscribe { users } => {
-            let users: Vec<String> = users.into_iter().filter(|u| valid_handle(u)).collect();
-            let from_home = peer.to_owned();
-            // Only reads.
-            let p = store.submit_lazy(move |s| s.visible_to_home(&from_home, &users));
-            pending.push_back(Box::pin(async move { Done::Subscribe(p.await) }));
-        }
-        PeerFrame::Unsubscribe { users } => home.hub.unsubscribe(link_id, &users),
-        PeerFrame::Presence {
-            handle,
-            state,
-            text,
-            since,
-        } => {
-            let text: String = text
-                .chars()
-                .take(popupd_protocol::MAX_STATUS_TEXT)
-                .collect();
-            let shown = super::presence::Shown { state, text, since };
-            home.hub
-                .remote_presence(&home.registry, link_id, &handle, shown);
-        }
-        PeerFrame::Deliver { n, msg } => {
-            if !valid_handle(&msg.from) || !valid_handle(&msg.to) {
-                return refuse(link, n, ErrorCode::Invalid, "bad handle").await;
-            }
-            if !valid_id(&msg.id) || msg.text.is_empty() || msg.text.len() > MAX_TEXT {
-                return refuse(link, n, ErrorCode::Invalid, "bad id or text length").await;
-            }
-            if !check_sender(home, link, peer, n, &msg.from).await? {
-                return Ok(());
-            }
-            // The recipient gets it at commit; the peer's ack waits for
-            // the disk.
-            let (from, h) = (peer.to_owned(), home.clone());
-            let p = store.chain_then(chain, move |s| {
-                let mut fx = Effects::default();
-                s.accept_remote(&from, &msg, &mut fx)?;
-                Ok(((), move || h.apply(fx)))
-            });
-            pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
-        }
-        PeerFrame::Receipt {
-            n,
-            id,
-            to,
-            state,
-            reason,
-        } => {
-            let (from, h) = (peer.to_owned(), home.clone());
-            let p = store.chain_then(chain, move |s| {
-                let mut fx = Effects::default();
-                s.apply_receipt(&id, &to, Some(&from), state, reason.as_deref(), &mut fx)?;
-                Ok(((), move || h.apply(fx)))
-            });
-            pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
-        }
-        PeerFrame::Ack { n, refused } => {
-            inflight.remove(&n);
-            match refused {
-                // Lazy, and no one waits: an item a power cut brings back
-                // is forwarded again, and the peer drops it by id.
-                None => {
-                    let peer = peer.to_owned();
-                    store.submit_lazy(move |s| {
-                        s.outq_done(n).inspect_err(|e| {
-                            tracing::error!(peer, n, "storing a peer's ack failed: {e}")
-                        })
-                    });
-                }
-                Some(r) => {
-                    tracing::warn!(peer, n, "peer refused an item: {}", r.message);
-                    let reason = match r.code {
-                        ErrorCode::NoSuchUser | ErrorCode::NotAccepted => NOT_ACCEPTED.to_string(),
-                        _ => r.message,
-                    };
-                    let gone = r.code == ErrorCode::NoSuchUser;
-                    let h = home.clone();
-                    let p = store.submit_then(move |s| {
-                        let mut fx = Effects::default();
-                        if let Some(item) = s.outq_fail(n, &reason, &mut fx)?
-                            && gone
-                        {
-                            // The user left that home: ask the directory afresh next time.
-                            h.dir.invalidate(item.dest_handle());
-                        }
-                        Ok(((), move || h.apply(fx)))
-                    });
-                    pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
-                }
-            }
-        }
-        PeerFrame::Error { code, message } => {
-            tracing::warn!(peer, ?code, "peer reports: {message}");
-        }
-        PeerFrame::Hello { .. } | PeerFrame::Welcome { .. } => {
-            link.send(&PeerFrame::Error {
-                code: ErrorCode::BadFrame,
-                message: "already introduced".into(),
-            })
-            .await?;
-        }
-    }
-    Ok(())
-}
 
 /// The sender of item `n` must live on the home this link belongs to.
 /// `Ok(false)`: they do not, and the item is refused; `Err`: the directory

@@ -407,11 +407,10 @@ impl Hub {
         }
         let mut homes = Vec::new();
         for (c, home) in &new {
-            if let Some(h) = g.add_watch(handle, c, home.as_deref()) {
-                if !homes.contains(&h) {
+            if let Some(h) = g.add_watch(handle, c, home.as_deref())
+                && !homes.contains(&h) {
                     homes.push(h);
                 }
-            }
         }
         let list = rows
             .iter()

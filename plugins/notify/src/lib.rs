@@ -311,8 +311,8 @@ async fn run(host: Host, mut cfg: Config, mut rx: mpsc::UnboundedReceiver<Work>)
             }
             Some(s) = replied.next() => {
                 let Ok(a) = s.args() else { continue };
-                if let Some(p) = open.remove(&a.id) {
-                    if let Some(last) = p.ids.last() {
+                if let Some(p) = open.remove(&a.id)
+                    && let Some(last) = p.ids.last() {
                         match host.reply(&p.from, last, a.text) {
                             Ok(_) => {
                                 for id in &p.ids {
@@ -322,7 +322,6 @@ async fn run(host: Host, mut cfg: Config, mut rx: mpsc::UnboundedReceiver<Work>)
                             Err(e) => host.warn(&format!("reply: {e}")),
                         }
                     }
-                }
             }
             Some(s) = closed.next() => {
                 if let Ok(a) = s.args() {

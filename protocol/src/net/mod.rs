@@ -234,6 +234,8 @@ pub async fn accept(
     let work = async {
         let tls = acceptor.accept(tcp).await?;
         let mut chosen: Option<&'static str> = None;
+        // tungstenite's callback type: its error is the HTTP answer.
+        #[allow(clippy::result_large_err)]
         let cb = |req: &tungstenite::handshake::server::Request,
                   resp: tungstenite::handshake::server::Response| {
             match paths.iter().find(|p| **p == req.uri().path()) {

@@ -53,11 +53,10 @@ impl Proxy {
                 .filter(|v| !v.is_empty())
         };
         let url = get("HTTPS_PROXY").or_else(|| get("ALL_PROXY"))?;
-        if let Some(no) = get("NO_PROXY") {
-            if no_proxy_matches(&no, host) {
+        if let Some(no) = get("NO_PROXY")
+            && no_proxy_matches(&no, host) {
                 return None;
             }
-        }
         Some(Proxy::parse(&url))
     }
 

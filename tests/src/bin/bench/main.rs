@@ -235,11 +235,10 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
                     next = futures_util::FutureExt::now_or_never(link.recv::<HomeFrame>())
                         .and_then(Result::ok);
                 }
-                if let Some(seq) = last {
-                    if link.send(&AgentFrame::Ack { seq }).await.is_err() {
+                if let Some(seq) = last
+                    && link.send(&AgentFrame::Ack { seq }).await.is_err() {
                         break;
                     }
-                }
             }
             got
         }));

@@ -112,11 +112,10 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
                 let mut last = None;
                 while let Some(r) = next.take() {
                     if let Recv::Frame(HomeFrame::Event { seq, event }) = r {
-                        if let Event::Message(m) = event {
-                            if !ids.insert(m.id) {
+                        if let Event::Message(m) = event
+                            && !ids.insert(m.id) {
                                 dup += 1;
                             }
-                        }
                         last = Some(seq);
                     }
                     next = futures_util::FutureExt::now_or_never(link.recv::<HomeFrame>())
