@@ -241,9 +241,10 @@ async fn wait_connected(bus: &str) -> anyhow::Result<()> {
     let conn = zbus::connection::Builder::address(bus).build().await?;
     for _ in 0..200 {
         if let Ok(p) = popupd_ipc::Agent1Proxy::new(&conn).await
-            && let Ok((true, _, _)) = p.status().await {
-                return Ok(());
-            }
+            && let Ok((true, _, _)) = p.status().await
+        {
+            return Ok(());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("not connected after 10 s")

@@ -682,9 +682,10 @@ impl Agent {
         loop {
             if let Ok(p) = self.proxy().await
                 && let Ok((c, _, _)) = p.status().await
-                    && c == want {
-                        return Ok(());
-                    }
+                && c == want
+            {
+                return Ok(());
+            }
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "{}: connected != {want} after {within:?}",

@@ -50,9 +50,10 @@ fn give_to_dir_owner(dir: &Path) {
     for name in ["home.sqlite", "home.sqlite-wal", "home.sqlite-shm"] {
         let p = dir.join(name);
         if let Ok(m) = std::fs::metadata(&p)
-            && (m.uid() != meta.uid() || m.gid() != meta.gid()) {
-                let _ = std::os::unix::fs::chown(&p, Some(meta.uid()), Some(meta.gid()));
-            }
+            && (m.uid() != meta.uid() || m.gid() != meta.gid())
+        {
+            let _ = std::os::unix::fs::chown(&p, Some(meta.uid()), Some(meta.gid()));
+        }
     }
 }
 

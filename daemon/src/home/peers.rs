@@ -549,7 +549,9 @@ impl PeerSession<'_> {
                     Some(r) => {
                         tracing::warn!(peer, n, "peer refused an item: {}", r.message);
                         let reason = match r.code {
-                            ErrorCode::NoSuchUser | ErrorCode::NotAccepted => NOT_ACCEPTED.to_string(),
+                            ErrorCode::NoSuchUser | ErrorCode::NotAccepted => {
+                                NOT_ACCEPTED.to_string()
+                            }
                             _ => r.message,
                         };
                         let gone = r.code == ErrorCode::NoSuchUser;
@@ -667,7 +669,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
         serde_json::to_string(&e).ok()
     }
 }
-
 
 /// The sender of item `n` must live on the home this link belongs to.
 /// `Ok(false)`: they do not, and the item is refused; `Err`: the directory

@@ -408,9 +408,10 @@ impl Hub {
         let mut homes = Vec::new();
         for (c, home) in &new {
             if let Some(h) = g.add_watch(handle, c, home.as_deref())
-                && !homes.contains(&h) {
-                    homes.push(h);
-                }
+                && !homes.contains(&h)
+            {
+                homes.push(h);
+            }
         }
         let list = rows
             .iter()

@@ -54,9 +54,10 @@ impl Proxy {
         };
         let url = get("HTTPS_PROXY").or_else(|| get("ALL_PROXY"))?;
         if let Some(no) = get("NO_PROXY")
-            && no_proxy_matches(&no, host) {
-                return None;
-            }
+            && no_proxy_matches(&no, host)
+        {
+            return None;
+        }
         Some(Proxy::parse(&url))
     }
 

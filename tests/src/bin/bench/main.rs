@@ -236,9 +236,10 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
                         .and_then(Result::ok);
                 }
                 if let Some(seq) = last
-                    && link.send(&AgentFrame::Ack { seq }).await.is_err() {
-                        break;
-                    }
+                    && link.send(&AgentFrame::Ack { seq }).await.is_err()
+                {
+                    break;
+                }
             }
             got
         }));

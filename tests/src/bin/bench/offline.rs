@@ -113,9 +113,10 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
                 while let Some(r) = next.take() {
                     if let Recv::Frame(HomeFrame::Event { seq, event }) = r {
                         if let Event::Message(m) = event
-                            && !ids.insert(m.id) {
-                                dup += 1;
-                            }
+                            && !ids.insert(m.id)
+                        {
+                            dup += 1;
+                        }
                         last = Some(seq);
                     }
                     next = futures_util::FutureExt::now_or_never(link.recv::<HomeFrame>())
