@@ -151,18 +151,28 @@ impl Proc {
 
     /// SIGTERM, then wait for the exit.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        let _ = self.stop_within(Duration::from_secs(10));
+    }
+
+    /// SIGTERM, and how long the process took to exit with success; an
+    /// error if it failed, or if it did not exit within `limit` (then it is
+    /// killed).
+    pub fn stop_within(&mut self, limit: Duration) -> anyhow::Result<Duration> {
+        let Some(mut c) = self.child.take() else {
+            bail!("not running");
+        };
+        let t0 = Instant::now();
+        let _ = Command::new("kill").arg(c.id().to_string()).status();
+        while t0.elapsed() < limit {
+            if let Ok(Some(status)) = c.try_wait() {
+                anyhow::ensure!(status.success(), "exited with {status}");
+                return Ok(t0.elapsed());
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            std::thread::sleep(Duration::from_millis(10));
         }
+        let _ = c.kill();
+        let _ = c.wait();
+        bail!("still running {limit:?} after SIGTERM")
     }
 
     /// The process id, while running.

@@ -348,3 +348,55 @@ async fn popupctl_send_returns_during_a_burst_of_status_signals() {
         .collect();
     assert_eq!(got, ids.iter().collect::<Vec<_>>(), "in order, once each");
 }
+
+/// SIGTERM under load: a home stops within 3 s (it answers what is in
+/// hand, says `bye`, and gives its connections 2 s), and every message
+/// alice saw accepted is kept; after a restart all arrive, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_stops_in_time_and_keeps_every_accepted_message() {
+    let dir = TestDir::new("sigterm");
+    let (mut net, alice, bob) = two_people(&dir.path, "", "").await;
+    let ap = alice.proxy().await.unwrap();
+    for (i, home) in [0usize, 1].into_iter().enumerate() {
+        let mut ids = Vec::new();
+        let mut took = None;
+        for n in 0..600 {
+            ids.push(ap.send("bob", &format!("{i}-{n}")).await.unwrap());
+            if n == 300 {
+                // The stream is in full flow: hundreds in flight.
+                took = Some(
+                    net.homes[home]
+                        .stop_within(Duration::from_secs(10))
+                        .unwrap(),
+                );
+            }
+        }
+        let took = took.unwrap();
+        println!("home {home} stopped {took:?} after SIGTERM under load");
+        assert!(took <= Duration::from_secs(3), "took {took:?}");
+        let accepted: Vec<String> = {
+            let seen = alice.seen.lock().unwrap();
+            ids.iter()
+                .filter(|id| seen.reached(id, "accepted"))
+                .cloned()
+                .collect()
+        };
+        net.homes[home].restart().unwrap();
+        bob.wait_for("every message", Duration::from_secs(60), |s| {
+            ids.iter().all(|id| s.received.iter().any(|r| &r.0 == id))
+        })
+        .await
+        .unwrap();
+        let got: Vec<String> = bob
+            .seen
+            .lock()
+            .unwrap()
+            .received
+            .iter()
+            .map(|r| r.0.clone())
+            .filter(|id| ids.contains(id))
+            .collect();
+        assert_eq!(got, ids, "in order, once each");
+        assert!(accepted.iter().all(|id| got.contains(id)));
+    }
+}
