@@ -370,8 +370,7 @@ type LogHandle = tracing_subscriber::reload::Handle<Targets, tracing_subscriber:
 ///
 /// `Targets` rather than `EnvFilter`: the same `target=level` syntax
 /// without span and field filters, which popupd does not use, and without
-/// the regex engine they bring (a fifth of a megabyte of code, mapped by
-/// every agent).
+/// the regex engine they bring (code every agent would map).
 fn filter(level: &str) -> Targets {
     if let Ok(env) = std::env::var("RUST_LOG") {
         match env.parse() {

@@ -499,7 +499,8 @@ pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, Store
     c.set_prepared_statement_cache_capacity(64);
     // `temp_store = MEMORY` (below) also keeps each job's savepoint journal
     // in memory; past 64 KiB SQLite would spill it to a temp file and write
-    // every saved page with its own pwrite, a fifth of the CPU in a flood.
+    // every saved page with its own pwrite, a large share of the CPU in a
+    // flood.
     // Keep each statement's plan for good: without this, SQLite re-plans a
     // statement on every new parameter value where the value could change
     // the plan (a LIMIT ?, a subquery), which on the ack path cost a full
@@ -581,19 +582,19 @@ pub fn wal_syncer(db: &std::path::Path) -> Result<Syncer, StoreError> {
 /// Moves a busy WAL database's checkpoints off its storage thread.
 ///
 /// SQLite checkpoints inside the commit that crosses 1,000 log pages: it
-/// copies the log into the database and fsyncs it, 3 to 7 ms here, and every
-/// job queued behind that commit waits. The owner turns automatic
+/// copies the log into the database and fsyncs it, and every job queued
+/// behind that commit waits. The owner turns automatic
 /// checkpoints off and calls [`Checkpointer::committed`] after each commit;
 /// every so many commits this thread runs a passive checkpoint on its own
 /// connection, which never blocks the writer.
 ///
 /// A passive checkpoint copies the log as far as it was when it began, and
 /// the writer starts the log over only once all of it is copied. Under
-/// steady load new commits always arrive meanwhile, so the log never started
-/// over and grew by 22 KB a message (885 MB after 40,000). So when this
+/// steady load new commits always arrive meanwhile, so the log would never
+/// start over and would grow with every message. So when this
 /// thread finds the log past [`TAIL_AFTER`], the owner copies the few pages
 /// committed since, on its own connection between two batches (a small copy
-/// and two fsyncs, 1-5 ms), and its next transaction starts the log over. It
+/// and two fsyncs), and its next transaction starts the log over. It
 /// does so when no job waits ([`Checkpointer::idle`]), so that the stall
 /// holds up only jobs that come during it, or after [`TAIL_PATIENCE`]
 /// commits if the queue is never empty.
@@ -696,8 +697,8 @@ impl Checkpointer {
 const TAIL_PATIENCE: u32 = 64;
 
 /// Log pages past which the writer finishes a checkpoint itself: 64 MiB.
-/// Each time stalls the writer 1-5 ms (mostly two fsyncs), so not often:
-/// at 4,000 msg/s, every 0.75 s or so.
+/// Each time stalls the writer for two fsyncs and a small copy, so not
+/// often.
 const TAIL_AFTER: u64 = 16384;
 
 /// Runs a passive checkpoint; returns the size of the log, in pages.

@@ -2,7 +2,7 @@
 //! durable mailboxes and forward queue, and a cache of where other users
 //! live.
 //!
-//! - [`agents`]: one actor per back connection, and the registry that
+//! - [`sessions`]: one actor per back connection, and the registry that
 //!   routes mailbox events to the online devices of a user.
 //! - [`peers`]: links to other homes, and the router that finds where
 //!   queued items go.
@@ -11,10 +11,10 @@
 //! - [`admin`]: `popupd user ...` commands, run beside a live home.
 
 pub mod admin;
-pub mod agents;
 pub mod directory;
 pub mod peers;
 pub mod presence;
+pub mod sessions;
 
 use std::sync::Arc;
 
@@ -39,7 +39,7 @@ pub struct Home {
     pub cfg: HomeConfig,
     pub store: Store,
     /// Online devices, by handle.
-    pub registry: agents::Registry,
+    pub registry: sessions::Registry,
     /// Route cache and global server link.
     pub dir: directory::Directory,
     /// Links to other homes.
@@ -275,7 +275,7 @@ pub async fn run(
         hub: presence::Hub::default(),
         server_tls: tls::Swap::new(server_tls),
         client_tls: tls::Swap::new(client_tls),
-        registry: agents::Registry::default(),
+        registry: sessions::Registry::default(),
         route_kick: Notify::new(),
         agent_slots: Pool::new(cfg.max_connections),
         peer_slots: Pool::new(cfg.limits.peer_links),
@@ -309,7 +309,7 @@ pub async fn run(
                 let home = home.clone();
                 async move {
                     if a.path == AGENT_PATH {
-                        agents::serve(home, a).await
+                        sessions::serve(home, a).await
                     } else {
                         peers::serve_inbound(home, a).await
                     }

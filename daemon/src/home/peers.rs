@@ -61,7 +61,7 @@ const SWEEP: Duration = Duration::from_secs(30);
 /// restart or reconnect) everything queued for its peer. Telling the link
 /// which items are new keeps a busy link from re-reading its whole queue.
 #[derive(Default)]
-struct Wake {
+struct Kick {
     notify: Arc<Notify>,
     wanted: Mutex<Wanted>,
 }
@@ -81,7 +81,7 @@ impl Wanted {
     }
 }
 
-impl Wake {
+impl Kick {
     fn add(&self, n: Option<u64>) {
         {
             let mut w = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
@@ -103,13 +103,13 @@ struct Slot {
     /// Links up with this peer, oldest first. The last one carries our
     /// items; each has its own wake, so a wake meant for the carrier never
     /// reaches a link that no longer carries.
-    links: Vec<(u64, Arc<Wake>)>,
+    links: Vec<(u64, Arc<Kick>)>,
     /// A dialer runs for this peer.
     dialing: bool,
 }
 
 impl Slot {
-    fn carrier(&self) -> Option<&Arc<Wake>> {
+    fn carrier(&self) -> Option<&Arc<Kick>> {
         self.links.last().map(|(_, w)| w)
     }
 }
@@ -162,12 +162,12 @@ fn start_dialer(home: &Arc<Home>, slot: &mut Slot, dest: &str) {
 
 /// Registers a link with `peer`, which from now on carries our items
 /// (the one before stops); returns its id and wake.
-fn enter(home: &Home, peer: &str) -> (u64, Arc<Wake>) {
+fn enter(home: &Home, peer: &str) -> (u64, Arc<Kick>) {
     let id = home
         .peers
         .next_link
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let wake = Arc::new(Wake::default());
+    let wake = Arc::new(Kick::default());
     let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
     slots
         .entry(peer.to_owned())
@@ -382,7 +382,7 @@ async fn serve_link_as<S: AsyncRead + AsyncWrite + Unpin + Send>(
     home: &Arc<Home>,
     link: &mut Link<S>,
     peer: &str,
-    kick: &Arc<Wake>,
+    kick: &Arc<Kick>,
 ) -> End {
     let (id, presence, first) = home.hub.link_up(peer);
     let end = match first {
@@ -432,7 +432,7 @@ struct PeerSession<'a> {
     link_id: u64,
     /// Presence frames (and subscription changes) to send.
     presence: mpsc::UnboundedReceiver<String>,
-    kick: Arc<Wake>,
+    kick: Arc<Kick>,
     kicked: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     /// Items sent on this link and not yet acked.
     inflight: HashSet<u64>,
@@ -490,10 +490,16 @@ impl PeerSession<'_> {
                 text,
                 since,
             } => {
-                let text: String = text
-                    .chars()
-                    .take(popupd_protocol::MAX_STATUS_TEXT)
-                    .collect();
+                // The limit counts bytes: cut at the last whole character
+                // within it.
+                let mut text = text;
+                if text.len() > popupd_protocol::MAX_STATUS_TEXT {
+                    let mut end = popupd_protocol::MAX_STATUS_TEXT;
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    text.truncate(end);
+                }
                 let shown = super::presence::Shown { state, text, since };
                 home.hub
                     .remote_presence(&home.registry, link_id, &handle, shown);

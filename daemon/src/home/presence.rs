@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
 
-use super::agents::Registry;
+use super::sessions::Registry;
 use crate::storage::home::ContactRow;
 use popupd_protocol::{
     Contact, HomeFrame, Millis, PeerFrame, PresenceReport, PresenceState, Relation, now_ms,

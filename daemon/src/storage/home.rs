@@ -366,8 +366,8 @@ impl SqliteHome {
     ) -> Result<(), StoreError> {
         // No RETURNING or `IN (SELECT …)` on the message path: SQLite
         // builds those in an ephemeral table, a fresh page cache each time,
-        // and the malloc/trim/page-fault churn that causes cost a fifth of the
-        // home's CPU at 4,000 msg/s.
+        // and the malloc/trim/page-fault churn that causes costs much of the
+        // home's CPU under load (docs/performance.md).
         let seq: i64 = self
             .conn
             .prepare_cached("SELECT next_seq FROM users WHERE handle = ?1")?
