@@ -317,7 +317,13 @@ pub fn serve(home: Arc<Home>, accepted: Accepted) -> impl Future<Output = ()> + 
         let why = Box::pin(conn.run(&mut link)).await;
         home.registry.unregister(&handle, reg.id);
         home.hub.device_down(&handle, &conn.device, reg.id);
-        tracing::info!(%peer, %handle, device = %conn.device, "agent offline: {why}");
+        match &why {
+            // The client broke the WebSocket rules (an unmasked frame, a
+            // bad opcode): worth an administrator's eye.
+            End::Link(LinkError::Ws(e)) => tracing::warn!(%peer, %handle, device = %conn.device,
+                "agent offline: it broke the WebSocket protocol: {e}"),
+            _ => tracing::info!(%peer, %handle, device = %conn.device, "agent offline: {why}"),
+        }
         Box::pin(link.close()).await;
         // The person keeps showing their presence for the grace period, so a
         // quick reconnect changes nothing for their contacts.
