@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 
 use super::directory::{DirError, ask_many, ask_once};
 use crate::config::{Config, HomeConfig};
-use crate::storage::home::{HomeStore, SqliteHome, UserInfo};
+use crate::storage::home::{Accounts, SqliteHome, UserInfo};
 use crate::storage::{new_secret, secret_hash};
 use popupd_protocol::{ErrorCode, valid_handle};
 use popupd_store::{Batchable, StoreError};
@@ -182,7 +182,7 @@ pub fn import_contacts(home: &HomeConfig, text: &str) -> anyhow::Result<usize> {
     let mut s = open(home)?;
     tx(&mut s, |s| {
         for (line, owner, peer, peer_home) in &pairs {
-            s.link_contacts(owner, peer, peer_home.as_deref())
+            super::rules::link_contacts(s, owner, peer, peer_home.as_deref())
                 .map_err(|e| StoreError::NotFound(format!("line {line}: {e}")))?;
         }
         Ok(())

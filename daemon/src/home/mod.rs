@@ -8,12 +8,15 @@
 //!   queued items go.
 //! - [`presence`]: who is online, and who of their contacts is told.
 //! - [`directory`]: the link to the global server, with the route cache.
+//! - [`rules`]: what a message, an ack, a receipt or a contact change does
+//!   to the home's records (plain code over `storage::home`).
 //! - [`admin`]: `popupd user ...` commands, run beside a live home.
 
 pub mod admin;
 pub mod directory;
 pub mod peers;
 pub mod presence;
+pub mod rules;
 pub mod sessions;
 
 use std::sync::Arc;
@@ -25,11 +28,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept::{self, Pool};
 use crate::config::HomeConfig;
-use crate::storage::home::{Effects, HomeStore, SqliteHome};
+use crate::storage::home::{HomeStore, SqliteHome};
 use crate::task::Shutdown;
 use popupd_protocol::net::tls;
 use popupd_protocol::{AGENT_PATH, PEER_PATH};
 use popupd_store::Batcher;
+use rules::Effects;
 
 /// The home's store handle.
 pub type Store = Batcher<Box<dyn HomeStore>>;

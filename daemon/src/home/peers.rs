@@ -31,9 +31,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, mpsc};
 
 use super::Home;
+use super::rules::{self, Effects, OutItem};
 use crate::accept::Accepted;
 use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
-use crate::storage::home::{Effects, OutItem};
 use crate::task::sleep_or_shutdown;
 use popupd_protocol::net::Backoff;
 use popupd_protocol::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv};
@@ -204,8 +204,8 @@ async fn leave(home: &Arc<Home>, peer: &str, id: u64) {
         return ensure_link(home, peer);
     }
     let p = peer.to_owned();
-    let waiting = home.store.read(move |s| s.outq(Some(&p))).await;
-    if waiting.is_ok_and(|w| !w.is_empty()) {
+    let waiting = home.store.read(move |s| s.waiting_for(&p)).await;
+    if waiting.is_ok_and(|w| w) {
         kick(home, peer, None);
     }
 }
@@ -241,9 +241,8 @@ async fn dialer(home: Arc<Home>, dest: String) {
             continue;
         }
         let d = dest.clone();
-        match home.store.read(move |s| s.outq(Some(&d))).await {
-            Ok(w) if w.is_empty() => break,
-            _ => {}
+        if let Ok(false) = home.store.read(move |s| s.waiting_for(&d)).await {
+            break;
         }
     }
     {
@@ -255,9 +254,7 @@ async fn dialer(home: Arc<Home>, dest: String) {
     // Items queued while the last try failed would wait for the sweep.
     if !shutdown.is_cancelled() {
         let d = dest.clone();
-        if let Ok(w) = home.store.read(move |s| s.outq(Some(&d))).await
-            && !w.is_empty()
-        {
+        if let Ok(true) = home.store.read(move |s| s.waiting_for(&d)).await {
             kick(&home, &dest, None);
         }
     }
@@ -471,7 +468,7 @@ impl PeerSession<'_> {
                 let (from_home, h) = (peer.to_owned(), home.clone());
                 let p = store.chain_then(chain, move |s| {
                     let mut fx = Effects::default();
-                    s.contact_from_peer(&from_home, &from, &to, op, &mut fx)?;
+                    rules::contact_from_peer(&mut **s, &from_home, &from, &to, op, &mut fx)?;
                     Ok(((), move || h.apply(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
@@ -519,7 +516,7 @@ impl PeerSession<'_> {
                 let (from, h) = (peer.to_owned(), home.clone());
                 let p = store.chain_then(chain, move |s| {
                     let mut fx = Effects::default();
-                    s.accept_remote(&from, &msg, &mut fx)?;
+                    rules::accept_remote(&mut **s, &from, &msg, &mut fx)?;
                     Ok(((), move || h.apply(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
@@ -534,7 +531,15 @@ impl PeerSession<'_> {
                 let (from, h) = (peer.to_owned(), home.clone());
                 let p = store.chain_then(chain, move |s| {
                     let mut fx = Effects::default();
-                    s.apply_receipt(&id, &to, Some(&from), state, reason.as_deref(), &mut fx)?;
+                    rules::apply_receipt(
+                        &mut **s,
+                        &id,
+                        &to,
+                        Some(&from),
+                        state,
+                        reason.as_deref(),
+                        &mut fx,
+                    )?;
                     Ok(((), move || h.apply(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
@@ -547,7 +552,7 @@ impl PeerSession<'_> {
                     None => {
                         let peer = peer.to_owned();
                         store.submit_lazy(move |s| {
-                            s.outq_done(n).inspect_err(|e| {
+                            s.dequeue(n).map(drop).inspect_err(|e| {
                                 tracing::error!(peer, n, "storing a peer's ack failed: {e}")
                             })
                         });
@@ -564,7 +569,7 @@ impl PeerSession<'_> {
                         let h = home.clone();
                         let p = store.submit_then(move |s| {
                             let mut fx = Effects::default();
-                            if let Some(item) = s.outq_fail(n, &reason, &mut fx)?
+                            if let Some(item) = rules::fail_item(&mut **s, n, &reason, &mut fx)?
                                 && gone
                             {
                                 // The user left that home: ask the directory afresh next time.
@@ -737,9 +742,9 @@ async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
         .store
         .read(move |s| {
             if wanted.all {
-                s.outq(Some(&p))
+                rules::queued(&mut **s, Some(&p))
             } else {
-                s.outq_items(&p, &wanted.ns)
+                rules::queued_items(&mut **s, &p, &wanted.ns)
             }
         })
         .await
@@ -786,7 +791,7 @@ pub async fn route(home: Arc<Home>) {
                 _ = tokio::time::sleep(d) => {}
             }
         }
-        let items = match home.store.read(|s| s.outq(None)).await {
+        let items = match home.store.read(|s| rules::queued(&mut **s, None)).await {
             Ok(i) => i,
             Err(e) => {
                 tracing::error!("router: {e}");
@@ -826,11 +831,11 @@ pub async fn route(home: Arc<Home>) {
                 .submit_then(move |s| {
                     let mut fx = Effects::default();
                     for (n, dest) in &routed {
-                        s.outq_route(*n, dest)?;
+                        rules::route(&mut **s, *n, dest)?;
                         fx.queued.push((*n, Some(dest.clone())));
                     }
                     for n in unknown {
-                        s.outq_fail(n, NOT_ACCEPTED, &mut fx)?;
+                        rules::fail_item(&mut **s, n, NOT_ACCEPTED, &mut fx)?;
                     }
                     Ok(((), move || h.apply(fx)))
                 })
@@ -856,7 +861,7 @@ pub async fn route(home: Arc<Home>) {
 /// never a message.
 pub async fn resume_queued(home: Arc<Home>) {
     loop {
-        match home.store.read(|s| s.outq_dests()).await {
+        match home.store.read(|s| s.queued_dests()).await {
             Ok(dests) => {
                 for d in dests {
                     kick(&home, &d, None);

@@ -18,9 +18,9 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::Home;
+use super::rules::{self, Effects, Push, SendOutcome};
 use crate::accept::Accepted;
 use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
-use crate::storage::home::{Effects, Push, SendOutcome};
 use crate::storage::secret_hash;
 use popupd_protocol::net::{Link, LinkError, Recv, ServerTls};
 use popupd_protocol::{
@@ -472,7 +472,7 @@ impl AgentConn {
                 let home = self.home.clone();
                 let p = store.chain_then(&self.chain, move |s| {
                     let mut fx = Effects::default();
-                    let o = s.accept_send(&msg, dest.as_deref(), &mut fx)?;
+                    let o = rules::accept_send(&mut **s, &msg, dest.as_deref(), &mut fx)?;
                     Ok((o, move || home.apply(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Accepted(id, p.await) }));
@@ -484,7 +484,7 @@ impl AgentConn {
                 let (h, d, home) = (self.handle.clone(), self.device.clone(), self.home.clone());
                 store.lazy_then(move |s| {
                     let mut fx = Effects::default();
-                    s.ack(&h, &d, seq, &mut fx).inspect_err(
+                    rules::ack(&mut **s, &h, &d, seq, &mut fx).inspect_err(
                         |e| tracing::error!(handle = %h, "storing an ack failed: {e}"),
                     )?;
                     Ok(move || home.apply(fx))
@@ -494,7 +494,7 @@ impl AgentConn {
                 let (h, home) = (self.handle.clone(), self.home.clone());
                 let p = store.chain_then(&self.chain, move |s| {
                     let mut fx = Effects::default();
-                    s.mark_read(&h, &id, &mut fx)?;
+                    rules::mark_read(&mut **s, &h, &id, &mut fx)?;
                     Ok(((), move || home.apply(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Read(req, p.await) }));
@@ -527,7 +527,7 @@ impl AgentConn {
                 let (owner, peer, home) = (self.handle.clone(), handle.clone(), self.home.clone());
                 let p = store.chain_then(&self.chain, move |s| {
                     let mut fx = Effects::default();
-                    s.contact_op(&owner, &peer, op, dest.as_deref(), &mut fx)?;
+                    rules::contact_op(&mut **s, &owner, &peer, op, dest.as_deref(), &mut fx)?;
                     Ok(((), move || home.apply(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Contact(req, handle, p.await) }));
