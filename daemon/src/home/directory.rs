@@ -1,13 +1,13 @@
-//! The home's view of the global directory: one long-lived mutual-TLS link
-//! to the global server, and a cache of answers.
-//!
-//! Routes are cached for `route_cache_ttl`; the global server pushes an
-//! `invalidate` when a handle moves or is removed, and the cache drops it at
-//! once. With the global server down, cached routes keep working.
+//! The home's link to the global directory: one long-lived mutual-TLS link
+//! that asks where handles live and where homes are reached, and claims
+//! this home's handles. The answers about handles are the router's to keep
+//! (`home::router`): the global server pushes an `invalidate` when a handle
+//! moves or is removed, and the router drops it at once. With the global
+//! server down, cached routes keep working.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -62,8 +62,6 @@ type Reply = oneshot::Sender<Result<GlobalReply, DirError>>;
 
 /// Route cache plus the queue of questions for the global server.
 pub struct Directory {
-    ttl: Duration,
-    routes: Mutex<HashMap<String, (Route, Instant)>>,
     homes: Mutex<HashMap<String, String>>,
     tx: mpsc::Sender<(Ask, Reply)>,
     rx: Mutex<Option<mpsc::Receiver<(Ask, Reply)>>>,
@@ -74,8 +72,6 @@ impl Directory {
     pub fn new(cfg: &HomeConfig) -> Self {
         let (tx, rx) = mpsc::channel(1024);
         Directory {
-            ttl: cfg.route_ttl,
-            routes: Mutex::default(),
             homes: Mutex::default(),
             tx,
             rx: Mutex::new(Some(rx)),
@@ -96,24 +92,13 @@ impl Directory {
         }
     }
 
-    /// The cached route of `handle`, if fresh; never asks.
-    pub fn cached(&self, handle: &str) -> Option<Route> {
-        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        routes
-            .get(handle)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
-            .map(|(r, _)| r.clone())
-    }
-
-    /// Where `handle` lives: from the cache, else from the global server.
+    /// Where `handle` lives, as the global server says (the router keeps
+    /// the answers); learns that home's address on the way.
     pub async fn lookup(&self, handle: &str) -> Result<Option<Route>, DirError> {
-        if let Some(r) = self.cached(handle) {
-            return Ok(Some(r));
-        }
         match self.ask(Ask::Lookup(handle.to_owned())).await? {
             GlobalReply::Route { route, .. } => {
                 if let Some(r) = &route {
-                    self.learn(handle, r);
+                    self.learn(r);
                 }
                 Ok(route)
             }
@@ -155,23 +140,11 @@ impl Directory {
         expect_done(self.ask(Ask::Register(handle.to_owned())).await?)
     }
 
-    fn learn(&self, handle: &str, r: &Route) {
+    fn learn(&self, r: &Route) {
         self.homes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(r.home.clone(), r.address.clone());
-        self.routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(handle.to_owned(), (r.clone(), Instant::now()));
-    }
-
-    /// Forgets the cached route of `handle`.
-    pub fn invalidate(&self, handle: &str) {
-        self.routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(handle);
     }
 }
 
@@ -395,7 +368,7 @@ impl Handler<ClientTls> for GlobalLink<'_> {
     ) -> Result<(), End> {
         if let GlobalReply::Invalidate { handle } = &f {
             tracing::debug!(%handle, "route invalidated");
-            self.home.dir.invalidate(handle);
+            self.home.router.forget(handle);
             return Ok(());
         }
         let req = match &f {

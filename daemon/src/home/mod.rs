@@ -7,7 +7,9 @@
 //! - [`peers`]: links to other homes, and the router that finds where
 //!   queued items go.
 //! - [`presence`]: who is online, and who of their contacts is told.
-//! - [`directory`]: the link to the global server, with the route cache.
+//! - [`directory`]: the link to the global server.
+//! - [`router`]: where a handle lives: the route cache, and the task that
+//!   routes what waits for an answer.
 //! - [`rules`]: what a message, an ack, a receipt or a contact change does
 //!   to the home's records (plain code over `storage::home`).
 //! - [`admin`]: `popupd user ...` commands, run beside a live home.
@@ -16,6 +18,7 @@ pub mod admin;
 pub mod directory;
 pub mod peers;
 pub mod presence;
+pub mod router;
 pub mod rules;
 pub mod sessions;
 
@@ -23,7 +26,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::accept::{self, Pool};
@@ -44,8 +47,12 @@ pub struct Home {
     pub store: Store,
     /// Online devices, by handle.
     pub registry: sessions::Registry,
-    /// Route cache and global server link.
+    /// The link to the global server.
     pub dir: directory::Directory,
+    /// Where handles live.
+    pub router: router::Router,
+    /// What commits caused, on its way from the store thread.
+    feed: Feed,
     /// Links to other homes.
     pub peers: peers::Peers,
     /// Presence of our users and of the remote users they watch.
@@ -54,8 +61,6 @@ pub struct Home {
     pub server_tls: tls::Swap<rustls::ServerConfig>,
     /// TLS (with our client certificate) for links we dial.
     pub client_tls: tls::Swap<rustls::ClientConfig>,
-    /// Wakes the router when unrouted items are queued.
-    route_kick: Notify,
     /// Slots of logged-in agents (`max_connections`) and peer homes
     /// (`limits.peer_links`).
     pub agent_slots: Pool,
@@ -65,21 +70,81 @@ pub struct Home {
     pub shutdown: Shutdown,
 }
 
+/// What a commit caused, on its way from the store thread to the home.
+enum Commit {
+    Effects(Effects),
+    /// A contact list as read, to install in the presence hub.
+    Contacts {
+        handle: String,
+        rows: Vec<crate::storage::home::ContactRow>,
+        installed: tokio::sync::oneshot::Sender<()>,
+    },
+}
+
+/// Where store jobs leave what their commit caused. The store thread only
+/// sends it on, in commit order; [`apply_commits`] does the rest, so no
+/// role code runs on the store thread.
+#[derive(Clone)]
+pub struct Feed(mpsc::UnboundedSender<Commit>);
+
+impl Feed {
+    /// The work a store job leaves for its commit: hand `fx` on.
+    pub fn at_commit(self, fx: Effects) -> impl FnOnce() + Send + 'static {
+        move || {
+            if !fx.is_empty() {
+                let _ = self.0.send(Commit::Effects(fx));
+            }
+        }
+    }
+}
+
 impl Home {
+    /// A feed for a store job's commit.
+    pub fn feed(&self) -> Feed {
+        self.feed.clone()
+    }
+
     /// Acts on what a committed write caused: pushes events to online
     /// devices and wakes whoever forwards queued items.
-    pub fn apply(self: &Arc<Self>, fx: Effects) {
+    fn apply(self: &Arc<Self>, fx: Effects) {
         for p in fx.pushes {
             self.registry.push(p);
         }
         for (n, dest) in fx.queued {
             match dest {
                 Some(home) => peers::kick(self, &home, Some(n)),
-                None => self.route_kick.notify_one(),
+                None => self.router.kick(),
             }
+        }
+        for handle in fx.forget {
+            self.router.forget(&handle);
         }
         if !fx.contacts.is_empty() {
             tokio::spawn(refresh_contacts(self.clone(), fx.contacts));
+        }
+    }
+}
+
+/// Acts on what commits caused, in commit order, until the store is gone.
+async fn apply_commits(home: Arc<Home>, mut rx: mpsc::UnboundedReceiver<Commit>) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        for c in batch.drain(..) {
+            match c {
+                Commit::Effects(fx) => home.apply(fx),
+                Commit::Contacts {
+                    handle,
+                    rows,
+                    installed,
+                } => {
+                    if let Some(homes) = home.hub.watch(&home.registry, &handle, &rows) {
+                        for d in homes {
+                            peers::ensure_link(&home, &d);
+                        }
+                    }
+                    let _ = installed.send(());
+                }
+            }
         }
     }
 }
@@ -105,25 +170,28 @@ async fn refresh_contacts(home: Arc<Home>, users: Vec<String>) {
 /// it to their online devices; ready once that is done. Does nothing for a
 /// user who is offline.
 ///
-/// The list is installed on the store thread, right after the read, so
-/// lists are installed in the order they were read: two refreshes for one
-/// user that each read, then installed, could let the older list win.
+/// The list goes through the commit feed, so lists are installed in the
+/// order they were read: two refreshes for one user that each read, then
+/// installed, could let the older list win.
 pub async fn send_contacts(home: &Arc<Home>, handle: &str) {
-    let (h, home2) = (handle.to_owned(), home.clone());
-    let installed = home.store.lazy_then(move |s| {
+    let (h, feed) = (handle.to_owned(), home.feed.0.clone());
+    let (installed, done) = tokio::sync::oneshot::channel();
+    let read = home.store.lazy_then(move |s| {
         let rows = s
             .contacts(&h)
             .inspect_err(|e| tracing::warn!(handle = %h, "reading contacts: {e}"))?;
         Ok(move || {
-            if let Some(homes) = home2.hub.watch(&home2.registry, &h, &rows) {
-                for d in homes {
-                    peers::ensure_link(&home2, &d);
-                }
-            }
+            let _ = feed.send(Commit::Contacts {
+                handle: h,
+                rows,
+                installed,
+            });
         })
     });
     // A failed read was reported above.
-    let _ = installed.await;
+    if read.await.is_ok() {
+        let _ = done.await;
+    }
 }
 
 /// Tells systemd (when run by it) what the home is doing, every few seconds.
@@ -273,6 +341,7 @@ pub async fn run(
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("home {}: cannot listen on {}", cfg.name, cfg.listen))?;
+    let (feed, commits) = mpsc::unbounded_channel();
     let home = Arc::new(Home {
         dir: directory::Directory::new(&cfg),
         peers: peers::Peers::default(),
@@ -280,7 +349,8 @@ pub async fn run(
         server_tls: tls::Swap::new(server_tls),
         client_tls: tls::Swap::new(client_tls),
         registry: sessions::Registry::default(),
-        route_kick: Notify::new(),
+        router: router::Router::new(cfg.route_ttl),
+        feed: Feed(feed),
         agent_slots: Pool::new(cfg.max_connections),
         peer_slots: Pool::new(cfg.limits.peer_links),
         tasks: TaskTracker::new(),
@@ -292,7 +362,8 @@ pub async fn run(
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(directory::run(home.clone()));
-    tasks.spawn(peers::route(home.clone()));
+    tasks.spawn(apply_commits(home.clone(), commits));
+    tasks.spawn(router::run(home.clone()));
     tasks.spawn(peers::resume_queued(home.clone()));
     tasks.spawn(report_status(home.clone()));
     tasks.spawn(prune(home.clone()));

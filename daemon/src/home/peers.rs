@@ -465,11 +465,11 @@ impl PeerSession<'_> {
                 if !check_sender(home, link, peer, n, &from).await? {
                     return Ok(());
                 }
-                let (from_home, h) = (peer.to_owned(), home.clone());
+                let (from_home, feed) = (peer.to_owned(), home.feed());
                 let p = store.chain_then(chain, move |s| {
                     let mut fx = Effects::default();
                     rules::contact_from_peer(&mut **s, &from_home, &from, &to, op, &mut fx)?;
-                    Ok(((), move || h.apply(fx)))
+                    Ok(((), feed.at_commit(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
             }
@@ -513,11 +513,11 @@ impl PeerSession<'_> {
                 }
                 // The recipient gets it at commit; the peer's ack waits for
                 // the disk.
-                let (from, h) = (peer.to_owned(), home.clone());
+                let (from, feed) = (peer.to_owned(), home.feed());
                 let p = store.chain_then(chain, move |s| {
                     let mut fx = Effects::default();
                     rules::accept_remote(&mut **s, &from, &msg, &mut fx)?;
-                    Ok(((), move || h.apply(fx)))
+                    Ok(((), feed.at_commit(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
             }
@@ -528,7 +528,7 @@ impl PeerSession<'_> {
                 state,
                 reason,
             } => {
-                let (from, h) = (peer.to_owned(), home.clone());
+                let (from, feed) = (peer.to_owned(), home.feed());
                 let p = store.chain_then(chain, move |s| {
                     let mut fx = Effects::default();
                     rules::apply_receipt(
@@ -540,7 +540,7 @@ impl PeerSession<'_> {
                         reason.as_deref(),
                         &mut fx,
                     )?;
-                    Ok(((), move || h.apply(fx)))
+                    Ok(((), feed.at_commit(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
             }
@@ -566,16 +566,16 @@ impl PeerSession<'_> {
                             _ => r.message,
                         };
                         let gone = r.code == ErrorCode::NoSuchUser;
-                        let h = home.clone();
+                        let feed = home.feed();
                         let p = store.submit_then(move |s| {
                             let mut fx = Effects::default();
                             if let Some(item) = rules::fail_item(&mut **s, n, &reason, &mut fx)?
                                 && gone
                             {
                                 // The user left that home: ask the directory afresh next time.
-                                h.dir.invalidate(item.dest_handle());
+                                fx.forget.push(item.dest_handle().to_owned());
                             }
-                            Ok(((), move || h.apply(fx)))
+                            Ok(((), feed.at_commit(fx)))
                         });
                         pending.push_back(Box::pin(async move { Done::Applied(p.await) }));
                     }
@@ -691,7 +691,7 @@ async fn check_sender<S: AsyncRead + AsyncWrite + Unpin>(
     n: u64,
     from: &str,
 ) -> Result<bool, LinkError> {
-    match home.dir.lookup(from).await {
+    match home.router.home_of(home, from).await {
         Ok(Some(r)) if r.home == peer => Ok(true),
         Ok(_) => {
             tracing::warn!(peer, claimed = %from,
@@ -779,82 +779,6 @@ async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Routes items whose destination home is not known yet.
-pub async fn route(home: Arc<Home>) {
-    let mut retry: Option<Duration> = None;
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    loop {
-        if let Some(d) = retry.take() {
-            tokio::select! {
-                _ = home.shutdown.cancelled() => return,
-                _ = home.route_kick.notified() => {}
-                _ = tokio::time::sleep(d) => {}
-            }
-        }
-        let items = match home.store.read(|s| rules::queued(&mut **s, None)).await {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::error!("router: {e}");
-                retry = Some(backoff.next_delay());
-                continue;
-            }
-        };
-        // Resolve every item (cache first, then the global server), then
-        // record all the routes in one commit, whose wakes go out at
-        // commit, in queue order. An item that cannot be resolved yet holds
-        // back the later items for the same person, not the others.
-        let mut routed: Vec<(u64, String)> = Vec::new();
-        let mut unknown: Vec<u64> = Vec::new();
-        let mut held: HashSet<String> = HashSet::new();
-        for (n, item) in items {
-            let handle = item.dest_handle().to_owned();
-            if held.contains(&handle) {
-                continue;
-            }
-            match home.dir.lookup(&handle).await {
-                Ok(Some(r)) if r.home != home.cfg.name => routed.push((n, r.home)),
-                Ok(_) => {
-                    tracing::info!(%handle, "no such user in the network");
-                    unknown.push(n);
-                }
-                Err(e) => {
-                    tracing::warn!(%handle, "cannot route yet: {e}");
-                    retry = Some(backoff.next_delay());
-                    held.insert(handle);
-                }
-            }
-        }
-        if !routed.is_empty() || !unknown.is_empty() {
-            let h = home.clone();
-            let r = home
-                .store
-                .submit_then(move |s| {
-                    let mut fx = Effects::default();
-                    for (n, dest) in &routed {
-                        rules::route(&mut **s, *n, dest)?;
-                        fx.queued.push((*n, Some(dest.clone())));
-                    }
-                    for n in unknown {
-                        rules::fail_item(&mut **s, n, NOT_ACCEPTED, &mut fx)?;
-                    }
-                    Ok(((), move || h.apply(fx)))
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!("router: {e}");
-                retry = Some(backoff.next_delay());
-            }
-        }
-        if retry.is_none() {
-            backoff.reset();
-            tokio::select! {
-                _ = home.shutdown.cancelled() => return,
-                _ = home.route_kick.notified() => {}
-            }
-        }
-    }
-}
-
 /// At start, and every [`SWEEP`] after: wake the links of every home with
 /// items still queued. Wakes are normally precise (each new item names its
 /// link); the sweep is the safety net that makes a lost wake cost a delay,
@@ -869,7 +793,7 @@ pub async fn resume_queued(home: Arc<Home>) {
             }
             Err(e) => tracing::error!("reading the forward queue: {e}"),
         }
-        home.route_kick.notify_one();
+        home.router.kick();
         if sleep_or_shutdown(SWEEP, &home.shutdown).await {
             return;
         }

@@ -64,6 +64,17 @@ pub struct Effects {
     pub queued: Vec<(u64, Option<String>)>,
     /// Local users whose contact list changed.
     pub contacts: Vec<String>,
+    /// Handles whose cached route is wrong (their home says they left).
+    pub forget: Vec<String>,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.pushes.is_empty()
+            && self.queued.is_empty()
+            && self.contacts.is_empty()
+            && self.forget.is_empty()
+    }
 }
 
 /// Result of a `Send`.

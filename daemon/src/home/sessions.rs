@@ -461,19 +461,14 @@ impl AgentConn {
                 };
                 // With the route cached, the message is queued straight for
                 // its home; otherwise the router asks the global server.
-                let dest = self
-                    .home
-                    .dir
-                    .cached(&msg.to)
-                    .map(|r| r.home)
-                    .filter(|h| *h != self.home.cfg.name);
+                let dest = self.home.router.known_home(&msg.to, &self.home.cfg.name);
                 // The recipient gets it at commit; the sender hears
                 // "accepted" once it is on disk.
-                let home = self.home.clone();
+                let feed = self.home.feed();
                 let p = store.chain_then(&self.chain, move |s| {
                     let mut fx = Effects::default();
                     let o = rules::accept_send(&mut **s, &msg, dest.as_deref(), &mut fx)?;
-                    Ok((o, move || home.apply(fx)))
+                    Ok((o, feed.at_commit(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Accepted(id, p.await) }));
             }
@@ -481,21 +476,21 @@ impl AgentConn {
                 // Lazy: if a power cut undoes the ack, the events after the
                 // older ack are sent again and the agent drops what it has.
                 // Nothing comes back to this connection.
-                let (h, d, home) = (self.handle.clone(), self.device.clone(), self.home.clone());
+                let (h, d, feed) = (self.handle.clone(), self.device.clone(), self.home.feed());
                 store.lazy_then(move |s| {
                     let mut fx = Effects::default();
                     rules::ack(&mut **s, &h, &d, seq, &mut fx).inspect_err(
                         |e| tracing::error!(handle = %h, "storing an ack failed: {e}"),
                     )?;
-                    Ok(move || home.apply(fx))
+                    Ok(feed.at_commit(fx))
                 });
             }
             AgentFrame::Read { id, req } => {
-                let (h, home) = (self.handle.clone(), self.home.clone());
+                let (h, feed) = (self.handle.clone(), self.home.feed());
                 let p = store.chain_then(&self.chain, move |s| {
                     let mut fx = Effects::default();
                     rules::mark_read(&mut **s, &h, &id, &mut fx)?;
-                    Ok(((), move || home.apply(fx)))
+                    Ok(((), feed.at_commit(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Read(req, p.await) }));
             }
@@ -518,17 +513,12 @@ impl AgentConn {
                         .refuse_request(link, req, ErrorCode::Invalid, &why)
                         .await;
                 }
-                let dest = self
-                    .home
-                    .dir
-                    .cached(&handle)
-                    .map(|r| r.home)
-                    .filter(|h| *h != self.home.cfg.name);
-                let (owner, peer, home) = (self.handle.clone(), handle.clone(), self.home.clone());
+                let dest = self.home.router.known_home(&handle, &self.home.cfg.name);
+                let (owner, peer, feed) = (self.handle.clone(), handle.clone(), self.home.feed());
                 let p = store.chain_then(&self.chain, move |s| {
                     let mut fx = Effects::default();
                     rules::contact_op(&mut **s, &owner, &peer, op, dest.as_deref(), &mut fx)?;
-                    Ok(((), move || home.apply(fx)))
+                    Ok(((), feed.at_commit(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Contact(req, handle, p.await) }));
             }
