@@ -58,69 +58,89 @@ struct Args {
     json: Option<std::path::PathBuf>,
 }
 
+/// Figures for the messaging core, printed as tables; see the module docs
+/// and docs/performance.md.
+#[derive(clap::Parser)]
+#[command(name = "popupd-bench")]
+struct Cli {
+    /// The scenario (default: throughput, latency and agent).
+    #[arg(value_enum)]
+    scenario: Option<Scenario>,
+    /// Recipients on the senders' home instead of the other one.
+    #[arg(long)]
+    one_home: bool,
+    /// Idle connections held (idle), cumulative sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    connections: Vec<usize>,
+    /// Sending agents (throughput).
+    #[arg(long, default_value_t = 10)]
+    senders: usize,
+    /// Receiving agents (throughput).
+    #[arg(long, default_value_t = 10)]
+    recipients: usize,
+    /// Messages (throughput: 50000; offline: 20000; faults: per round, 100).
+    #[arg(long)]
+    messages: Option<usize>,
+    /// Messages (or presence changes) a second, offered evenly.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// How long a paced run lasts.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Presence: users over both homes; storm: agents held.
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Presence: contacts each (half on the other home).
+    #[arg(long, default_value_t = 50)]
+    contacts: usize,
+    /// Faults: rounds per process.
+    #[arg(long, default_value_t = 100)]
+    rounds: usize,
+    /// Writes every figure as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Draws SVG charts here (latency distribution, RSS against connections).
+    #[arg(long)]
+    plots: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Scenario {
+    Throughput,
+    Latency,
+    Agent,
+    Idle,
+    Presence,
+    Offline,
+    Storm,
+    Faults,
+}
+
 fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        one_home: false,
-        sizes: vec![1000, 5000],
-        senders: 10,
-        recipients: 10,
-        messages: 50_000,
-        rate: 100,
-        rate_set: false,
-        seconds: 10,
-        users: 10_000,
-        contacts: 50,
-        only: None,
-        messages_set: false,
-        rounds: 100,
-        json: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().context("missing value");
-        match k.as_str() {
-            "--senders" => a.senders = v()?.parse()?,
-            "--recipients" => a.recipients = v()?.parse()?,
-            "--messages" => {
-                a.messages = v()?.parse()?;
-                a.messages_set = true;
-            }
-            "--json" => a.json = Some(v()?.into()),
-            "--plots" => report::set_plots(v()?.into()),
-            "--rate" => {
-                a.rate = v()?.parse()?;
-                a.rate_set = true;
-            }
-            "--seconds" => a.seconds = v()?.parse()?,
-            "--one-home" => a.one_home = true,
-            "--connections" => {
-                a.sizes = v()?
-                    .split(',')
-                    .map(|x| x.trim().parse())
-                    .collect::<Result<_, _>>()?;
-            }
-            "--users" => a.users = v()?.parse()?,
-            "--rounds" => a.rounds = v()?.parse()?,
-            "--contacts" => a.contacts = v()?.parse()?,
-            "throughput" | "latency" | "agent" | "idle" | "presence" | "offline" | "storm"
-            | "faults" => a.only = Some(k),
-            "-h" | "--help" => {
-                println!(
-                    "popupd-bench [throughput|latency|agent|idle|presence|offline|storm|faults] [--connections 1000,5000,18500] [--senders N] [--recipients N] [--messages N] [--rate PER_S] [--seconds S] [--users N] [--contacts N] [--rounds N] [--json FILE] [--plots DIR]\n\
-                     Defaults: 10 senders on home A, 10 recipients on home B, 50000 messages; latency at 100 msg/s for 10 s;\n\
-                     presence: 10000 users over two homes, 50 contacts each (half on the other home), 1000 changes/s for 10 s.\n\
-                     storm: --connections N (default 10000) agents on one home, which is killed with SIGKILL and started again.\n\
-                     offline: 100 senders store 20000 messages (--messages) for 1000 offline recipients, who then all log in.\n\
-                     faults: --rounds N (default 100) rounds of --messages (default 100) per process, each killed with kill -9 mid-stream; as root, 30 s and 75 s cuts between the homes.\n\
-                     --json FILE writes every figure as JSON; --plots DIR draws SVG charts (latency distribution, RSS against connections).\n\
-                     Without a scenario: throughput, latency and agent."
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}; see --help"),
-        }
+    use clap::{Parser, ValueEnum};
+    let c = Cli::parse();
+    if let Some(dir) = c.plots {
+        report::set_plots(dir);
     }
-    Ok(a)
+    Ok(Args {
+        one_home: c.one_home,
+        sizes: c.connections,
+        senders: c.senders,
+        recipients: c.recipients,
+        messages: c.messages.unwrap_or(50_000),
+        messages_set: c.messages.is_some(),
+        rate: c.rate.unwrap_or(100),
+        rate_set: c.rate.is_some(),
+        seconds: c.seconds,
+        users: c.users,
+        contacts: c.contacts,
+        rounds: c.rounds,
+        only: c
+            .scenario
+            .and_then(|s| s.to_possible_value())
+            .map(|v| v.get_name().to_owned()),
+        json: c.json,
+    })
 }
 
 pub(crate) fn pct(sorted: &[Duration], p: f64) -> Duration {
