@@ -114,6 +114,56 @@ pub fn issue(ca_dir: &Path, name: &str, out: &Path) -> Result<(PathBuf, PathBuf)
     Ok((crt, key))
 }
 
+/// The revocation list of the CA in `dir`: one server name a line.
+pub fn revoked_path(dir: &Path) -> PathBuf {
+    dir.join("revoked")
+}
+
+/// Adds `name` to the revocation list of the CA in `dir`; returns the
+/// list's path.
+pub fn revoke(dir: &Path, name: &str) -> Result<PathBuf, CaError> {
+    use std::io::Write;
+    if rustls_pki_types::DnsName::try_from(name).is_err() {
+        return Err(CaError::BadName(name.to_owned()));
+    }
+    let path = revoked_path(dir);
+    let known = read_revoked(&path).map_err(|source| CaError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    if !known.contains(name) {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| {
+                writeln!(f, "{name}")?;
+                Ok(f)
+            })
+            .map_err(|source| CaError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        let _ = f.flush();
+    }
+    Ok(path)
+}
+
+/// The names in a revocation list (none if the file does not exist).
+/// Blank lines and `#` comments are skipped.
+pub fn read_revoked(path: &Path) -> std::io::Result<std::collections::HashSet<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(e),
+    }
+}
+
 fn write(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -84,6 +84,17 @@ enum CaCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Revoke a home (or the global server) by name: add it to the CA's
+    /// `revoked` list. Copy that file beside `ca.crt` on every server (or
+    /// where its config's `revoked` points) and reload them: the name is
+    /// refused from then on and its links close.
+    Revoke {
+        /// The name in the certificate, e.g. home-b.example.org.
+        name: String,
+        /// Directory of the CA.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -216,6 +227,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|r| format!("{r:?}").to_lowercase())
                 .collect();
+            for w in cfg.warnings() {
+                eprintln!("warning: {w}");
+            }
             println!("{}: ok ({})", file.display(), roles.join(", "));
             Ok(())
         }
@@ -225,6 +239,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 "CA certificate: {}\nCA key:         {} (keep it secret)",
                 crt.display(),
                 key.display()
+            );
+            Ok(())
+        }
+        Cmd::Ca(CaCmd::Revoke { name, dir }) => {
+            let list = popupd::ca::revoke(&dir, &name)?;
+            println!(
+                "{name} revoked in {}; copy it to every server beside ca.crt and reload them (systemctl reload popupd@NAME)",
+                list.display()
             );
             Ok(())
         }
@@ -478,6 +500,9 @@ fn reload(path: &Path, log: &LogHandle, to: &Reloaders) {
 async fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let log = init_logging(&cfg.log.level);
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     let shutdown = Shutdown::new();
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
     {

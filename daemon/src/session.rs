@@ -27,6 +27,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::task::{Shutdown, Ticker, on_grid};
 
+/// How long a session that ends on an error frame reads on, so the other
+/// side gets the error before the close (see `Link::linger`).
+pub const LINGER: Duration = Duration::from_secs(1);
+
 /// Store jobs a session started, answered in the order they were started.
 pub type Jobs<D> = FuturesOrdered<Pin<Box<dyn Future<Output = D> + Send>>>;
 
@@ -289,6 +293,7 @@ where
                             None => Ok(()),
                         };
                         if H::MAX_BAD_FRAMES.is_some_and(|max| bad > max) {
+                            link.linger(LINGER).await;
                             return End::BadFrames;
                         }
                         r
@@ -301,6 +306,7 @@ where
                     Err(LinkError::TooLarge) => {
                         if let Some(answer) = h.too_large() {
                             let _ = link.send_text(answer).await;
+                            link.linger(LINGER).await;
                         }
                         return End::TooLarge;
                     }

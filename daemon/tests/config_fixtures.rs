@@ -27,6 +27,11 @@ fn scratch(name: &str) -> PathBuf {
     ] {
         popupd::ca::issue(&pki, n, &pki).unwrap();
     }
+    // A key others may read, for the fixture that must refuse it.
+    use std::os::unix::fs::PermissionsExt;
+    let open = pki.join("open.key");
+    std::fs::copy(pki.join("home-a.test.key"), &open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
     d
 }
 

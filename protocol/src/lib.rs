@@ -68,6 +68,9 @@ pub const MAX_STATUS_TEXT: usize = 200;
 /// blocked sender cannot learn whether the person is there.
 pub const NOT_ACCEPTED: &str = "not accepted: no such user, or they do not accept your messages";
 
+/// Why a message failed when its recipient's mailbox is full.
+pub const MAILBOX_FULL: &str = "not delivered: the recipient's mailbox is full";
+
 /// WebSocket path of the agents' back connections.
 pub const AGENT_PATH: &str = "/v1/agent";
 /// WebSocket path of home-to-home links.
@@ -275,7 +278,8 @@ pub enum HomeFrame {
     /// A mailbox event; ack it with [`AgentFrame::Ack`].
     Event { seq: u64, event: Event },
     /// Something was wrong. `id` names the message concerned, if any, and
-    /// `req` the request.
+    /// `req` the request; `retry_after_ms` (with `rate_limited`) when to
+    /// send it again.
     Error {
         code: ErrorCode,
         message: String,
@@ -283,6 +287,8 @@ pub enum HomeFrame {
         id: Option<MsgId>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         req: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// The home ends the session (it is shutting down, or its storage
     /// failed); reconnect after the given delay and send again what it
@@ -405,6 +411,13 @@ pub enum ErrorCode {
     Internal,
     /// The server is at one of its limits (connections); try again later.
     Busy,
+    /// Sent faster than the home takes from one person; `retry_after_ms`
+    /// says when to send it again. Until then the home refuses the rest
+    /// of this connection's messages (or requests) the same way, so their
+    /// order holds when they come again.
+    RateLimited,
+    /// The recipient's mailbox holds as much as their home allows.
+    MailboxFull,
 }
 
 /// Frames between two homes, both directions.

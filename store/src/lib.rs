@@ -63,6 +63,9 @@ pub enum StoreError {
     /// The recipient does not take this from the sender.
     #[error("not accepted by the recipient")]
     NotAccepted,
+    /// A limit of the recipient's is reached (the message says which).
+    #[error("{0}")]
+    Quota(String),
 }
 
 impl StoreError {
@@ -486,12 +489,29 @@ impl<R> Future for Pending<R> {
 /// Opens a SQLite database for durable use: WAL, fsync on every commit,
 /// waits on locks held by admin commands.
 pub fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
+        // Folders it makes are the owner's alone; existing ones are left
+        // as the administrator made them.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
     }
     let c = rusqlite::Connection::open(path)
         .map_err(|e| StoreError::Db(format!("cannot open {}: {e}", path.display())))?;
+    // The owner's alone (messages, secrets' hashes), before its log and
+    // shared-memory files exist: SQLite gives them the database's mode.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        if let Ok(m) = std::fs::metadata(&p)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+        }
+    }
     c.busy_timeout(std::time::Duration::from_secs(10))?;
     // Every statement on the hot paths is prepared once and kept: rusqlite's
     // default of 16 is fewer than the home's message path uses, and an

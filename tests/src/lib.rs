@@ -257,6 +257,11 @@ pub struct Network {
     pub home_addrs: Vec<String>,
 }
 
+/// The homes' `limits:` for load generators: what thousands of simulated
+/// agents on a few addresses do at once, and as fast as they can, stays
+/// within them (the limits themselves are measured by `popupd-bench abuse`).
+pub const LOAD_LIMITS: &str = "  limits:\n    pending_connections: 100000\n    pending_per_address: 100000\n    login_timeout: 60s\n    send_rate: 1000000\n    send_burst: 1000000\n    contact_rate: 1000000\n    presence_interval: 0s\n    mailbox_messages: 10000000\n    mailbox_bytes: 100000000000\n    peer_rate: 1000000\n";
+
 /// Where the servers of a test network listen and how they reach each
 /// other; the default puts everything on 127.0.0.1.
 #[derive(Clone, Debug)]
@@ -323,7 +328,7 @@ impl Network {
             dir,
             Layout {
                 idle_timeout: idle_timeout.into(),
-                home_yaml: "  limits:\n    pending_connections: 100000\n    pending_per_address: 100000\n    login_timeout: 60s\n".into(),
+                home_yaml: LOAD_LIMITS.into(),
                 ..Layout::default()
             },
         )

@@ -244,7 +244,7 @@ async fn bad_input_is_refused_clearly_and_breaks_nothing() {
         from: "alice".into(),
         to: "alice".into(),
         text: "forged".into(),
-        sent_at: 0,
+        sent_at: popupd_protocol::now_ms(),
         reply_to: None,
     };
     peer.send(&PeerFrame::Deliver { n: 1, msg: forged })

@@ -182,6 +182,10 @@ struct Session<'a> {
     /// Whether anything but keepalives went by since the agent last gave
     /// back its idle code pages (agent::memory); start-up counts.
     traffic: bool,
+    /// The home said "too fast": when to send the outbox (and the
+    /// requests) again; nothing of them goes out before.
+    outbox_retry: Option<Pin<Box<tokio::time::Sleep>>>,
+    requests_retry: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// What, besides the link, wakes a session.
@@ -189,6 +193,14 @@ enum Wake {
     Outbox,
     Requests,
     Up(Up),
+}
+
+/// A retry timer `ms` from now, unless one is set already.
+fn retry_in(t: &mut Option<Pin<Box<tokio::time::Sleep>>>, ms: Option<u64>) {
+    if t.is_none() {
+        let d = Duration::from_millis(ms.unwrap_or(1000).clamp(1, 600_000));
+        *t = Some(Box::pin(tokio::time::sleep(d)));
+    }
 }
 
 /// Serves one connected link until it ends.
@@ -211,6 +223,8 @@ async fn session(
         acked: last_seq,
         unacked: None,
         traffic: true,
+        outbox_retry: None,
+        requests_retry: None,
     };
     let mut jobs = Jobs::new();
     let end = match s.start(link).await {
@@ -251,6 +265,18 @@ impl Handler<ClientTls> for Session<'_> {
 
     fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Wake> {
         use std::task::Poll;
+        if let Some(t) = &mut self.outbox_retry
+            && t.as_mut().poll(cx).is_ready()
+        {
+            self.outbox_retry = None;
+            return Poll::Ready(Wake::Outbox);
+        }
+        if let Some(t) = &mut self.requests_retry
+            && t.as_mut().poll(cx).is_ready()
+        {
+            self.requests_retry = None;
+            return Poll::Ready(Wake::Requests);
+        }
         if self.outbox.as_mut().poll(cx).is_ready() {
             self.outbox.set(self.agent.outbox.clone().notified_owned());
             return Poll::Ready(Wake::Outbox);
@@ -339,6 +365,10 @@ impl Handler<ClientTls> for Session<'_> {
         _: &mut Jobs<Done>,
     ) -> Result<(), End> {
         match w {
+            // While the home says "too fast", new messages wait with the
+            // rest for the retry.
+            Wake::Outbox if self.outbox_retry.is_some() => {}
+            Wake::Requests if self.requests_retry.is_some() => {}
             Wake::Outbox => send_outbox(self.agent, link, &mut self.inflight).await?,
             Wake::Requests => send_requests(self.agent, link, &mut self.asked).await?,
             Wake::Up(Up::Presence(p)) => {
@@ -425,6 +455,49 @@ fn on_frame(
             st.stored_any = true;
             // Lazy: if a power cut undoes it, the home takes it again.
             store.submit_lazy(move |s| s.request_done(req));
+        }
+        HomeFrame::Error {
+            code: ErrorCode::RateLimited,
+            message,
+            req: Some(req),
+            retry_after_ms,
+            ..
+        } => {
+            // Kept, and sent again (with the ones after it) when the home
+            // said.
+            st.asked.remove(&req);
+            if st.requests_retry.is_none() {
+                tracing::info!(req, "the home asks to slow down: {message}");
+            }
+            retry_in(&mut st.requests_retry, retry_after_ms);
+        }
+        HomeFrame::Error {
+            code: ErrorCode::RateLimited,
+            message,
+            id: Some(id),
+            retry_after_ms,
+            ..
+        } => {
+            // Still queued, and sent again (with the ones after it) when
+            // the home said; the first says why it waits.
+            st.inflight.remove(&id);
+            if st.outbox_retry.is_none() {
+                tracing::info!(msg_id = %id, "the home asks to slow down: {message}");
+                let p = store.submit(move |s| {
+                    let changed = s.set_queued_reason(&id, &message)?;
+                    if changed {
+                        let sig = Signal::Status {
+                            id,
+                            state: Delivery::Queued,
+                            reason: message,
+                        };
+                        signals::queue(s, &sig)?;
+                    }
+                    Ok(changed)
+                });
+                pending.push_back(Box::pin(async move { Done::Status(p.await) }));
+            }
+            retry_in(&mut st.outbox_retry, retry_after_ms);
         }
         HomeFrame::Error {
             code,

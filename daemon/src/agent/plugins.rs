@@ -328,9 +328,43 @@ fn crashed_last_time(data_dir: &Path) -> Vec<String> {
     out
 }
 
+/// Whether a plugin file and its folder are owned by root or this user and
+/// writable by nobody else; otherwise why not, with the fix.
+fn trusted(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::getuid().as_raw();
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    for (what, p) in [("file", path), ("folder", dir)] {
+        let m = std::fs::metadata(p).map_err(|e| format!("cannot read its {what}: {e}"))?;
+        if m.uid() != 0 && m.uid() != me {
+            return Err(format!(
+                "its {what} {} belongs to another user (uid {}); plugins must belong to root or to you",
+                p.display(),
+                m.uid()
+            ));
+        }
+        if m.mode() & 0o022 != 0 {
+            return Err(format!(
+                "its {what} {} may be changed by others (mode {:04o}); run `chmod go-w {}`",
+                p.display(),
+                m.mode() & 0o777,
+                p.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Opens a library and checks its declaration. Logs why not, if not.
 fn open(path: &Path) -> Option<(&'static PluginDecl, String, String)> {
     let shown = path.display();
+    // Before any of its code runs (loading runs its initialisers): a
+    // plugin runs as this user, so only root or this user may have put it
+    // there or be able to change it.
+    if let Err(why) = trusted(path) {
+        tracing::error!(path = %shown, "plugin refused: {why}");
+        return None;
+    }
     // SAFETY: loading runs the library's initialisers. Plugins are installed
     // by the administrator or the user themselves, like any program.
     let lib = match unsafe { libloading::Library::new(path) } {

@@ -98,9 +98,7 @@ pub async fn run(agent: Arc<Agent>) {
                     continue;
                 }
             };
-            if !bus_done {
-                emit(&agent, &sig).await;
-            }
+            // Plugins first (the popup), then D-Bus.
             let mut plugins_now = plugins_done;
             if !plugins_done {
                 let store = agent.store.clone();
@@ -111,6 +109,9 @@ pub async fn run(agent: Arc<Agent>) {
                     });
                 // No plugin took it: done with them now, in the same mark.
                 plugins_now = !handed;
+            }
+            if !bus_done {
+                emit(&agent, &sig).await;
             }
             // Before the next signal goes out, so a crash repeats one at most.
             if let Err(e) = agent

@@ -55,6 +55,9 @@ pub struct GlobalFile {
     /// Limits for what connects (see `LimitsFile`).
     #[serde(default)]
     pub limits: Option<LimitsFile>,
+    /// Names of revoked homes, one a line (default: `revoked` beside `ca`).
+    #[serde(default)]
+    pub revoked: Option<Spanned<PathBuf>>,
 }
 
 /// `limits:` of a server: what an open port needs.
@@ -74,6 +77,39 @@ pub struct LimitsFile {
     /// (default 1000).
     #[serde(default)]
     pub peer_links: Option<Spanned<usize>>,
+    /// Messages a second one user may send, sustained (default 30).
+    #[serde(default)]
+    pub send_rate: Option<Spanned<usize>>,
+    /// Messages one user may send at once above that (default 300).
+    #[serde(default)]
+    pub send_burst: Option<Spanned<usize>>,
+    /// Contact changes a minute one user may make (default 60, 20 at once).
+    #[serde(default)]
+    pub contact_rate: Option<Spanned<usize>>,
+    /// Least time between two presence changes of one device; changes in
+    /// between are merged, the latest wins (default 1s).
+    #[serde(default)]
+    pub presence_interval: Option<Spanned<String>>,
+    /// Events one user's mailbox holds at most (default 10000).
+    #[serde(default)]
+    pub mailbox_messages: Option<Spanned<usize>>,
+    /// Bytes one user's mailbox holds at most (default 67108864, 64 MiB).
+    #[serde(default)]
+    pub mailbox_bytes: Option<Spanned<usize>>,
+    /// Failed logins in a row (from one address, or for one handle) before
+    /// each next try waits longer (default 5).
+    #[serde(default)]
+    pub login_failures: Option<Spanned<usize>>,
+    /// Frames a second one peer home may send, sustained (default 5000).
+    #[serde(default)]
+    pub peer_rate: Option<Spanned<usize>>,
+    /// How long an item waits for a home that never takes it before it
+    /// fails (default 7d).
+    #[serde(default)]
+    pub item_expiry: Option<Spanned<String>>,
+    /// Handles one home may claim (global server only; default 100000).
+    #[serde(default)]
+    pub handles_per_home: Option<Spanned<usize>>,
 }
 
 /// `home:` or an entry of `homes:`
@@ -109,6 +145,9 @@ pub struct HomeFile {
     /// Limits for what connects (see `LimitsFile`).
     #[serde(default)]
     pub limits: Option<LimitsFile>,
+    /// Names of revoked homes, one a line (default: `revoked` beside `ca`).
+    #[serde(default)]
+    pub revoked: Option<Spanned<PathBuf>>,
     /// How long a user whose last device dropped still shows their
     /// presence, so a quick reconnect does not flap it (default 10s).
     #[serde(default)]

@@ -55,6 +55,26 @@ pub struct Config {
     pub agent: Option<AgentConfig>,
 }
 
+impl Config {
+    /// What is not an error but should be said: an agent config (it holds
+    /// the device's secret) that others may read.
+    pub fn warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        if self.agent.is_some()
+            && let Ok(m) = std::fs::metadata(&self.source)
+            && m.mode() & 0o077 != 0
+        {
+            let shown = self.source.display();
+            out.push(format!(
+                "{shown} holds this device's secret and others may read it (mode {:04o}); run `chmod 600 {shown}`",
+                m.mode() & 0o777
+            ));
+        }
+        out
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -71,6 +91,8 @@ pub struct GlobalConfig {
     pub ca: Arc<RootCertStore>,
     pub data_dir: PathBuf,
     pub limits: Limits,
+    /// Names of revoked homes: refused, their links closed.
+    pub revoked: Arc<std::collections::HashSet<String>>,
 }
 
 /// What a server's open port takes (`limits:`).
@@ -84,6 +106,24 @@ pub struct Limits {
     pub login_timeout: Duration,
     /// Links from other homes (global: homes) held at once.
     pub peer_links: usize,
+    /// Messages a second one user may send, sustained, and at once.
+    pub send_rate: usize,
+    pub send_burst: usize,
+    /// Contact changes a minute one user may make.
+    pub contact_rate: usize,
+    /// Least time between two presence changes of one device.
+    pub presence_interval: Duration,
+    /// Events and bytes one user's mailbox holds at most.
+    pub mailbox_messages: usize,
+    pub mailbox_bytes: usize,
+    /// Failed logins in a row before the next try waits.
+    pub login_failures: usize,
+    /// Frames a second one peer home may send.
+    pub peer_rate: usize,
+    /// How long an item waits for a home that never takes it.
+    pub item_expiry: Duration,
+    /// Handles one home may claim (global server).
+    pub handles_per_home: usize,
 }
 
 impl Default for Limits {
@@ -93,6 +133,16 @@ impl Default for Limits {
             pending_per_address: 64,
             login_timeout: Duration::from_secs(10),
             peer_links: 1000,
+            send_rate: 30,
+            send_burst: 300,
+            contact_rate: 60,
+            presence_interval: Duration::from_secs(1),
+            mailbox_messages: 10_000,
+            mailbox_bytes: 64 << 20,
+            login_failures: 5,
+            peer_rate: 5000,
+            item_expiry: Duration::from_secs(7 * 24 * 3600),
+            handles_per_home: 100_000,
         }
     }
 }
@@ -117,6 +167,8 @@ pub struct HomeConfig {
     /// Most agent connections held at once (logged in).
     pub max_connections: usize,
     pub limits: Limits,
+    /// Names of revoked homes: refused, their links closed.
+    pub revoked: Arc<std::collections::HashSet<String>>,
     /// A user whose last device dropped shows their presence this much
     /// longer, so a quick reconnect does not flap it.
     pub presence_grace: Duration,
@@ -454,8 +506,25 @@ impl Cx {
         let hint = "make one with `popupd ca issue NAME` and check the file is readable by the daemon's user";
         let chain = tls::load_certs(&self.path(cert))
             .map_err(|e| self.err(cert, &format!("{section}.cert"), e.to_string(), hint))?;
-        let key_v = tls::load_key(&self.path(key))
-            .map_err(|e| self.err(key, &format!("{section}.key"), e.to_string(), hint))?;
+        let key_path = self.path(key);
+        let key_field = format!("{section}.key");
+        let key_v =
+            tls::load_key(&key_path).map_err(|e| self.err(key, &key_field, e.to_string(), hint))?;
+        if let Err((why, fix)) = private_enough(&key_path) {
+            return Err(self.err(key, &key_field, why, &fix));
+        }
+        tls::check_pair(&chain, &key_v).map_err(|e| {
+            self.err(
+                key,
+                &key_field,
+                format!(
+                    "{} and {}: {e}",
+                    key_path.display(),
+                    self.path(cert).display()
+                ),
+                "give the certificate and key `popupd ca issue NAME` made together",
+            )
+        })?;
         Ok(Identity { chain, key: key_v })
     }
 
@@ -478,7 +547,35 @@ impl Cx {
             ca: self.ca(&g.ca, "global.ca")?,
             data_dir: self.path(&g.data_dir),
             limits: self.limits(g.limits.as_ref(), "global")?,
+            revoked: self.revoked(g.revoked.as_ref(), &g.ca, "global.revoked")?,
         })
+    }
+
+    /// The revocation list `revoked` names, or the CA's `revoked` beside
+    /// `ca` if there is one.
+    fn revoked(
+        &self,
+        list: Option<&Spanned<PathBuf>>,
+        ca: &Spanned<PathBuf>,
+        field: &str,
+    ) -> Result<Arc<std::collections::HashSet<String>>, ConfigError> {
+        let path = match list {
+            Some(p) => self.path(p),
+            None => self
+                .path(ca)
+                .parent()
+                .map(crate::ca::revoked_path)
+                .unwrap_or_default(),
+        };
+        match crate::ca::read_revoked(&path) {
+            Ok(names) => Ok(Arc::new(names)),
+            Err(e) => Err(self.err(
+                list.unwrap_or(ca),
+                field,
+                format!("cannot read the revocation list {}: {e}", path.display()),
+                "make it readable by the daemon's user, or point `revoked` elsewhere",
+            )),
+        }
     }
 
     fn limits(&self, l: Option<&file::LimitsFile>, sec: &str) -> Result<Limits, ConfigError> {
@@ -506,6 +603,58 @@ impl Cx {
                 &format!("{sec}.limits.peer_links"),
                 d.peer_links,
             )?,
+            send_rate: self.count(
+                &l.send_rate,
+                &format!("{sec}.limits.send_rate"),
+                d.send_rate,
+            )?,
+            send_burst: self.count(
+                &l.send_burst,
+                &format!("{sec}.limits.send_burst"),
+                d.send_burst,
+            )?,
+            contact_rate: self.count(
+                &l.contact_rate,
+                &format!("{sec}.limits.contact_rate"),
+                d.contact_rate,
+            )?,
+            presence_interval: self.duration(
+                &l.presence_interval,
+                &format!("{sec}.limits.presence_interval"),
+                d.presence_interval,
+                Duration::ZERO,
+            )?,
+            mailbox_messages: self.count(
+                &l.mailbox_messages,
+                &format!("{sec}.limits.mailbox_messages"),
+                d.mailbox_messages,
+            )?,
+            mailbox_bytes: self.count(
+                &l.mailbox_bytes,
+                &format!("{sec}.limits.mailbox_bytes"),
+                d.mailbox_bytes,
+            )?,
+            login_failures: self.count(
+                &l.login_failures,
+                &format!("{sec}.limits.login_failures"),
+                d.login_failures,
+            )?,
+            peer_rate: self.count(
+                &l.peer_rate,
+                &format!("{sec}.limits.peer_rate"),
+                d.peer_rate,
+            )?,
+            item_expiry: self.duration(
+                &l.item_expiry,
+                &format!("{sec}.limits.item_expiry"),
+                d.item_expiry,
+                Duration::from_secs(60),
+            )?,
+            handles_per_home: self.count(
+                &l.handles_per_home,
+                &format!("{sec}.limits.handles_per_home"),
+                d.handles_per_home,
+            )?,
         })
     }
 
@@ -518,7 +667,12 @@ impl Cx {
     ) -> Result<usize, ConfigError> {
         match v {
             None => Ok(default),
-            Some(m) if m.value == 0 => Err(self.err(m, field, "must be at least 1".into(), "")),
+            Some(m) if m.value == 0 => Err(self.err(
+                m,
+                field,
+                "must be at least 1".into(),
+                &format!("give a positive number, or leave it out for the default ({default})"),
+            )),
             Some(m) => Ok(m.value),
         }
     }
@@ -561,6 +715,7 @@ impl Cx {
             )?,
             max_connections,
             limits,
+            revoked: self.revoked(h.revoked.as_ref(), &h.ca, &format!("{sec}.revoked"))?,
             presence_grace: self.duration(
                 &h.presence_grace,
                 &format!("{sec}.presence_grace"),
@@ -690,6 +845,33 @@ pub fn default_data_dir() -> PathBuf {
         return PathBuf::from(d).join("popupd");
     }
     expand_home(Path::new("~/.local/share/popupd"))
+}
+
+/// Whether a private key file is private: only its owner may read it, or,
+/// owned by root, its group too (a service's group), as PostgreSQL and
+/// OpenSSH ask. Otherwise the reason and the fix.
+fn private_enough(path: &Path) -> Result<(), (String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    // Unreadable files are reported when the key is read.
+    let Ok(m) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let mode = m.mode() & 0o777;
+    let open_to = if m.uid() == 0 { 0o037 } else { 0o077 };
+    if mode & open_to == 0 {
+        return Ok(());
+    }
+    let shown = path.display();
+    Err((
+        format!("the private key {shown} is readable by others (mode {mode:04o}); it is refused"),
+        if m.uid() == 0 {
+            format!(
+                "run `chmod 640 {shown}` (group-readable by the service's group) or `chmod 600 {shown}`"
+            )
+        } else {
+            format!("run `chmod 600 {shown}`")
+        },
+    ))
 }
 
 /// A position the parser gives, as [`ConfigError`] keeps it (a config

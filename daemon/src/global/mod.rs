@@ -27,12 +27,25 @@ use popupd_protocol::{
 };
 use popupd_store::{Batcher, StoreError};
 
+/// A linked home.
+struct Linked {
+    home: String,
+    /// Invalidations to push.
+    tx: mpsc::UnboundedSender<GlobalReply>,
+    stop: Shutdown,
+}
+
 struct Global {
     store: Batcher<GlobalStore>,
     /// Slots of linked homes (`limits.peer_links`).
     slots: Pool,
+    /// Handles one home may hold (`limits.handles_per_home`).
+    handles_per_home: u64,
     /// Linked homes, to push invalidations to.
-    linked: Mutex<HashMap<u64, mpsc::UnboundedSender<GlobalReply>>>,
+    linked: Mutex<HashMap<u64, Linked>>,
+    /// Revoked homes: refused, their handles found nowhere; a reload may
+    /// add some.
+    revoked: Mutex<Arc<std::collections::HashSet<String>>>,
     next_id: AtomicU64,
     /// Lookups answered since start.
     lookups: AtomicU64,
@@ -57,7 +70,9 @@ pub async fn run(
     let g = Arc::new(Global {
         store: Batcher::spawn("global", store)?,
         slots: Pool::new(cfg.limits.peer_links),
+        handles_per_home: cfg.limits.handles_per_home as u64,
         linked: Mutex::default(),
+        revoked: Mutex::new(cfg.revoked.clone()),
         next_id: AtomicU64::new(0),
         lookups: AtomicU64::new(0),
         shutdown: shutdown.clone(),
@@ -68,10 +83,17 @@ pub async fn run(
         server_tls,
     )));
     let reloads = {
-        let acceptor = acceptor.clone();
+        let (acceptor, g) = (acceptor.clone(), g.clone());
         async move {
             while reload.changed().await.is_ok() {
                 let new = reload.borrow_and_update().clone();
+                *g.revoked.lock().unwrap_or_else(|e| e.into_inner()) = new.revoked.clone();
+                for l in g.linked.lock().unwrap_or_else(|e| e.into_inner()).values() {
+                    if new.revoked.contains(&l.home) {
+                        tracing::warn!(home = %l.home, "closed the link of a revoked home");
+                        l.stop.cancel();
+                    }
+                }
                 match tls::server_config(&new.identity, new.ca.clone(), tls::ClientAuth::Required) {
                     Ok(t) => {
                         *acceptor.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -145,7 +167,14 @@ async fn serve(g: Arc<Global>, accepted: accept::Accepted) {
             .await;
         return link.close().await;
     };
-    let refusal = net::check_dialer(&link, v, &home).err();
+    let refusal = net::check_dialer(&link, v, &home).err().or_else(|| {
+        g.is_revoked(&home).then(|| {
+            (
+                ErrorCode::AuthFailed,
+                "this home's name is revoked in the network".to_string(),
+            )
+        })
+    });
     if let Some((code, message)) = refusal {
         tracing::warn!(%addr, claimed = %home, "home refused: {message}");
         let _ = link
@@ -187,10 +216,15 @@ async fn serve(g: Arc<Global>, accepted: accept::Accepted) {
     tracing::info!(%home, %address, "home linked");
     let id = g.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, pushes) = mpsc::unbounded_channel();
-    g.linked
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id, tx);
+    let stop = g.shutdown.child_token();
+    g.linked.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        id,
+        Linked {
+            home: home.clone(),
+            tx,
+            stop: stop.clone(),
+        },
+    );
     let mut s = HomeLink {
         g: g.clone(),
         home: home.clone(),
@@ -203,7 +237,7 @@ async fn serve(g: Arc<Global>, accepted: accept::Accepted) {
         dead_after: Duration::from_secs(60),
         clock: Clock::Grid(Duration::from_secs(1)),
     };
-    let end = session::run(&mut link, &mut s, &mut jobs, ka, &g.shutdown).await;
+    let end = session::run(&mut link, &mut s, &mut jobs, ka, &stop).await;
     g.linked
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -297,9 +331,11 @@ async fn answer(g: &Arc<Global>, home: &str, req: GlobalRequest) -> GlobalReply 
         }
         GlobalRequest::Register { req, handle } => {
             let h = handle.clone();
-            match g.store.run(move |s| s.register(&h, &home)).await {
+            let quota = g.handles_per_home;
+            match g.store.run(move |s| s.register(&h, &home, quota)).await {
                 Ok(()) => GlobalReply::Done { req },
                 Err(StoreError::Conflict(m)) => err(req, ErrorCode::HandleTaken, m),
+                Err(StoreError::Quota(m)) => err(req, ErrorCode::Busy, m),
                 Err(e) => err(req, ErrorCode::Internal, e.to_string()),
             }
         }
@@ -321,13 +357,18 @@ async fn answer(g: &Arc<Global>, home: &str, req: GlobalRequest) -> GlobalReply 
             tracing::info!(%handle, from = %home, lookups = n, "lookup");
             let h = handle.clone();
             match g.store.read(move |s| s.lookup(&h)).await {
-                Ok(route) => GlobalReply::Route { req, route },
+                // A revoked home's users are found nowhere.
+                Ok(route) => GlobalReply::Route {
+                    req,
+                    route: route.filter(|r| !g.is_revoked(&r.home)),
+                },
                 Err(e) => err(req, ErrorCode::Internal, e.to_string()),
             }
         }
         GlobalRequest::LookupHome { req, home: name } => {
             let n = name.clone();
             match g.store.read(move |s| s.home_address(&n)).await {
+                Ok(_) if g.is_revoked(&name) => GlobalReply::Route { req, route: None },
                 Ok(address) => GlobalReply::Route {
                     req,
                     route: address.map(|address| Route {
@@ -343,7 +384,16 @@ async fn answer(g: &Arc<Global>, home: &str, req: GlobalRequest) -> GlobalReply 
 
 fn broadcast(g: &Global, push: GlobalReply) {
     let linked = g.linked.lock().unwrap_or_else(|e| e.into_inner());
-    for tx in linked.values() {
-        let _ = tx.send(push.clone());
+    for l in linked.values() {
+        let _ = l.tx.send(push.clone());
+    }
+}
+
+impl Global {
+    fn is_revoked(&self, home: &str) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(home)
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod directory;
+pub mod limits;
 pub mod peers;
 pub mod presence;
 pub mod router;
@@ -67,6 +68,15 @@ pub struct Home {
     pub peer_slots: Pool,
     /// Tasks that are not connections (presence grace periods).
     pub tasks: TaskTracker,
+    /// What one user may send, and change in their contacts, how fast.
+    pub send_rate: limits::Buckets,
+    pub contact_rate: limits::Buckets,
+    /// What one peer home may send how fast.
+    pub peer_rate: limits::Buckets,
+    /// Failed logins, by address and by handle.
+    pub logins: limits::LoginGuard,
+    /// Revoked homes: refused, never dialed; a reload may add some.
+    revoked: std::sync::Mutex<Arc<std::collections::HashSet<String>>>,
     pub shutdown: Shutdown,
 }
 
@@ -102,6 +112,22 @@ impl Home {
     /// A feed for a store job's commit.
     pub fn feed(&self) -> Feed {
         self.feed.clone()
+    }
+
+    /// Whether home `name` is revoked.
+    pub fn is_revoked(&self, name: &str) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
+    /// The most one user's mailbox holds (`limits.mailbox_*`).
+    pub fn mailbox_cap(&self) -> crate::storage::home::MailboxCap {
+        crate::storage::home::MailboxCap {
+            events: self.cfg.limits.mailbox_messages as u64,
+            bytes: self.cfg.limits.mailbox_bytes as u64,
+        }
     }
 
     /// Acts on what a committed write caused: pushes events to online
@@ -198,6 +224,11 @@ pub async fn send_contacts(home: &Arc<Home>, handle: &str) {
 async fn report_status(home: Arc<Home>) {
     let mut last = (0, 0, 0);
     loop {
+        // The rate buckets and login counts of the quiet go.
+        home.send_rate.sweep();
+        home.contact_rate.sweep();
+        home.peer_rate.sweep();
+        home.logins.sweep();
         let (users, devices) = home.registry.online();
         let counters = home.hub.stats.snapshot();
         let line = format!(
@@ -306,6 +337,14 @@ async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>)
                 tracing::error!(home = %home.cfg.name, "reload: keeping the old certificates: {e}")
             }
         }
+        // Revoked homes are cut off at once.
+        *home.revoked.lock().unwrap_or_else(|e| e.into_inner()) = new.revoked.clone();
+        for name in new.revoked.iter() {
+            let n = peers::close_links(&home, name);
+            if n > 0 {
+                tracing::warn!(peer = %name, links = n, "closed the links of a revoked home");
+            }
+        }
         let old = &home.cfg;
         let changed = [
             ("listen", old.listen != new.listen),
@@ -354,6 +393,17 @@ pub async fn run(
         agent_slots: Pool::new(cfg.max_connections),
         peer_slots: Pool::new(cfg.limits.peer_links),
         tasks: TaskTracker::new(),
+        send_rate: limits::Buckets::new(cfg.limits.send_rate as f64, cfg.limits.send_burst as f64),
+        contact_rate: limits::Buckets::new(cfg.limits.contact_rate as f64 / 60.0, 20.0),
+        peer_rate: limits::Buckets::new(
+            cfg.limits.peer_rate as f64,
+            cfg.limits.peer_rate as f64 * 4.0,
+        ),
+        revoked: std::sync::Mutex::new(cfg.revoked.clone()),
+        logins: limits::LoginGuard::new(
+            cfg.limits.login_failures as u32,
+            std::time::Duration::from_secs(60),
+        ),
         store,
         shutdown: shutdown.clone(),
         cfg,

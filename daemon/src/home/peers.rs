@@ -34,11 +34,11 @@ use super::Home;
 use super::rules::{self, Effects, OutItem};
 use crate::accept::Accepted;
 use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
-use crate::task::sleep_or_shutdown;
+use crate::task::{Shutdown, sleep_or_shutdown};
 use popupd_protocol::net::Backoff;
 use popupd_protocol::net::{self, Dial, HANDSHAKE_TIMEOUT, Link, LinkError, Recv};
 use popupd_protocol::{
-    ErrorCode, MAX_TEXT, NOT_ACCEPTED, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal,
+    ErrorCode, MAX_TEXT, NOT_ACCEPTED, PEER_PATH, PROTOCOL_VERSION, PeerFrame, Refusal, now_ms,
     valid_handle, valid_id,
 };
 use popupd_store::{Chain, StoreError};
@@ -52,6 +52,8 @@ const PEER_PING: Duration = Duration::from_secs(5);
 /// for: short, so that delivery resumes within seconds of a network
 /// healing (a dial also gives up after `net::CONNECT_TIMEOUT`).
 const REDIAL_MAX: Duration = Duration::from_secs(2);
+/// How far ahead of this home's clock a peer's `sent_at` may be.
+const SKEW: i64 = 10 * 60 * 1000;
 /// Malformed frames tolerated on one peer link before it is closed.
 const MAX_BAD_FRAMES: u32 = 16;
 /// How often every queued item is looked at again, whatever the wakes said.
@@ -103,14 +105,14 @@ struct Slot {
     /// Links up with this peer, oldest first. The last one carries our
     /// items; each has its own wake, so a wake meant for the carrier never
     /// reaches a link that no longer carries.
-    links: Vec<(u64, Arc<Kick>)>,
+    links: Vec<(u64, Arc<Kick>, Shutdown)>,
     /// A dialer runs for this peer.
     dialing: bool,
 }
 
 impl Slot {
     fn carrier(&self) -> Option<&Arc<Kick>> {
-        self.links.last().map(|(_, w)| w)
+        self.links.last().map(|(_, w, _)| w)
     }
 }
 
@@ -161,20 +163,32 @@ fn start_dialer(home: &Arc<Home>, slot: &mut Slot, dest: &str) {
 }
 
 /// Registers a link with `peer`, which from now on carries our items
-/// (the one before stops); returns its id and wake.
-fn enter(home: &Home, peer: &str) -> (u64, Arc<Kick>) {
+/// (the one before stops); returns its id, its wake, and what stops it.
+fn enter(home: &Home, peer: &str) -> (u64, Arc<Kick>, Shutdown) {
     let id = home
         .peers
         .next_link
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let wake = Arc::new(Kick::default());
+    let stop = home.shutdown.child_token();
     let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
     slots
         .entry(peer.to_owned())
         .or_default()
         .links
-        .push((id, wake.clone()));
-    (id, wake)
+        .push((id, wake.clone(), stop.clone()));
+    (id, wake, stop)
+}
+
+/// Closes every link with `peer` (it was revoked).
+pub fn close_links(home: &Home, peer: &str) -> usize {
+    let slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
+    slots.get(peer).map_or(0, |s| {
+        for (_, _, stop) in &s.links {
+            stop.cancel();
+        }
+        s.links.len()
+    })
 }
 
 /// Link `id` with `peer` is down. If it carried items and another link is
@@ -184,8 +198,8 @@ async fn leave(home: &Arc<Home>, peer: &str, id: u64) {
     {
         let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = slots.get_mut(peer) {
-            let was_carrier = s.links.last().is_some_and(|(i, _)| *i == id);
-            s.links.retain(|(i, _)| *i != id);
+            let was_carrier = s.links.last().is_some_and(|(i, _, _)| *i == id);
+            s.links.retain(|(i, _, _)| *i != id);
             if let Some(w) = s.carrier() {
                 if was_carrier {
                     w.add(None);
@@ -216,6 +230,10 @@ async fn dialer(home: Arc<Home>, dest: String) {
     let shutdown = home.shutdown.clone();
     let mut backoff = Backoff::new(Duration::from_millis(100), REDIAL_MAX);
     loop {
+        if home.is_revoked(&dest) {
+            tracing::warn!(peer = %dest, "not dialing a revoked home");
+            break;
+        }
         match connect(&home, &dest).await {
             Ok(mut link) => {
                 backoff.reset();
@@ -315,6 +333,10 @@ pub async fn serve_inbound(home: Arc<Home>, accepted: Accepted) {
             ErrorCode::AuthFailed,
             "a home does not link to itself".to_string(),
         )),
+        Ok(()) if home.is_revoked(&name) => Some((
+            ErrorCode::AuthFailed,
+            "this home's name is revoked in the network".to_string(),
+        )),
         Ok(()) => None,
     };
     if let Some((code, message)) = refusal {
@@ -369,8 +391,8 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send>(
     peer: &str,
 ) -> End {
     link.set_write_timeout(PEER_IDLE);
-    let (link_id, kick) = enter(home, peer);
-    let why = serve_link_as(home, link, peer, &kick).await;
+    let (link_id, kick, stop) = enter(home, peer);
+    let why = serve_link_as(home, link, peer, &kick, &stop).await;
     leave(home, peer, link_id).await;
     why
 }
@@ -380,6 +402,7 @@ async fn serve_link_as<S: AsyncRead + AsyncWrite + Unpin + Send>(
     link: &mut Link<S>,
     peer: &str,
     kick: &Arc<Kick>,
+    stop: &Shutdown,
 ) -> End {
     let (id, presence, first) = home.hub.link_up(peer);
     let end = match first {
@@ -410,7 +433,7 @@ async fn serve_link_as<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         dead_after: PEER_IDLE,
                         clock: Clock::Grid(Duration::from_secs(1)),
                     };
-                    session::run(link, &mut s, &mut jobs, ka, &home.shutdown).await
+                    session::run(link, &mut s, &mut jobs, ka, stop).await
                 }
             }
             // Jobs still pending have their effects all the same: the
@@ -508,15 +531,31 @@ impl PeerSession<'_> {
                 if !valid_id(&msg.id) || msg.text.is_empty() || msg.text.len() > MAX_TEXT {
                     return refuse(link, n, ErrorCode::Invalid, "bad id or text length").await;
                 }
+                // The same checks as a message from an agent: a reply names
+                // a message, and the sender's home stamped it with a time
+                // that has been.
+                if msg.reply_to.as_deref().is_some_and(|r| !valid_id(r)) {
+                    return refuse(link, n, ErrorCode::Invalid, "reply_to must be a message id")
+                        .await;
+                }
+                if msg.sent_at <= 0 || msg.sent_at > now_ms() + SKEW {
+                    return refuse(
+                        link,
+                        n,
+                        ErrorCode::Invalid,
+                        "sent_at is not a time that has been",
+                    )
+                    .await;
+                }
                 if !check_sender(home, link, peer, n, &msg.from).await? {
                     return Ok(());
                 }
                 // The recipient gets it at commit; the peer's ack waits for
                 // the disk.
-                let (from, feed) = (peer.to_owned(), home.feed());
+                let (from, feed, cap) = (peer.to_owned(), home.feed(), home.mailbox_cap());
                 let p = store.chain_then(chain, move |s| {
                     let mut fx = Effects::default();
-                    rules::accept_remote(&mut **s, &from, &msg, &mut fx)?;
+                    rules::accept_remote(&mut **s, &from, &msg, cap, &mut fx)?;
                     Ok(((), feed.at_commit(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
@@ -621,6 +660,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
         f: PeerFrame,
         jobs: &mut Jobs<Done>,
     ) -> Result<(), End> {
+        // Past its rate, a peer waits: this link reads nothing meanwhile,
+        // and TCP slows the sender down.
+        if let Err(wait) = self.home.peer_rate.take(self.peer) {
+            tokio::time::sleep(wait).await;
+        }
         Ok(self.on_frame(link, f, jobs).await?)
     }
 
@@ -631,6 +675,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
             Done::Ack(n, Err(StoreError::NotFound(m))) => {
                 let refused = Some(Refusal {
                     code: ErrorCode::NoSuchUser,
+                    message: m,
+                });
+                link.send(&PeerFrame::Ack { n, refused }).await?
+            }
+            Done::Ack(n, Err(StoreError::Quota(m))) => {
+                let refused = Some(Refusal {
+                    code: ErrorCode::MailboxFull,
                     message: m,
                 });
                 link.send(&PeerFrame::Ack { n, refused }).await?
@@ -785,6 +836,7 @@ async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
 /// never a message.
 pub async fn resume_queued(home: Arc<Home>) {
     loop {
+        expire_queued(&home).await;
         match home.store.read(|s| s.queued_dests()).await {
             Ok(dests) => {
                 for d in dests {
@@ -796,6 +848,36 @@ pub async fn resume_queued(home: Arc<Home>) {
         home.router.kick();
         if sleep_or_shutdown(SWEEP, &home.shutdown).await {
             return;
+        }
+    }
+}
+
+/// Fails what waited longer than `limits.item_expiry` for a home that
+/// never took it: its sender sees `failed`, with the reason.
+async fn expire_queued(home: &Arc<Home>) {
+    let expiry = home.cfg.limits.item_expiry;
+    let before = now_ms() - expiry.as_millis() as i64;
+    let waited = humantime::format_duration(expiry).to_string();
+    loop {
+        let (feed, w) = (home.feed(), waited.clone());
+        let r = home
+            .store
+            .submit_then(move |s| {
+                let mut fx = Effects::default();
+                let why = |dest: Option<&str>| {
+                    format!(
+                        "not delivered: {} took nothing for {w}",
+                        dest.unwrap_or("no home")
+                    )
+                };
+                let n = rules::expire(&mut **s, before, 1000, why, &mut fx)?;
+                Ok((n, feed.at_commit(fx)))
+            })
+            .await;
+        match r {
+            Ok(0) => return,
+            Ok(n) => tracing::warn!(items = n, "dropped items no home took for {waited}"),
+            Err(e) => return tracing::error!("expiring the forward queue: {e}"),
         }
     }
 }

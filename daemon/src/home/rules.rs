@@ -8,10 +8,12 @@
 //! The tests at the end run every rule against a store in memory, and the
 //! same tests against SQLite.
 
-use popupd_protocol::{ContactOp, Delivery, Event, Message, MsgId, NOT_ACCEPTED, Relation};
+use popupd_protocol::{
+    ContactOp, Delivery, Event, MAILBOX_FULL, Message, MsgId, NOT_ACCEPTED, Relation,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::storage::home::HomeStore;
+use crate::storage::home::{HomeStore, MailboxCap};
 use popupd_store::StoreError;
 
 /// An item of the forward queue.
@@ -99,7 +101,9 @@ fn push_event<S: HomeStore + ?Sized>(
     fx: &mut Effects,
 ) -> Result<(), StoreError> {
     let event = json(ev)?;
-    let seq = s.append(handle, msg_id, &event)?;
+    let seq = s
+        .append(handle, msg_id, &event, None)?
+        .ok_or_else(|| StoreError::Db("mailbox refused an uncapped event".into()))?;
     fx.pushes.push(Push {
         handle: handle.to_owned(),
         seq,
@@ -167,6 +171,23 @@ pub fn route<S: HomeStore + ?Sized>(s: &mut S, n: u64, dest: &str) -> Result<(),
     Ok(())
 }
 
+/// Fails the items queued before `before` (ms since the epoch) that no
+/// home took, at most `limit` at a time; `why(dest)` says why. Returns how
+/// many.
+pub fn expire<S: HomeStore + ?Sized>(
+    s: &mut S,
+    before: i64,
+    limit: usize,
+    why: impl Fn(Option<&str>) -> String,
+    fx: &mut Effects,
+) -> Result<usize, StoreError> {
+    let old = s.queued_before(before, limit)?;
+    for (n, dest) in &old {
+        fail_item(s, *n, &why(dest.as_deref()), fx)?;
+    }
+    Ok(old.len())
+}
+
 /// Drops item `n` for good; a message becomes `failed` for its sender,
 /// with `reason`. Returns the item, if it was there.
 pub fn fail_item<S: HomeStore + ?Sized>(
@@ -190,6 +211,7 @@ pub fn accept_send<S: HomeStore + ?Sized>(
     s: &mut S,
     msg: &Message,
     dest: Option<&str>,
+    cap: MailboxCap,
     fx: &mut Effects,
 ) -> Result<SendOutcome, StoreError> {
     match s.sent(&msg.id)? {
@@ -215,8 +237,16 @@ pub fn accept_send<S: HomeStore + ?Sized>(
                 Some(NOT_ACCEPTED),
                 fx,
             )?;
-        } else {
-            store_incoming(s, None, msg, fx)?;
+        } else if !store_incoming(s, None, msg, cap, fx)? {
+            apply_receipt(
+                s,
+                &msg.id,
+                &msg.from,
+                None,
+                Delivery::Failed,
+                Some(MAILBOX_FULL),
+                fx,
+            )?;
         }
     } else {
         enqueue(s, dest, &OutItem::Deliver(msg.clone()), fx)?;
@@ -225,11 +255,13 @@ pub fn accept_send<S: HomeStore + ?Sized>(
 }
 
 /// A message from another home (`from_home`) for a local user. `NotFound`
-/// if there is no such user, `NotAccepted` if they blocked the sender.
+/// if there is no such user, `NotAccepted` if they blocked the sender,
+/// `Quota` if their mailbox is full.
 pub fn accept_remote<S: HomeStore + ?Sized>(
     s: &mut S,
     from_home: &str,
     msg: &Message,
+    cap: MailboxCap,
     fx: &mut Effects,
 ) -> Result<(), StoreError> {
     if !s.user_exists(&msg.to)? {
@@ -241,24 +273,44 @@ pub fn accept_remote<S: HomeStore + ?Sized>(
     if blocked(s, &msg.to, &msg.from)? {
         return Err(StoreError::NotAccepted);
     }
-    store_incoming(s, Some(from_home), msg, fx)
+    if store_incoming(s, Some(from_home), msg, cap, fx)? {
+        Ok(())
+    } else {
+        Err(StoreError::Quota(MAILBOX_FULL.into()))
+    }
 }
 
 fn blocked<S: HomeStore + ?Sized>(s: &mut S, owner: &str, peer: &str) -> Result<bool, StoreError> {
     Ok(s.contact(owner, peer)?.map(|c| c.0) == Some(Relation::Blocked))
 }
 
-/// Into the recipient's mailbox, once per id.
+/// Into the recipient's mailbox, once per id; false if it is full.
 fn store_incoming<S: HomeStore + ?Sized>(
     s: &mut S,
     from_home: Option<&str>,
     msg: &Message,
+    cap: MailboxCap,
     fx: &mut Effects,
-) -> Result<(), StoreError> {
-    if s.record_received(&msg.id, &msg.from, &msg.to, from_home)? {
-        push_event(s, &msg.to, Some(&msg.id), &Event::Message(msg.clone()), fx)?;
+) -> Result<bool, StoreError> {
+    if !s.record_received(&msg.id, &msg.from, &msg.to, from_home)? {
+        return Ok(true);
     }
-    Ok(())
+    let event = json(&Event::Message(msg.clone()))?;
+    match s.append(&msg.to, Some(&msg.id), &event, Some(cap))? {
+        Some(seq) => {
+            fx.pushes.push(Push {
+                handle: msg.to.clone(),
+                seq,
+                event,
+            });
+            Ok(true)
+        }
+        None => {
+            // Not kept: the same message again later is new then.
+            s.forget_received(&msg.id)?;
+            Ok(false)
+        }
+    }
 }
 
 /// A device stored every event up to `seq`. The first device to store a
@@ -674,18 +726,28 @@ mod tests {
     }
 
     impl Mailbox for Memory {
-        fn append(&mut self, h: &str, id: Option<&str>, ev: &str) -> Result<u64, StoreError> {
+        fn append(
+            &mut self,
+            h: &str,
+            id: Option<&str>,
+            ev: &str,
+            cap: Option<MailboxCap>,
+        ) -> Result<Option<u64>, StoreError> {
+            let list = self.mailbox.entry(h.into()).or_default();
+            let bytes: usize = list.iter().map(|e| e.2.len()).sum();
+            if let Some(cap) = cap
+                && (list.len() as u64 >= cap.events || (bytes + ev.len()) as u64 > cap.bytes)
+            {
+                return Ok(None);
+            }
             let next = self
                 .users
                 .get_mut(h)
                 .ok_or(StoreError::NotFound(h.into()))?;
             let seq = *next;
             *next += 1;
-            self.mailbox
-                .entry(h.into())
-                .or_default()
-                .push((seq, id.map(str::to_owned), ev.into()));
-            Ok(seq)
+            list.push((seq, id.map(str::to_owned), ev.into()));
+            Ok(Some(seq))
         }
         fn last_seq(&mut self, h: &str) -> Result<u64, StoreError> {
             Ok(self.users[h] - 1)
@@ -792,6 +854,10 @@ mod tests {
         fn received(&mut self, id: &str) -> Result<Option<ReceivedRow>, StoreError> {
             Ok(self.received.get(id).cloned())
         }
+        fn forget_received(&mut self, id: &str) -> Result<(), StoreError> {
+            self.received.remove(id);
+            Ok(())
+        }
         fn set_delivered(&mut self, id: &str) -> Result<(), StoreError> {
             if let Some(r) = self.received.get_mut(id) {
                 r.delivered = true;
@@ -853,6 +919,19 @@ mod tests {
         }
         fn waiting_for(&mut self, dest: &str) -> Result<bool, StoreError> {
             Ok(self.outq.values().any(|v| v.0.as_deref() == Some(dest)))
+        }
+        fn queued_before(
+            &mut self,
+            _: i64,
+            limit: usize,
+        ) -> Result<Vec<(u64, Option<String>)>, StoreError> {
+            // In memory, everything queued counts as old.
+            Ok(self
+                .outq
+                .iter()
+                .take(limit)
+                .map(|(n, v)| (*n, v.0.clone()))
+                .collect())
         }
         fn dequeue(&mut self, n: u64) -> Result<Option<String>, StoreError> {
             Ok(self.outq.remove(&n).map(|v| v.2))
@@ -923,6 +1002,11 @@ mod tests {
         }
     }
 
+    const CAP: MailboxCap = MailboxCap {
+        events: 100,
+        bytes: 1 << 20,
+    };
+
     fn msg(n: u8, from: &str, to: &str) -> Message {
         Message {
             id: format!("00000000-0000-7000-8000-0000000000{n:02}"),
@@ -961,15 +1045,15 @@ mod tests {
             let mut fx = Effects::default();
             let m = msg(1, "alice", "bob");
             assert_eq!(
-                accept_send(s, &m, None, &mut fx).unwrap(),
+                accept_send(s, &m, None, CAP, &mut fx).unwrap(),
                 SendOutcome::Accepted
             );
             assert_eq!(
-                accept_send(s, &m, None, &mut fx).unwrap(),
+                accept_send(s, &m, None, CAP, &mut fx).unwrap(),
                 SendOutcome::Duplicate
             );
             assert!(
-                accept_send(s, &msg(1, "bob", "alice"), None, &mut fx).is_err(),
+                accept_send(s, &msg(1, "bob", "alice"), None, CAP, &mut fx).is_err(),
                 "an id is one sender's"
             );
             assert_eq!(fx.pushes.len(), 1);
@@ -1008,7 +1092,7 @@ mod tests {
             users(s, &["alice", "bob"]);
             let mut fx = Effects::default();
             let m = msg(2, "alice", "zed");
-            accept_send(s, &m, Some("home-z"), &mut fx).unwrap();
+            accept_send(s, &m, Some("home-z"), CAP, &mut fx).unwrap();
             let mut fx = Effects::default();
             // Only the home it went to may say.
             apply_receipt(
@@ -1044,7 +1128,7 @@ mod tests {
             .unwrap();
             assert_eq!(fx.pushes.len(), 1, "read, and delivered after it ignored");
             let f = msg(3, "alice", "zed");
-            accept_send(s, &f, Some("home-z"), &mut fx).unwrap();
+            accept_send(s, &f, Some("home-z"), CAP, &mut fx).unwrap();
             let mut fx = Effects::default();
             apply_receipt(
                 s,
@@ -1078,17 +1162,17 @@ mod tests {
             let mut fx = Effects::default();
             contact_op(s, "bob", "alice", ContactOp::Block, None, &mut fx).unwrap();
             let mut fx = Effects::default();
-            accept_send(s, &msg(4, "alice", "bob"), None, &mut fx).unwrap();
+            accept_send(s, &msg(4, "alice", "bob"), None, CAP, &mut fx).unwrap();
             assert_eq!(fx.pushes.len(), 1);
             assert_eq!(fx.pushes[0].handle, "alice");
             assert!(fx.pushes[0].event.contains(NOT_ACCEPTED));
             assert!(s.mailbox_after("bob", 0, 10).unwrap().is_empty());
             assert_eq!(
-                accept_remote(s, "home-z", &msg(5, "alice", "bob"), &mut fx),
+                accept_remote(s, "home-z", &msg(5, "alice", "bob"), CAP, &mut fx),
                 Err(StoreError::NotAccepted)
             );
             assert!(matches!(
-                accept_remote(s, "home-z", &msg(6, "zed", "nobody"), &mut fx),
+                accept_remote(s, "home-z", &msg(6, "zed", "nobody"), CAP, &mut fx),
                 Err(StoreError::NotFound(_))
             ));
         });
@@ -1100,7 +1184,7 @@ mod tests {
             users(s, &["alice"]);
             let mut fx = Effects::default();
             let m = msg(7, "alice", "zed");
-            accept_send(s, &m, None, &mut fx).unwrap();
+            accept_send(s, &m, None, CAP, &mut fx).unwrap();
             assert_eq!(fx.queued.len(), 1);
             let q = queued(s, None).unwrap();
             assert_eq!(q.len(), 1);
@@ -1124,10 +1208,10 @@ mod tests {
             users(s, &["alice"]);
             let mut fx = Effects::default();
             // The first waits for the router; the second's route is cached.
-            accept_send(s, &msg(8, "alice", "bob"), None, &mut fx).unwrap();
-            accept_send(s, &msg(9, "alice", "bob"), Some("home-b"), &mut fx).unwrap();
+            accept_send(s, &msg(8, "alice", "bob"), None, CAP, &mut fx).unwrap();
+            accept_send(s, &msg(9, "alice", "bob"), Some("home-b"), CAP, &mut fx).unwrap();
             // Another person's route is used at once.
-            accept_send(s, &msg(10, "alice", "carol"), Some("home-b"), &mut fx).unwrap();
+            accept_send(s, &msg(10, "alice", "carol"), Some("home-b"), CAP, &mut fx).unwrap();
             assert_eq!(queued(s, None).unwrap().len(), 2, "bob's second waits too");
             assert_eq!(queued(s, Some("home-b")).unwrap().len(), 1);
             assert_eq!(
@@ -1143,8 +1227,8 @@ mod tests {
             users(s, &["bob"]);
             let mut fx = Effects::default();
             let m = msg(11, "alice", "bob");
-            accept_remote(s, "home-a", &m, &mut fx).unwrap();
-            accept_remote(s, "home-a", &m, &mut fx).unwrap();
+            accept_remote(s, "home-a", &m, CAP, &mut fx).unwrap();
+            accept_remote(s, "home-a", &m, CAP, &mut fx).unwrap();
             assert_eq!(fx.pushes.len(), 1, "a repeat is dropped by id");
             let mut fx = Effects::default();
             ack(s, "bob", "d", 1, &mut fx).unwrap();

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -177,6 +178,8 @@ enum Wake {
     Out(Out),
     /// Pushes were dropped: re-read the mailbox.
     Lag,
+    /// A merged presence change is due.
+    Presence,
     /// The queue's sender is gone: a newer connection of the device, or
     /// the device was revoked.
     Replaced,
@@ -191,8 +194,10 @@ async fn refuse(mut link: Link<ServerTls>, code: ErrorCode, message: &str) {
             message: message.to_owned(),
             id: None,
             req: None,
+            retry_after_ms: None,
         })
         .await;
+    link.linger(session::LINGER).await;
     link.close().await;
 }
 
@@ -250,12 +255,32 @@ pub fn serve(home: Arc<Home>, accepted: Accepted) -> impl Future<Output = ()> + 
                 format!("this home speaks protocol {PROTOCOL_VERSION}, not {v}; upgrade popupd");
             return Box::pin(refuse(link, ErrorCode::UnsupportedVersion, &msg)).await;
         }
+        // After failed logins, from this address or for this handle, the
+        // next try waits; one that comes sooner is refused unheard.
+        let ip = peer.ip().to_canonical().to_string();
+        let wait = home.logins.wait(&ip).max(home.logins.wait(&handle));
+        if !wait.is_zero() {
+            let msg = format!(
+                "too many failed logins; try again in {} s",
+                wait.as_secs().max(1)
+            );
+            return Box::pin(refuse(link, ErrorCode::AuthFailed, &msg)).await;
+        }
         let hash = secret_hash(&secret);
         let (h, d) = (handle.clone(), device.clone());
         let acked = match Box::pin(home.store.read(move |s| s.check_device(&h, &d, &hash))).await {
-            Ok(Some(a)) => a,
+            Ok(Some(a)) => {
+                home.logins.succeeded(&handle);
+                a
+            }
             Ok(None) => {
-                tracing::warn!(%peer, %handle, %device, "agent authentication failed");
+                let (say, in_a_row) = home.logins.failed(&ip);
+                home.logins.failed(&handle);
+                // One line per address a minute, not one per guess.
+                if say > 0 {
+                    tracing::warn!(address = %ip, failed = say, in_a_row, last_handle = %handle, %device,
+                        "agent authentication failed");
+                }
                 return Box::pin(refuse(
                 link,
                 ErrorCode::AuthFailed,
@@ -313,6 +338,11 @@ pub fn serve(home: Arc<Home>, accepted: Accepted) -> impl Future<Output = ()> + 
             failure: None,
             rx: reg.rx,
             lag: reg.lag,
+            send_limited: None,
+            contact_limited: None,
+            presence_at: Some(Instant::now()),
+            presence_pending: None,
+            presence_timer: None,
         };
         let why = Box::pin(conn.run(&mut link)).await;
         home.registry.unregister(&handle, reg.id);
@@ -362,6 +392,17 @@ struct AgentConn {
     rx: mpsc::Receiver<Out>,
     /// Set when a push did not fit in `rx`.
     lag: Arc<AtomicBool>,
+    /// Over the send rate: the first message refused, and until when. Every
+    /// later message is refused too until that one comes again, so the
+    /// agent's resend keeps their order.
+    send_limited: Option<(MsgId, Instant)>,
+    /// Likewise for contact changes (by request number).
+    contact_limited: Option<(u64, Instant)>,
+    /// When this device's presence last changed, and the change waiting
+    /// for `presence_interval` to pass.
+    presence_at: Option<Instant>,
+    presence_pending: Option<PresenceReport>,
+    presence_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl AgentConn {
@@ -416,7 +457,8 @@ impl AgentConn {
         f: AgentFrame,
         pending: &mut Jobs<Done>,
     ) -> Result<(), LinkError> {
-        let store = &self.home.store;
+        let home = self.home.clone();
+        let store = &home.store;
         match f {
             AgentFrame::Send {
                 id,
@@ -451,6 +493,15 @@ impl AgentConn {
                 if let Some(why) = invalid {
                     return self.error(link, ErrorCode::Invalid, &why, Some(id)).await;
                 }
+                if let Some(wait) = self.limited_send(&id) {
+                    let why = format!(
+                        "{} takes {} messages a second from one person; it is sent again in {} ms",
+                        self.home.cfg.name,
+                        self.home.cfg.limits.send_rate,
+                        wait.as_millis()
+                    );
+                    return self.rate_limited(link, Some(id), None, wait, &why).await;
+                }
                 let msg = Message {
                     id: id.clone(),
                     from: self.handle.clone(),
@@ -464,10 +515,10 @@ impl AgentConn {
                 let dest = self.home.router.known_home(&msg.to, &self.home.cfg.name);
                 // The recipient gets it at commit; the sender hears
                 // "accepted" once it is on disk.
-                let feed = self.home.feed();
+                let (feed, cap) = (self.home.feed(), self.home.mailbox_cap());
                 let p = store.chain_then(&self.chain, move |s| {
                     let mut fx = Effects::default();
-                    let o = rules::accept_send(&mut **s, &msg, dest.as_deref(), &mut fx)?;
+                    let o = rules::accept_send(&mut **s, &msg, dest.as_deref(), cap, &mut fx)?;
                     Ok((o, feed.at_commit(fx)))
                 });
                 pending.push_back(Box::pin(async move { Done::Accepted(id, p.await) }));
@@ -502,9 +553,18 @@ impl AgentConn {
                     );
                     return self.error(link, ErrorCode::Invalid, &why, None).await;
                 }
-                let h = &self.home;
-                h.hub
-                    .device_set(&h.registry, &self.handle, &self.device, self.conn, report);
+                // Merged: at most one change per `presence_interval`, the
+                // latest wins.
+                let interval = self.home.cfg.limits.presence_interval;
+                match self.presence_at {
+                    Some(at) if at.elapsed() < interval => {
+                        if self.presence_pending.replace(report).is_none() {
+                            self.presence_timer =
+                                Some(Box::pin(tokio::time::sleep_until((at + interval).into())));
+                        }
+                    }
+                    _ => self.set_presence(report),
+                }
             }
             AgentFrame::Contact { op, handle, req } => {
                 if !valid_handle(&handle) {
@@ -512,6 +572,15 @@ impl AgentConn {
                     return self
                         .refuse_request(link, req, ErrorCode::Invalid, &why)
                         .await;
+                }
+                if let Some(wait) = self.limited_request(req) {
+                    let why = format!(
+                        "{} takes {} contact changes a minute from one person; it is sent again in {} ms",
+                        self.home.cfg.name,
+                        self.home.cfg.limits.contact_rate,
+                        wait.as_millis()
+                    );
+                    return self.rate_limited(link, None, Some(req), wait, &why).await;
                 }
                 let dest = self.home.router.known_home(&handle, &self.home.cfg.name);
                 let (owner, peer, feed) = (self.handle.clone(), handle.clone(), self.home.feed());
@@ -585,6 +654,59 @@ impl AgentConn {
         }
     }
 
+    /// Whether message `id` must wait (and how long): over the user's send
+    /// rate, or behind a message refused for it.
+    fn limited_send(&mut self, id: &str) -> Option<std::time::Duration> {
+        if let Some((first, until)) = &self.send_limited {
+            if first != id {
+                return Some(until.saturating_duration_since(Instant::now()));
+            }
+            self.send_limited = None;
+        }
+        let wait = self.home.send_rate.take(&self.handle).err()?;
+        self.send_limited = Some((id.to_owned(), Instant::now() + wait));
+        Some(wait)
+    }
+
+    /// Likewise for contact change `req`.
+    fn limited_request(&mut self, req: u64) -> Option<std::time::Duration> {
+        if let Some((first, until)) = self.contact_limited {
+            if first != req {
+                return Some(until.saturating_duration_since(Instant::now()));
+            }
+            self.contact_limited = None;
+        }
+        let wait = self.home.contact_rate.take(&self.handle).err()?;
+        self.contact_limited = Some((req, Instant::now() + wait));
+        Some(wait)
+    }
+
+    async fn rate_limited(
+        &self,
+        link: &mut Link<ServerTls>,
+        id: Option<MsgId>,
+        req: Option<u64>,
+        wait: std::time::Duration,
+        why: &str,
+    ) -> Result<(), LinkError> {
+        link.feed(&HomeFrame::Error {
+            code: ErrorCode::RateLimited,
+            message: why.to_owned(),
+            id,
+            req,
+            // At least a millisecond: zero would read as "now", again.
+            retry_after_ms: Some((wait.as_millis() as u64).max(1)),
+        })
+        .await
+    }
+
+    fn set_presence(&mut self, report: PresenceReport) {
+        self.presence_at = Some(Instant::now());
+        let h = &self.home;
+        h.hub
+            .device_set(&h.registry, &self.handle, &self.device, self.conn, report);
+    }
+
     /// Notes a store failure (the first one ends the session) and says
     /// what the agent may tell the person.
     fn failed(&mut self, e: &StoreError) -> String {
@@ -609,6 +731,7 @@ impl AgentConn {
             message: message.to_owned(),
             id,
             req: None,
+            retry_after_ms: None,
         })
         .await
     }
@@ -625,6 +748,7 @@ impl AgentConn {
             message: message.to_owned(),
             id: None,
             req: Some(req),
+            retry_after_ms: None,
         })
         .await
     }
@@ -676,6 +800,12 @@ impl Handler<ServerTls> for AgentConn {
         if self.lag.swap(false, Ordering::AcqRel) {
             return Poll::Ready(Wake::Lag);
         }
+        if let Some(t) = &mut self.presence_timer
+            && t.as_mut().poll(cx).is_ready()
+        {
+            self.presence_timer = None;
+            return Poll::Ready(Wake::Presence);
+        }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(o)) => Poll::Ready(Wake::Out(o)),
             Poll::Ready(None) => Poll::Ready(Wake::Replaced),
@@ -720,6 +850,12 @@ impl Handler<ServerTls> for AgentConn {
                 Ok(self.replay(link).await?)
             }
             Wake::Replaced => Err(End::Replaced),
+            Wake::Presence => {
+                if let Some(r) = self.presence_pending.take() {
+                    self.set_presence(r);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -730,6 +866,7 @@ impl Handler<ServerTls> for AgentConn {
             message: why.to_owned(),
             id: None,
             req: None,
+            retry_after_ms: None,
         })
         .ok()
     }
@@ -740,6 +877,7 @@ impl Handler<ServerTls> for AgentConn {
             message: format!("frames are limited to {} bytes", popupd_protocol::MAX_FRAME),
             id: None,
             req: None,
+            retry_after_ms: None,
         })
         .ok()
     }

@@ -12,9 +12,10 @@ pub struct GlobalStore {
 sqlite_batchable!(GlobalStore);
 
 /// The directory's schema, one step per version.
-const STEPS: &[Step] = &[|c| {
-    Ok(c.execute_batch(
-        "CREATE TABLE IF NOT EXISTS homes(
+const STEPS: &[Step] = &[
+    |c| {
+        Ok(c.execute_batch(
+            "CREATE TABLE IF NOT EXISTS homes(
                 name TEXT PRIMARY KEY,
                 address TEXT NOT NULL,
                 seen_at INTEGER NOT NULL
@@ -24,8 +25,16 @@ const STEPS: &[Step] = &[|c| {
                 home TEXT NOT NULL,
                 registered_at INTEGER NOT NULL
              ) WITHOUT ROWID;",
-    )?)
-}];
+        )?)
+    },
+    // Each home's count of handles, for its quota.
+    |c| {
+        Ok(c.execute_batch(
+            "ALTER TABLE homes ADD COLUMN handles INTEGER NOT NULL DEFAULT 0;
+             UPDATE homes SET handles = (SELECT count(*) FROM handles WHERE handles.home = homes.name);",
+        )?)
+    },
+];
 
 impl GlobalStore {
     pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
@@ -45,8 +54,8 @@ impl GlobalStore {
     }
 
     /// Claims `handle` for `home`. Idempotent for the owner; `Conflict` if
-    /// another home owns it.
-    pub fn register(&mut self, handle: &str, home: &str) -> Result<(), StoreError> {
+    /// another home owns it, `Quota` if `home` holds `quota` handles.
+    pub fn register(&mut self, handle: &str, home: &str, quota: u64) -> Result<(), StoreError> {
         let owner: Option<String> = self
             .conn
             .query_row(
@@ -61,9 +70,24 @@ impl GlobalStore {
                 "handle {handle} belongs to home {o}; pick another handle"
             ))),
             None => {
+                let held: Option<i64> = self
+                    .conn
+                    .query_row("SELECT handles FROM homes WHERE name = ?1", [home], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if held.unwrap_or(0) as u64 >= quota {
+                    return Err(StoreError::Quota(format!(
+                        "home {home} holds {quota} handles, as many as this network allows one home (limits.handles_per_home)"
+                    )));
+                }
                 self.conn.execute(
                     "INSERT INTO handles(handle, home, registered_at) VALUES (?1, ?2, ?3)",
                     params![handle, home, now_ms()],
+                )?;
+                self.conn.execute(
+                    "UPDATE homes SET handles = handles + 1 WHERE name = ?1",
+                    [home],
                 )?;
                 Ok(())
             }
@@ -72,10 +96,17 @@ impl GlobalStore {
 
     /// Releases `handle` if `home` owns it.
     pub fn unregister(&mut self, handle: &str, home: &str) -> Result<bool, StoreError> {
-        Ok(self.conn.execute(
+        let gone = self.conn.execute(
             "DELETE FROM handles WHERE handle = ?1 AND home = ?2",
             params![handle, home],
-        )? == 1)
+        )? == 1;
+        if gone {
+            self.conn.execute(
+                "UPDATE homes SET handles = handles - 1 WHERE name = ?1",
+                [home],
+            )?;
+        }
+        Ok(gone)
     }
 
     /// Where home `name` is reached.

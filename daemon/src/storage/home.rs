@@ -43,6 +43,13 @@ pub struct UserInfo {
     pub created_at: i64,
 }
 
+/// The most one user's mailbox may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxCap {
+    pub events: u64,
+    pub bytes: u64,
+}
+
 /// A message one of our users sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SentRow {
@@ -98,13 +105,16 @@ pub trait Accounts {
 
 /// Each user's numbered events.
 pub trait Mailbox {
-    /// Appends an event (JSON) and returns its number.
+    /// Appends an event (JSON) and returns its number; with a `cap`, only
+    /// if the mailbox holds fewer events and bytes than it says (`None`
+    /// when it is full).
     fn append(
         &mut self,
         handle: &str,
         msg_id: Option<&str>,
         event_json: &str,
-    ) -> Result<u64, StoreError>;
+        cap: Option<MailboxCap>,
+    ) -> Result<Option<u64>, StoreError>;
     /// The number of the last event given (0: none yet).
     fn last_seq(&mut self, handle: &str) -> Result<u64, StoreError>;
     /// Up to `limit` events after `after`, oldest first.
@@ -150,6 +160,8 @@ pub trait ReceivedLog {
         from_home: Option<&str>,
     ) -> Result<bool, StoreError>;
     fn received(&mut self, id: &str) -> Result<Option<ReceivedRow>, StoreError>;
+    /// Forgets a received message (it was not kept after all).
+    fn forget_received(&mut self, id: &str) -> Result<(), StoreError>;
     fn set_delivered(&mut self, id: &str) -> Result<(), StoreError>;
     /// Read, and so delivered too.
     fn set_read(&mut self, id: &str) -> Result<(), StoreError>;
@@ -177,6 +189,13 @@ pub trait ForwardQueue {
     fn queued_dests(&mut self) -> Result<Vec<String>, StoreError>;
     /// Whether items wait for `dest`.
     fn waiting_for(&mut self, dest: &str) -> Result<bool, StoreError>;
+    /// Up to `limit` items queued before `before` (ms since the epoch),
+    /// oldest first: (n, their home if routed).
+    fn queued_before(
+        &mut self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Option<String>)>, StoreError>;
     /// Removes item `n`; returns it (None if it was gone).
     fn dequeue(&mut self, n: u64) -> Result<Option<String>, StoreError>;
 }
@@ -224,6 +243,8 @@ pub struct SqliteHome {
     /// (`synchronous = NORMAL`), so that a new message can reach its
     /// recipient while the disk catches up.
     path: std::path::PathBuf,
+    /// When free pages were last given back.
+    reclaimed: std::time::Instant,
 }
 
 impl Batchable for SqliteHome {
@@ -246,6 +267,7 @@ impl Batchable for SqliteHome {
     }
     fn idle(&mut self) {
         self.checkpoints.idle(&self.conn);
+        self.reclaim();
     }
     fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
         Ok(Some(wal_syncer(&self.path)?))
@@ -331,19 +353,67 @@ const STEPS: &[Step] = &[
         }
         Ok(())
     },
+    // Mailbox sizes kept with each user, for the quota; when each queued
+    // item was queued, for its expiry (items already queued count from
+    // now).
+    |c| {
+        c.execute_batch(
+            "ALTER TABLE users ADD COLUMN mailbox_count INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE users ADD COLUMN mailbox_bytes INTEGER NOT NULL DEFAULT 0;
+             UPDATE users SET
+                mailbox_count = (SELECT count(*) FROM mailbox WHERE mailbox.handle = users.handle),
+                mailbox_bytes = (SELECT coalesce(sum(length(event)), 0) FROM mailbox WHERE mailbox.handle = users.handle);
+             ALTER TABLE outq ADD COLUMN at INTEGER NOT NULL DEFAULT 0;
+             CREATE INDEX outq_at ON outq(at);",
+        )?;
+        c.execute("UPDATE outq SET at = ?1", [now_ms()])?;
+        Ok(())
+    },
 ];
+
+/// Free pages past which the writer gives space back to the file system,
+/// when no job waits.
+const FREE_PAGES: i64 = 256;
 
 impl SqliteHome {
     pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
         let conn = open_sqlite(path)?;
         migrate(&conn, path, STEPS)?;
-        conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        // Pages freed by delivered messages go back to the file system
+        // (`Batchable::idle` below); a database made before needs one
+        // VACUUM to allow that.
+        let av: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+        if av != 2 {
+            tracing::info!(file = %path.display(), "making the database give space back (one VACUUM)");
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
+        }
+        // And the log is cut back after a checkpoint that empties it.
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA journal_size_limit = 16777216;")?;
         let checkpoints = Checkpointer::spawn(&conn, path)?;
         Ok(SqliteHome {
             conn,
             checkpoints,
             path: path.to_owned(),
+            reclaimed: std::time::Instant::now(),
         })
+    }
+
+    /// Gives free pages back to the file system, a few at a time and at
+    /// most once a second.
+    fn reclaim(&mut self) {
+        if self.reclaimed.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        self.reclaimed = std::time::Instant::now();
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .unwrap_or(0);
+        if free > FREE_PAGES
+            && let Err(e) = self.conn.execute_batch("PRAGMA incremental_vacuum(2048)")
+        {
+            tracing::warn!("giving free space back: {e}");
+        }
     }
 }
 
@@ -499,24 +569,36 @@ impl Mailbox for SqliteHome {
         handle: &str,
         msg_id: Option<&str>,
         event_json: &str,
-    ) -> Result<u64, StoreError> {
+        cap: Option<MailboxCap>,
+    ) -> Result<Option<u64>, StoreError> {
         // No RETURNING or `IN (SELECT …)` on the message path: SQLite
         // builds those in an ephemeral table, a fresh page cache each time,
         // and the malloc/trim/page-fault churn that causes costs much of the
         // home's CPU under load (docs/performance.md).
-        let seq: i64 = self
+        let (seq, count, bytes): (i64, i64, i64) = self
             .conn
-            .prepare_cached("SELECT next_seq FROM users WHERE handle = ?1")?
-            .query_row([handle], |r| r.get(0))?;
+            .prepare_cached(
+                "SELECT next_seq, mailbox_count, mailbox_bytes FROM users WHERE handle = ?1",
+            )?
+            .query_row([handle], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let size = event_json.len() as i64;
+        if let Some(cap) = cap
+            && (count as u64 >= cap.events || (bytes + size) as u64 > cap.bytes)
+        {
+            return Ok(None);
+        }
         self.conn
-            .prepare_cached("UPDATE users SET next_seq = ?2 WHERE handle = ?1")?
-            .execute(params![handle, seq + 1])?;
+            .prepare_cached(
+                "UPDATE users SET next_seq = ?2, mailbox_count = mailbox_count + 1,
+                    mailbox_bytes = mailbox_bytes + ?3 WHERE handle = ?1",
+            )?
+            .execute(params![handle, seq + 1, size])?;
         self.conn
             .prepare_cached(
                 "INSERT INTO mailbox(handle, seq, msg_id, event) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![handle, seq, msg_id, event_json])?;
-        Ok(seq as u64)
+        Ok(Some(seq as u64))
     }
 
     fn last_seq(&mut self, handle: &str) -> Result<u64, StoreError> {
@@ -557,12 +639,25 @@ impl Mailbox for SqliteHome {
     }
 
     fn forget_stored(&mut self, handle: &str) -> Result<(), StoreError> {
-        self.conn
+        let gone = self
+            .conn
             .prepare_cached(
                 "DELETE FROM mailbox WHERE handle = ?1
                  AND seq <= (SELECT min(acked_seq) FROM devices WHERE handle = ?1)",
             )?
             .execute([handle])?;
+        if gone > 0 {
+            // Counted again from what is left: usually nothing, for a
+            // device that keeps up.
+            self.conn
+                .prepare_cached(
+                    "UPDATE users SET
+                        mailbox_count = (SELECT count(*) FROM mailbox WHERE handle = ?1),
+                        mailbox_bytes = (SELECT coalesce(sum(length(event)), 0) FROM mailbox WHERE handle = ?1)
+                     WHERE handle = ?1",
+                )?
+                .execute([handle])?;
+        }
         Ok(())
     }
 }
@@ -649,6 +744,13 @@ impl ReceivedLog for SqliteHome {
             .optional()?)
     }
 
+    fn forget_received(&mut self, id: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM received WHERE id = ?1")?
+            .execute([id])?;
+        Ok(())
+    }
+
     fn set_delivered(&mut self, id: &str) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("UPDATE received SET delivered = 1 WHERE id = ?1")?
@@ -672,9 +774,23 @@ impl ForwardQueue for SqliteHome {
         item_json: &str,
     ) -> Result<u64, StoreError> {
         self.conn
-            .prepare_cached("INSERT INTO outq(dest, handle, item) VALUES (?1, ?2, ?3)")?
-            .execute(params![dest, handle, item_json])?;
+            .prepare_cached("INSERT INTO outq(dest, handle, item, at) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![dest, handle, item_json, now_ms()])?;
         Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    fn queued_before(
+        &mut self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Option<String>)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT n, dest FROM outq WHERE at < ?1 ORDER BY at LIMIT ?2")?;
+        let rows = st.query_map(params![before, limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn unrouted_for(&mut self, handle: &str) -> Result<bool, StoreError> {

@@ -89,16 +89,25 @@ impl Proxy {
             }
             head.push(b[0]);
         }
-        let status_line = String::from_utf8_lossy(&head);
-        let status_line = status_line.lines().next().unwrap_or_default();
-        let code = status_line.split_whitespace().nth(1).unwrap_or_default();
-        if code != "200" {
-            return Err(LinkError::Proxy(format!(
+        check_answer(&head).map_err(|status_line| {
+            LinkError::Proxy(format!(
                 "proxy {} refused CONNECT {target}: {status_line}",
                 self.address
-            )));
-        }
+            ))
+        })?;
         Ok(tcp)
+    }
+}
+
+/// Whether a proxy's answer head says the tunnel is open (`200`); if not,
+/// its status line.
+pub fn check_answer(head: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(head);
+    let status_line = text.lines().next().unwrap_or_default();
+    let mut words = status_line.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some(v), Some("200")) if v.starts_with("HTTP/") => Ok(()),
+        _ => Err(status_line.to_owned()),
     }
 }
 

@@ -34,6 +34,8 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("{0:?} is not a valid server name")]
     BadName(String),
+    #[error("the key does not belong to the certificate (another server's key, or an old one)")]
+    KeyMismatch,
 }
 
 /// The crypto provider of the whole process.
@@ -48,8 +50,8 @@ pub fn install_default_provider() {
 }
 
 /// aws-lc-rs with TLS 1.3's AES-128-GCM-SHA256 suite first (rustls puts
-/// AES-256-GCM-SHA384 first). Both ends of a link are popupd, so this order
-/// decides. AES-128 is what most TLS 1.3 stacks prefer, and its SHA-256 key
+/// AES-256-GCM-SHA384 first). Servers keep their own order whatever a
+/// client prefers (`ignore_client_order`), so this order decides. AES-128 is what most TLS 1.3 stacks prefer, and its SHA-256 key
 /// schedule runs on the CPU's SHA extensions where SHA-384 has none: SHA-384
 /// was a tenth of a home's CPU during a login storm (docs/performance.md).
 fn aws_lc_rs() -> CryptoProvider {
@@ -80,6 +82,18 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// Whether `key` is the private key of the first certificate of `chain`.
+pub fn check_pair(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<(), TlsError> {
+    match rustls::sign::CertifiedKey::from_der(chain.to_vec(), key.clone_key(), &provider()) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(TlsError::KeyMismatch),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A root store holding the certificates of a PEM file.
@@ -151,6 +165,9 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier.build()?)
         .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    // The server's suite order, not the client's: a client that lists
+    // AES-256 first would otherwise get its costlier key schedule.
+    cfg.ignore_client_order = true;
     // Session tickets would let an agent resume cheaply, but each costs
     // memory on the server; plain handshakes are fast enough with TLS 1.3.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
