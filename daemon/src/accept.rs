@@ -105,7 +105,7 @@ pub async fn serve<F, Fut>(
     let mut errors = 0u32;
     // Refusals by the per-address cap, logged once a minute at most.
     let mut over_cap = 0u64;
-    let mut over_cap_said = tokio::time::Instant::now();
+    let mut over_cap_said: Option<tokio::time::Instant> = None;
     loop {
         let slot = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -135,7 +135,7 @@ pub async fn serve<F, Fut>(
                 // Dropped at once: this address already has its share of
                 // connections that have not logged in.
                 over_cap += 1;
-                if over_cap_said.elapsed() >= Duration::from_secs(60) {
+                if over_cap_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                     tracing::warn!(
                         address = %ip,
                         refused = over_cap,
@@ -143,7 +143,7 @@ pub async fn serve<F, Fut>(
                         "connections refused: too many from one address not logged in yet (limits.pending_per_address)"
                     );
                     over_cap = 0;
-                    over_cap_said = tokio::time::Instant::now();
+                    over_cap_said = Some(tokio::time::Instant::now());
                 }
                 continue;
             }

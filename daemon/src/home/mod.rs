@@ -344,6 +344,27 @@ async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>)
             if n > 0 {
                 tracing::warn!(peer = %name, links = n, "closed the links of a revoked home");
             }
+            // Its users are nowhere now: what waits for it fails.
+            home.router.forget_home(name);
+            let (feed, dest) = (home.feed(), name.clone());
+            let failed = home
+                .store
+                .submit_then(move |s| {
+                    let mut fx = Effects::default();
+                    let why = format!("not delivered: {dest} is revoked in the network");
+                    let n = rules::fail_home(&mut **s, &dest, &why, &mut fx)?;
+                    Ok((n, feed.at_commit(fx)))
+                })
+                .await;
+            match failed {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(peer = %name, items = n, "failed what waited for a revoked home")
+                }
+                Err(e) => {
+                    tracing::error!(peer = %name, "failing what waited for a revoked home: {e}")
+                }
+            }
         }
         let old = &home.cfg;
         let changed = [

@@ -69,6 +69,14 @@ impl Router {
         Ok(route)
     }
 
+    /// Forgets every route to home `home` (it was revoked).
+    pub fn forget_home(&self, home: &str) {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, (r, _)| r.home != home);
+    }
+
     /// Forgets the route of `handle` (it moved, or is gone).
     pub fn forget(&self, handle: &str) {
         self.routes
@@ -117,7 +125,9 @@ pub async fn run(home: Arc<Home>) {
                 continue;
             }
             match r.home_of(&home, &handle).await {
-                Ok(Some(route)) if route.home != home.cfg.name => routed.push((n, route.home)),
+                Ok(Some(route)) if route.home != home.cfg.name && !home.is_revoked(&route.home) => {
+                    routed.push((n, route.home))
+                }
                 Ok(_) => {
                     tracing::info!(%handle, "no such user in the network");
                     unknown.push(n);

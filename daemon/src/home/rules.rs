@@ -188,6 +188,21 @@ pub fn expire<S: HomeStore + ?Sized>(
     Ok(old.len())
 }
 
+/// Fails every item queued for home `dest`, with `reason` (it was
+/// revoked). Returns how many.
+pub fn fail_home<S: HomeStore + ?Sized>(
+    s: &mut S,
+    dest: &str,
+    reason: &str,
+    fx: &mut Effects,
+) -> Result<usize, StoreError> {
+    let items = s.queued(Some(dest))?;
+    for (n, _) in &items {
+        fail_item(s, *n, reason, fx)?;
+    }
+    Ok(items.len())
+}
+
 /// Drops item `n` for good; a message becomes `failed` for its sender,
 /// with `reason`. Returns the item, if it was there.
 pub fn fail_item<S: HomeStore + ?Sized>(
