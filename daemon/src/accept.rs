@@ -84,11 +84,14 @@ impl Pool {
     }
 }
 
+/// A connection's own future, boxed (see [`serve`]).
+pub type Served = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// Accepts on `listener` until `shutdown`, setting each connection up
 /// (TLS from `tls()`, then the upgrade to one of `paths`) in a task of its
 /// own that then runs `serve`. Returns once every connection task ended,
 /// or [`DRAIN`] after `shutdown`, whichever comes first.
-pub async fn serve<F, Fut>(
+pub async fn serve<F>(
     listener: TcpListener,
     tls: impl Fn() -> tokio_rustls::TlsAcceptor,
     paths: &'static [&'static str],
@@ -96,8 +99,7 @@ pub async fn serve<F, Fut>(
     shutdown: &Shutdown,
     serve: F,
 ) where
-    F: Fn(Accepted) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
+    F: Fn(Accepted) -> Served + Clone + Send + 'static,
 {
     let pending = Arc::new(Semaphore::new(limits.pending));
     let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
@@ -159,23 +161,23 @@ pub async fn serve<F, Fut>(
         let acceptor = tls();
         let serve = serve.clone();
         tasks.spawn(async move {
-            // Boxed, both: the task of a long-lived idle connection then
-            // keeps room neither for the (large, finished) handshake
-            // state nor for the link it moved into the connection's own
-            // future.
-            type Served = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
-            let set_up = Box::pin(tokio::time::timeout_at(
+            // The handshake is boxed and its result consumed in the match,
+            // and `serve` hands back a box: the task of a long-lived idle
+            // connection then keeps room neither for the (large, finished)
+            // handshake state nor for the link it moved into the
+            // connection's own future.
+            let served = match Box::pin(tokio::time::timeout_at(
                 ticket.deadline,
                 net::accept(tcp, &acceptor, paths),
             ))
-            .await;
-            let served: Served = match set_up {
-                Ok(Ok((link, path))) => Box::pin(serve(Accepted {
+            .await
+            {
+                Ok(Ok((link, path))) => serve(Accepted {
                     link,
                     path,
                     addr,
                     ticket,
-                })),
+                }),
                 Ok(Err(e)) => return tracing::debug!(%addr, "handshake failed: {e}"),
                 Err(_) => return tracing::debug!(%addr, "handshake not done in time"),
             };

@@ -120,7 +120,7 @@ pub async fn run(
         &shutdown,
         {
             let g = g.clone();
-            move |a: accept::Accepted| serve(g.clone(), a)
+            move |a: accept::Accepted| -> accept::Served { Box::pin(serve(g.clone(), a)) }
         },
     );
     tokio::select! {

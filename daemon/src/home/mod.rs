@@ -451,14 +451,11 @@ pub async fn run(
         &shutdown,
         {
             let home = home.clone();
-            move |a: accept::Accepted| {
-                let home = home.clone();
-                async move {
-                    if a.path == AGENT_PATH {
-                        sessions::serve(home, a).await
-                    } else {
-                        peers::serve_inbound(home, a).await
-                    }
+            move |a: accept::Accepted| -> accept::Served {
+                if a.path == AGENT_PATH {
+                    Box::pin(sessions::serve(home.clone(), a))
+                } else {
+                    Box::pin(peers::serve_inbound(home.clone(), a))
                 }
             }
         },

@@ -205,16 +205,20 @@ async fn refuse(mut link: Link<ServerTls>, code: ErrorCode, message: &str) {
 ///
 /// A plain function around an `async move` block, not an `async fn`: an
 /// `async fn` moves its arguments into locals and keeps room for both, and
-/// the link is a large part of every idle connection.
+/// the link is a large part of every idle connection. `Accepted` is taken
+/// apart in the signature for the same reason: taken apart inside, its
+/// link would have room twice.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
-pub fn serve(home: Arc<Home>, accepted: Accepted) -> impl Future<Output = ()> + Send {
+pub fn serve(
+    home: Arc<Home>,
+    Accepted {
+        mut link,
+        addr: peer,
+        ticket,
+        ..
+    }: Accepted,
+) -> impl Future<Output = ()> + Send {
     async move {
-        let Accepted {
-            mut link,
-            addr: peer,
-            ticket,
-            ..
-        } = accepted;
         let first = match Box::pin(tokio::time::timeout_at(
             ticket.deadline,
             link.recv::<AgentFrame>(),
