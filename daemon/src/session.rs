@@ -141,6 +141,18 @@ pub trait Handler<S>: Send {
     /// limit).
     const MAX_BAD_FRAMES: Option<u32> = None;
 
+    /// Store jobs one session may have pending. At the bound the loop
+    /// stops reading the link until one is answered: TCP backpressure
+    /// then slows that sender alone, and the store's queue holds at most
+    /// this many of its jobs ahead of anyone else's.
+    const MAX_JOBS: usize = usize::MAX;
+
+    /// Until when the loop reads nothing from the link (a sender told to
+    /// wait, who must not make the home read and refuse meanwhile).
+    fn hold_reading(&self) -> Option<Instant> {
+        None
+    }
+
     /// Polls the handler's own wake sources. Must be cancel-safe: the loop
     /// may poll it and then act on another wake.
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Self::Wake>;
@@ -208,6 +220,8 @@ enum Woke<In, D, W> {
     Frame(Result<Recv<In>, LinkError>),
     Own(W),
     Tick(std::io::Result<()>),
+    /// A hold on reading ended.
+    Resume,
 }
 
 /// Serves `link` with `h` until it ends. Store jobs still pending then are
@@ -234,11 +248,18 @@ where
     loop {
         let woke = {
             let idle_due = link.needs_flush() || h.idle_due();
+            // Boxed: most sessions are never held, and an idle one keeps
+            // no room for the timer.
+            let mut held = h
+                .hold_reading()
+                .filter(|t| *t > Instant::now())
+                .map(|t| Box::pin(tokio::time::sleep_until(t.into())));
             let next = async {
                 tokio::select! {
                     _ = &mut stopping => Woke::Stop,
                     Some(d) = jobs.next(), if !jobs.is_empty() => Woke::Done(d),
-                    r = link.recv::<H::In>() => Woke::Frame(r),
+                    r = link.recv::<H::In>(), if jobs.len() < H::MAX_JOBS && held.is_none() => Woke::Frame(r),
+                    () = async { if let Some(s) = held.as_mut() { s.await } }, if held.is_some() => Woke::Resume,
                     w = std::future::poll_fn(|cx| h.poll_wake(cx)) => Woke::Own(w),
                     t = timer.wait() => Woke::Tick(t),
                 }
@@ -313,6 +334,7 @@ where
                     Err(e) => Err(e.into()),
                 }
             }
+            Woke::Resume => Ok(()),
             Woke::Tick(t) => {
                 quiet = true;
                 if let Err(e) = t {

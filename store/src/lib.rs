@@ -134,8 +134,12 @@ pub trait Batchable: Send {
         Ok(None)
     }
     /// Called when no job waits, before the thread sleeps: the time for
-    /// upkeep that would stall a batch.
-    fn idle(&mut self) {}
+    /// upkeep that would stall a batch. Returns how soon to be called
+    /// again if no job comes meanwhile (`None`: not until after the next
+    /// batch), for upkeep done a step at a time.
+    fn idle(&mut self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// See [`Batchable::syncer`].
@@ -160,7 +164,7 @@ impl<T: Batchable + ?Sized> Batchable for Box<T> {
     fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
         (**self).syncer()
     }
-    fn idle(&mut self) {
+    fn idle(&mut self) -> Option<std::time::Duration> {
         (**self).idle()
     }
 }
@@ -258,10 +262,21 @@ impl<S: Batchable + 'static> Batcher<S> {
                     let first = match rx.try_recv() {
                         Ok(j) => j,
                         Err(mpsc::TryRecvError::Empty) => {
-                            store.idle();
-                            match rx.recv() {
-                                Ok(j) => j,
-                                Err(_) => break,
+                            // Upkeep, a step at a time, while no job comes.
+                            let mut next = store.idle();
+                            let job = loop {
+                                match next {
+                                    None => break rx.recv().ok(),
+                                    Some(after) => match rx.recv_timeout(after) {
+                                        Ok(j) => break Some(j),
+                                        Err(mpsc::RecvTimeoutError::Timeout) => next = store.idle(),
+                                        Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+                                    },
+                                }
+                            };
+                            match job {
+                                Some(j) => j,
+                                None => break,
                             }
                         }
                         Err(mpsc::TryRecvError::Disconnected) => break,

@@ -221,11 +221,23 @@ pub fn popupd(args: &[&str]) -> Output {
 }
 
 /// A TCP port free on 127.0.0.1 just now.
+///
+/// Never the same port twice in one process: the kernel may hand a port
+/// just released to the next bind, and two tests running side by side
+/// would then start servers on one port (and one would reach the other's).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts TCP on `addr`.

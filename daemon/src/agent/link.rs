@@ -186,6 +186,11 @@ struct Session<'a> {
     /// requests) again; nothing of them goes out before.
     outbox_retry: Option<Pin<Box<tokio::time::Sleep>>>,
     requests_retry: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// After "too fast", nothing is sent again until every message (or
+    /// request) sent before is answered: the home reads those first, and
+    /// one sent again ahead of one still unanswered could overtake it.
+    outbox_draining: bool,
+    requests_draining: bool,
 }
 
 /// What, besides the link, wakes a session.
@@ -224,6 +229,8 @@ async fn session(
         unacked: None,
         traffic: true,
         outbox_retry: None,
+        outbox_draining: false,
+        requests_draining: false,
         requests_retry: None,
     };
     let mut jobs = Jobs::new();
@@ -255,6 +262,20 @@ impl Session<'_> {
     async fn start(&mut self, link: &mut Link<ClientTls>) -> Result<(), LinkError> {
         send_outbox(self.agent, link, &mut self.inflight).await?;
         send_requests(self.agent, link, &mut self.asked).await
+    }
+
+    /// After "too fast": once the retry time passed and everything sent
+    /// before is answered, sends again, in order.
+    async fn resume(&mut self, link: &mut Link<ClientTls>) -> Result<(), LinkError> {
+        if self.outbox_draining && self.outbox_retry.is_none() && self.inflight.is_empty() {
+            self.outbox_draining = false;
+            send_outbox(self.agent, link, &mut self.inflight).await?;
+        }
+        if self.requests_draining && self.requests_retry.is_none() && self.asked.is_empty() {
+            self.requests_draining = false;
+            send_requests(self.agent, link, &mut self.asked).await?;
+        }
+        Ok(())
     }
 }
 
@@ -318,6 +339,7 @@ impl Handler<ClientTls> for Session<'_> {
             } => self.agent.on_presence(&handle, state, &text, since).await,
             f => on_frame(self.agent, f, self.last_seq, self, jobs),
         }
+        self.resume(link).await?;
         Ok(())
     }
 
@@ -369,6 +391,8 @@ impl Handler<ClientTls> for Session<'_> {
             // rest for the retry.
             Wake::Outbox if self.outbox_retry.is_some() => {}
             Wake::Requests if self.requests_retry.is_some() => {}
+            Wake::Outbox if self.outbox_draining => self.resume(link).await?,
+            Wake::Requests if self.requests_draining => self.resume(link).await?,
             Wake::Outbox => send_outbox(self.agent, link, &mut self.inflight).await?,
             Wake::Requests => send_requests(self.agent, link, &mut self.asked).await?,
             Wake::Up(Up::Presence(p)) => {
@@ -470,6 +494,7 @@ fn on_frame(
                 tracing::info!(req, "the home asks to slow down: {message}");
             }
             retry_in(&mut st.requests_retry, retry_after_ms);
+            st.requests_draining = true;
         }
         HomeFrame::Error {
             code: ErrorCode::RateLimited,
@@ -498,6 +523,7 @@ fn on_frame(
                 pending.push_back(Box::pin(async move { Done::Status(p.await) }));
             }
             retry_in(&mut st.outbox_retry, retry_after_ms);
+            st.outbox_draining = true;
         }
         HomeFrame::Error {
             code,

@@ -259,6 +259,8 @@ impl Handler<ServerTls> for HomeLink {
     type Done = GlobalReply;
     type Wake = GlobalReply;
     const MAX_BAD_FRAMES: Option<u32> = Some(16);
+    /// A home's lookups wait for one another past this many.
+    const MAX_JOBS: usize = 256;
 
     fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<GlobalReply> {
         match self.pushes.poll_recv(cx) {

@@ -56,6 +56,10 @@ const REDIAL_MAX: Duration = Duration::from_secs(2);
 const SKEW: i64 = 10 * 60 * 1000;
 /// Malformed frames tolerated on one peer link before it is closed.
 const MAX_BAD_FRAMES: u32 = 16;
+/// Store jobs one peer link may have pending before the home stops
+/// reading it (see `Handler::MAX_JOBS`); higher than an agent's, as a
+/// link carries many people's messages.
+const MAX_IN_FLIGHT: usize = 256;
 /// How often every queued item is looked at again, whatever the wakes said.
 const SWEEP: Duration = Duration::from_secs(30);
 
@@ -422,6 +426,7 @@ async fn serve_link_as<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 kick: kick.clone(),
                 inflight: HashSet::new(),
                 chain: Chain::default(),
+                hold: None,
             };
             // A new link sends everything queued; later wakes name new items.
             kick.take();
@@ -459,6 +464,8 @@ struct PeerSession<'a> {
     /// What the peer sends is stored in the order it came, or the link
     /// ends at the first failure.
     chain: Chain,
+    /// Past its rate, nothing more is read from the peer until then.
+    hold: Option<std::time::Instant>,
 }
 
 enum PeerWake {
@@ -640,6 +647,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
     type Done = Done;
     type Wake = PeerWake;
     const MAX_BAD_FRAMES: Option<u32> = Some(MAX_BAD_FRAMES);
+    const MAX_JOBS: usize = MAX_IN_FLIGHT;
+
+    fn hold_reading(&self) -> Option<std::time::Instant> {
+        self.hold
+    }
 
     fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<PeerWake> {
         use std::task::Poll;
@@ -660,10 +672,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
         f: PeerFrame,
         jobs: &mut Jobs<Done>,
     ) -> Result<(), End> {
-        // Past its rate, a peer waits: this link reads nothing meanwhile,
-        // and TCP slows the sender down.
+        // Past its rate, a peer waits: this link reads nothing meanwhile
+        // (the loop still answers it), and TCP slows the sender down.
         if let Err(wait) = self.home.peer_rate.take(self.peer) {
-            tokio::time::sleep(wait).await;
+            self.hold = Some(std::time::Instant::now() + wait);
         }
         Ok(self.on_frame(link, f, jobs).await?)
     }

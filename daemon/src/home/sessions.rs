@@ -36,6 +36,10 @@ const QUEUE: usize = 512;
 const PAGE: usize = 256;
 /// Malformed frames tolerated on one connection before it is closed.
 const MAX_BAD_FRAMES: u32 = 16;
+/// Store jobs one agent connection may have pending before the home stops
+/// reading it (see `Handler::MAX_JOBS`): a sender past it waits for its
+/// own commits, not everyone's.
+const MAX_IN_FLIGHT: usize = 32;
 /// The grid the keepalive timers of agent links fire on.
 const GRID: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -184,6 +188,13 @@ enum Wake {
     /// the device was revoked.
     Replaced,
 }
+
+/// Messages and requests refused in a row, past the time the agent was
+/// told to wait, without the refused one coming again: an agent sends at
+/// most its outbox so between two tries (what it sent before it heard),
+/// a client that ignores `rate_limited` sends on without end. Past this
+/// the home closes its link.
+const IGNORED_MAX: u32 = 10_000;
 
 /// Callers box this future: it holds the whole link, and a connection's
 /// task would otherwise keep room for it at every place it may be called.
@@ -344,6 +355,7 @@ pub fn serve(
             lag: reg.lag,
             send_limited: None,
             contact_limited: None,
+            ignored: 0,
             presence_at: Some(Instant::now()),
             presence_pending: None,
             presence_timer: None,
@@ -402,6 +414,9 @@ struct AgentConn {
     send_limited: Option<(MsgId, Instant)>,
     /// Likewise for contact changes (by request number).
     contact_limited: Option<(u64, Instant)>,
+    /// Refused in a row past the time the agent was told (see
+    /// [`IGNORED_MAX`]).
+    ignored: u32,
     /// When this device's presence last changed, and the change waiting
     /// for `presence_interval` to pass.
     presence_at: Option<Instant>,
@@ -663,9 +678,14 @@ impl AgentConn {
     fn limited_send(&mut self, id: &str) -> Option<std::time::Duration> {
         if let Some((first, until)) = &self.send_limited {
             if first != id {
-                return Some(until.saturating_duration_since(Instant::now()));
+                let now = Instant::now();
+                if *until <= now {
+                    self.ignored += 1;
+                }
+                return Some(until.saturating_duration_since(now));
             }
             self.send_limited = None;
+            self.ignored = 0;
         }
         let wait = self.home.send_rate.take(&self.handle).err()?;
         self.send_limited = Some((id.to_owned(), Instant::now() + wait));
@@ -676,13 +696,36 @@ impl AgentConn {
     fn limited_request(&mut self, req: u64) -> Option<std::time::Duration> {
         if let Some((first, until)) = self.contact_limited {
             if first != req {
-                return Some(until.saturating_duration_since(Instant::now()));
+                let now = Instant::now();
+                if until <= now {
+                    self.ignored += 1;
+                }
+                return Some(until.saturating_duration_since(now));
             }
             self.contact_limited = None;
+            self.ignored = 0;
         }
         let wait = self.home.contact_rate.take(&self.handle).err()?;
         self.contact_limited = Some((req, Instant::now() + wait));
         Some(wait)
+    }
+
+    /// While the agent is told to wait, the home does not read its link:
+    /// it would only refuse what it read.
+    fn hold(&self) -> Option<Instant> {
+        let send = self.send_limited.as_ref().map(|l| l.1);
+        let contact = self.contact_limited.map(|l| l.1);
+        send.max(contact)
+    }
+
+    /// Closes the link of a client that sends on regardless of
+    /// `rate_limited` ([`IGNORED_MAX`]).
+    async fn close_ignoring(&self, link: &mut Link<ServerTls>) -> End {
+        tracing::warn!(handle = %self.handle, device = %self.device, peer = %self.peer,
+            "closing the link of a client that keeps sending while told to wait (rate_limited)");
+        let _ = link.flush().await;
+        link.linger(session::LINGER).await;
+        End::Other("it kept sending while told to wait".into())
     }
 
     async fn rate_limited(
@@ -798,6 +841,11 @@ impl Handler<ServerTls> for AgentConn {
     type Done = Done;
     type Wake = Wake;
     const MAX_BAD_FRAMES: Option<u32> = Some(MAX_BAD_FRAMES);
+    const MAX_JOBS: usize = MAX_IN_FLIGHT;
+
+    fn hold_reading(&self) -> Option<Instant> {
+        self.hold()
+    }
 
     fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Wake> {
         use std::task::Poll;
@@ -823,7 +871,11 @@ impl Handler<ServerTls> for AgentConn {
         f: AgentFrame,
         jobs: &mut Jobs<Done>,
     ) -> Result<(), End> {
-        Ok(self.on_frame(link, f, jobs).await?)
+        self.on_frame(link, f, jobs).await?;
+        if self.ignored > IGNORED_MAX {
+            return Err(Box::pin(self.close_ignoring(link)).await);
+        }
+        Ok(())
     }
 
     async fn done(

@@ -243,8 +243,8 @@ pub struct SqliteHome {
     /// (`synchronous = NORMAL`), so that a new message can reach its
     /// recipient while the disk catches up.
     path: std::path::PathBuf,
-    /// When free pages were last given back.
-    reclaimed: std::time::Instant,
+    /// Pages were given back since the last full checkpoint.
+    shrunk: bool,
 }
 
 impl Batchable for SqliteHome {
@@ -265,9 +265,9 @@ impl Batchable for SqliteHome {
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
         sqlite_job_end(&self.conn, ok)
     }
-    fn idle(&mut self) {
+    fn idle(&mut self) -> Option<std::time::Duration> {
         self.checkpoints.idle(&self.conn);
-        self.reclaim();
+        self.reclaim()
     }
     fn syncer(&mut self) -> Result<Option<Syncer>, StoreError> {
         Ok(Some(wal_syncer(&self.path)?))
@@ -362,7 +362,7 @@ const STEPS: &[Step] = &[
              ALTER TABLE users ADD COLUMN mailbox_bytes INTEGER NOT NULL DEFAULT 0;
              UPDATE users SET
                 mailbox_count = (SELECT count(*) FROM mailbox WHERE mailbox.handle = users.handle),
-                mailbox_bytes = (SELECT coalesce(sum(length(event)), 0) FROM mailbox WHERE mailbox.handle = users.handle);
+                mailbox_bytes = (SELECT coalesce(sum(length(CAST(event AS BLOB))), 0) FROM mailbox WHERE mailbox.handle = users.handle);
              ALTER TABLE outq ADD COLUMN at INTEGER NOT NULL DEFAULT 0;
              CREATE INDEX outq_at ON outq(at);",
         )?;
@@ -374,6 +374,10 @@ const STEPS: &[Step] = &[
 /// Free pages past which the writer gives space back to the file system,
 /// when no job waits.
 const FREE_PAGES: i64 = 256;
+/// Pages given back in one step (8 MB of 4 KB pages), and the pause
+/// between steps: a job that comes meanwhile waits for one step at most.
+const RECLAIM_STEP: u32 = 2048;
+const RECLAIM_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl SqliteHome {
     pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
@@ -394,26 +398,48 @@ impl SqliteHome {
             conn,
             checkpoints,
             path: path.to_owned(),
-            reclaimed: std::time::Instant::now(),
+            shrunk: false,
         })
     }
 
-    /// Gives free pages back to the file system, a few at a time and at
-    /// most once a second.
-    fn reclaim(&mut self) {
-        if self.reclaimed.elapsed() < std::time::Duration::from_secs(1) {
-            return;
-        }
-        self.reclaimed = std::time::Instant::now();
+    /// Gives free pages back to the file system, one step of
+    /// [`RECLAIM_STEP`] pages when no job waits, and says how soon to take
+    /// the next. Once none is left, one full checkpoint truncates the
+    /// database file and the log.
+    fn reclaim(&mut self) -> Option<std::time::Duration> {
         let free: i64 = self
             .conn
             .query_row("PRAGMA freelist_count", [], |r| r.get(0))
             .unwrap_or(0);
-        if free > FREE_PAGES
-            && let Err(e) = self.conn.execute_batch("PRAGMA incremental_vacuum(2048)")
-        {
-            tracing::warn!("giving free space back: {e}");
+        if free > FREE_PAGES {
+            let r = self
+                .conn
+                .execute_batch(&format!("PRAGMA incremental_vacuum({RECLAIM_STEP})"));
+            self.checkpoints.committed(&self.conn);
+            if let Err(e) = r {
+                tracing::warn!("giving free space back: {e}");
+                return None;
+            }
+            self.shrunk = true;
+            return Some(RECLAIM_PAUSE);
         }
+        if self.shrunk {
+            // The file shrinks only once the whole log is copied into it.
+            match self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                }) {
+                Ok(0) => self.shrunk = false,
+                // The checkpoint thread was at it: again in a moment.
+                Ok(_) => return Some(std::time::Duration::from_secs(1)),
+                Err(e) => {
+                    self.shrunk = false;
+                    tracing::warn!("giving free space back (checkpoint): {e}");
+                }
+            }
+        }
+        None
     }
 }
 
@@ -639,25 +665,35 @@ impl Mailbox for SqliteHome {
     }
 
     fn forget_stored(&mut self, handle: &str) -> Result<(), StoreError> {
-        let gone = self
+        let Some(upto): Option<i64> = self
+            .conn
+            .prepare_cached("SELECT min(acked_seq) FROM devices WHERE handle = ?1")?
+            .query_row([handle], |r| r.get(0))?
+        else {
+            return Ok(());
+        };
+        // What goes is counted on its way out and the counters move by that
+        // much: counting what is left would read a whole backlog per ack.
+        let (n, bytes): (i64, i64) = self
             .conn
             .prepare_cached(
-                "DELETE FROM mailbox WHERE handle = ?1
-                 AND seq <= (SELECT min(acked_seq) FROM devices WHERE handle = ?1)",
+                "SELECT count(*), coalesce(sum(length(CAST(event AS BLOB))), 0)
+                 FROM mailbox WHERE handle = ?1 AND seq <= ?2",
             )?
-            .execute([handle])?;
-        if gone > 0 {
-            // Counted again from what is left: usually nothing, for a
-            // device that keeps up.
-            self.conn
-                .prepare_cached(
-                    "UPDATE users SET
-                        mailbox_count = (SELECT count(*) FROM mailbox WHERE handle = ?1),
-                        mailbox_bytes = (SELECT coalesce(sum(length(event)), 0) FROM mailbox WHERE handle = ?1)
-                     WHERE handle = ?1",
-                )?
-                .execute([handle])?;
+            .query_row(params![handle, upto], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if n == 0 {
+            return Ok(());
         }
+        self.conn
+            .prepare_cached("DELETE FROM mailbox WHERE handle = ?1 AND seq <= ?2")?
+            .execute(params![handle, upto])?;
+        self.conn
+            .prepare_cached(
+                "UPDATE users SET mailbox_count = max(mailbox_count - ?2, 0),
+                    mailbox_bytes = max(mailbox_bytes - ?3, 0)
+                 WHERE handle = ?1",
+            )?
+            .execute(params![handle, n, bytes])?;
         Ok(())
     }
 }

@@ -35,12 +35,23 @@ impl Proxy {
         if hostport.is_empty() || hostport.contains('/') {
             return Err(format!("proxy {url:?}: expected http://host:port"));
         }
-        let address = if has_port(hostport) {
-            hostport.to_owned()
-        } else {
-            format!("{hostport}:80")
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if has_port(hostport) => {
+                let port =
+                    p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                        format!("proxy {url:?}: port {p} is not between 1 and 65535")
+                    })?;
+                (h, port)
+            }
+            _ => (hostport, 80),
         };
-        Ok(Proxy { address, auth })
+        if host.is_empty() {
+            return Err(format!("proxy {url:?}: no host; expected http://host:port"));
+        }
+        Ok(Proxy {
+            address: format!("{host}:{port}"),
+            auth,
+        })
     }
 
     /// The proxy from `HTTPS_PROXY`/`https_proxy` (then `ALL_PROXY`), unless
@@ -158,6 +169,16 @@ mod tests {
         let p = Proxy::parse("http://u:p@proxy:8080").unwrap();
         assert_eq!(p.auth.as_deref(), Some("u:p"));
         assert!(Proxy::parse("socks5://x:1").is_err());
+        // Found by fuzzing: these passed check-config and failed only
+        // when the agent dialled.
+        for bad in [
+            "http://:8080",
+            "http://proxy:99999",
+            "http://user@:1/",
+            "http://proxy:0",
+        ] {
+            assert!(Proxy::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
