@@ -52,3 +52,9 @@ fi
 # tests in one build with one feature set, which `cargo test` then reuses.
 cargo build --workspace --locked --all-targets
 cargo test --workspace --locked "$@"
+
+# A short smoke of every fuzz target (docs/fuzzing.md), when cargo-fuzz and
+# the nightly toolchain are here; fuzz.sh says "skipped: ..." otherwise.
+if [ $# -eq 0 ]; then
+  scripts/fuzz.sh --time 10
+fi

@@ -29,6 +29,7 @@ use popupd_e2e::{Agent, HOME_A, HOME_B, Network, TestDir, secret_of};
 use popupd_protocol::net::{self, Dial, Recv, tls};
 use popupd_protocol::{AGENT_PATH, AgentFrame, Event, HomeFrame, PROTOCOL_VERSION, new_id};
 
+mod abuse;
 mod faults;
 mod offline;
 mod presence;
@@ -114,6 +115,7 @@ enum Scenario {
     Offline,
     Storm,
     Faults,
+    Abuse,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -142,6 +144,9 @@ fn parse_args() -> anyhow::Result<Args> {
         json: c.json,
     })
 }
+
+/// The clock the simulated agents' send times (`t=MICROS`) count from.
+pub(crate) static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
 pub(crate) fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -288,6 +293,7 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
             // Message k of sender i is due at t0 + (k + i/senders) × interval:
             // the senders take turns, so the home sees an even stream rather
             // than every sender's message in the same instant.
+            let mut ack = None;
             let phase = i as f64 / senders_n as f64;
             let due = |k: usize| paced.map(|iv| t0 + iv.mul_f64(k as f64 + phase));
             'run: while accepted < per_sender && t0.elapsed() < deadline {
@@ -313,6 +319,12 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
                     in_flight.push_back(Instant::now());
                     sent += 1;
                 }
+                // Like an agent, it acks the status receipts it is pushed.
+                if let Some(seq) = ack.take()
+                    && link.feed(&AgentFrame::Ack { seq }).await.is_err()
+                {
+                    break 'run;
+                }
                 if link.flush().await.is_err() {
                     break 'run;
                 }
@@ -332,6 +344,7 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
                                 acc.push(t.elapsed());
                             }
                         }
+                        Ok(Ok(Recv::Frame(HomeFrame::Event { seq, .. }))) => ack = Some(seq),
                         Ok(Ok(_)) => {}
                         _ => break 'run,
                     },
@@ -555,6 +568,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if a.only.as_deref() == Some("storm") {
         storm::run(&a).await?;
+    }
+    if a.only.as_deref() == Some("abuse") {
+        abuse::run(&a).await?;
     }
     if a.only.as_deref() == Some("faults") {
         faults::run(&a).await?;
