@@ -169,7 +169,7 @@ mod tests {
         let p = Proxy::parse("http://u:p@proxy:8080").unwrap();
         assert_eq!(p.auth.as_deref(), Some("u:p"));
         assert!(Proxy::parse("socks5://x:1").is_err());
-        // Found by fuzzing: these passed check-config and failed only
+        // Found while writing the fuzz targets: these passed check-config and failed only
         // when the agent dialled.
         for bad in [
             "http://:8080",
