@@ -405,3 +405,75 @@ async fn too_large_reaches_a_client_that_keeps_writing() {
     }
     assert!(codes.contains(&ErrorCode::TooLarge), "got {codes:?}");
 }
+
+/// bob reads nothing while 4,000 large messages come in, so his queue in
+/// the home overflows and he must be fed from disk; then he reads. He gets
+/// every message once and in order, and the home goes quiet afterwards (a
+/// connection that lagged once used to spin on it for good, burning a core
+/// and holding up the idle upkeep).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_fell_behind_gets_everything_and_the_home_rests() {
+    use popupd_protocol::{Event, new_id};
+    const N: usize = 4000;
+    let dir = TestDir::new("lagged");
+    let net = network_with(&dir.path, "    send_rate: 100000\n    send_burst: 100000\n").await;
+    let a = net.add_user(0, "alice").unwrap();
+    let b = net.add_user(0, "bob").unwrap();
+    let mut bob = raw_agent(&net, 0, "bob", &b).await.unwrap();
+    let mut alice = raw_agent(&net, 0, "alice", &a).await.unwrap();
+    // 4,000 of 15 KB: more than the sockets between home and bob hold
+    // (loopback buffers here grow to 32 MB).
+    let text = "x".repeat(15_000);
+    let mut ids = Vec::new();
+    for _ in 0..N {
+        let id = new_id();
+        alice
+            .feed(&AgentFrame::Send {
+                id: id.clone(),
+                from: None,
+                to: "bob".into(),
+                text: text.clone(),
+                reply_to: None,
+            })
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    alice.flush().await.unwrap();
+    // alice's receipts are read as they come, so that only bob lags.
+    let reader = tokio::spawn(async move {
+        while let Ok(Ok(Recv::Frame(_) | Recv::Alive)) =
+            tokio::time::timeout(T, alice.recv::<HomeFrame>()).await
+        {}
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    while got.len() < N {
+        match tokio::time::timeout(T, bob.recv::<HomeFrame>()).await {
+            Ok(Ok(Recv::Frame(HomeFrame::Event { seq, event }))) => {
+                if let Event::Message(m) = event {
+                    got.push(m.id);
+                }
+                bob.send(&AgentFrame::Ack { seq }).await.unwrap();
+            }
+            Ok(Ok(Recv::Frame(_) | Recv::Alive)) => {}
+            other => panic!("bob, after {} messages: {other:?}", got.len()),
+        }
+    }
+    assert_eq!(got, ids, "every message once, in order");
+    // The case this is about happened: bob's queue overflowed.
+    assert!(
+        net.homes[0].log_text().contains("fell behind"),
+        "bob's queue never overflowed: nothing was tried"
+    );
+    // Everything is read and acked: the home has nothing left to do.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu = net.homes[0].cpu_time();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let busy = net.homes[0].cpu_time() - cpu;
+    reader.abort();
+    assert!(
+        busy < Duration::from_millis(500),
+        "the home used {busy:?} of CPU in 3 s with nothing to do"
+    );
+}

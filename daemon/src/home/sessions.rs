@@ -38,8 +38,11 @@ const PAGE: usize = 256;
 const MAX_BAD_FRAMES: u32 = 16;
 /// Store jobs one agent connection may have pending before the home stops
 /// reading it (see `Handler::MAX_JOBS`): a sender past it waits for its
-/// own commits, not everyone's.
-const MAX_IN_FLIGHT: usize = 32;
+/// own commits, not everyone's. Well above what an honest agent pipelines
+/// (`send_burst` lets 300 through by default), because a bound that binds
+/// turns reading on and off and costs every sender throughput
+/// (docs/performance.md, "Limits").
+const MAX_IN_FLIGHT: usize = 1024;
 /// The grid the keepalive timers of agent links fire on.
 const GRID: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -849,9 +852,6 @@ impl Handler<ServerTls> for AgentConn {
 
     fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Wake> {
         use std::task::Poll;
-        if self.lag.swap(false, Ordering::AcqRel) {
-            return Poll::Ready(Wake::Lag);
-        }
         if let Some(t) = &mut self.presence_timer
             && t.as_mut().poll(cx).is_ready()
         {
@@ -861,6 +861,10 @@ impl Handler<ServerTls> for AgentConn {
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(o)) => Poll::Ready(Wake::Out(o)),
             Poll::Ready(None) => Poll::Ready(Wake::Replaced),
+            // The lag only once the queue is drained: the contact list it
+            // sends goes through the queue, and into a full one it would
+            // only lag again, round and round.
+            Poll::Pending if self.lag.swap(false, Ordering::AcqRel) => Poll::Ready(Wake::Lag),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -901,6 +905,7 @@ impl Handler<ServerTls> for AgentConn {
             Wake::Out(Out::Event(p)) => Ok(self.on_push(link, &p).await?),
             Wake::Out(Out::Frame(f)) => Ok(link.feed_text(f.to_string()).await?),
             Wake::Lag => {
+                tracing::debug!(handle = %self.handle, "connection fell behind: reading its mailbox from disk");
                 // Frames may have been dropped too: resend the list.
                 super::send_contacts(&self.home, &self.handle).await;
                 Ok(self.replay(link).await?)

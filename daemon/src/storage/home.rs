@@ -245,6 +245,8 @@ pub struct SqliteHome {
     path: std::path::PathBuf,
     /// Pages were given back since the last full checkpoint.
     shrunk: bool,
+    /// Since when no batch committed (set by the first idle call after one).
+    quiet_since: Option<std::time::Instant>,
 }
 
 impl Batchable for SqliteHome {
@@ -254,6 +256,7 @@ impl Batchable for SqliteHome {
     fn commit(&mut self) -> Result<(), StoreError> {
         sqlite_commit(&self.conn)?;
         self.checkpoints.committed(&self.conn);
+        self.quiet_since = None;
         Ok(())
     }
     fn rollback(&mut self) {
@@ -371,13 +374,15 @@ const STEPS: &[Step] = &[
     },
 ];
 
-/// Free pages past which the writer gives space back to the file system,
-/// when no job waits.
-const FREE_PAGES: i64 = 256;
-/// Pages given back in one step (8 MB of 4 KB pages), and the pause
-/// between steps: a job that comes meanwhile waits for one step at most.
+/// Free pages (16 MB of 4 KB pages) past which the writer gives space back
+/// to the file system, when no job waits; steady traffic frees far fewer.
+const RECLAIM_FROM: i64 = 4096;
+/// Pages given back in one step (8 MB), and the pause between steps: a job
+/// that comes meanwhile waits for one step at most.
 const RECLAIM_STEP: u32 = 2048;
 const RECLAIM_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+/// How long the home must have been quiet before the truncating checkpoint.
+const RECLAIM_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl SqliteHome {
     pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
@@ -391,52 +396,75 @@ impl SqliteHome {
             tracing::info!(file = %path.display(), "making the database give space back (one VACUUM)");
             conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
         }
-        // And the log is cut back after a checkpoint that empties it.
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA journal_size_limit = 16777216;")?;
+        // No `journal_size_limit`: cutting the log back after every
+        // checkpoint costs the writer a truncate and a regrow under steady
+        // load (p99 at 4,000 msg/s went from 0.7 ms to 4 ms); the idle
+        // upkeep's truncating checkpoint empties it once all is quiet.
+        conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
         let checkpoints = Checkpointer::spawn(&conn, path)?;
         Ok(SqliteHome {
             conn,
             checkpoints,
             path: path.to_owned(),
             shrunk: false,
+            quiet_since: None,
         })
     }
 
-    /// Gives free pages back to the file system, one step of
-    /// [`RECLAIM_STEP`] pages when no job waits, and says how soon to take
-    /// the next. Once none is left, one full checkpoint truncates the
-    /// database file and the log.
+    /// Gives free pages back to the file system once many are free (a
+    /// backlog was read), one step of [`RECLAIM_STEP`] pages when no job
+    /// waits, and says how soon to take the next. After the last step, and
+    /// once the home has been quiet for [`RECLAIM_QUIET`], one full
+    /// checkpoint truncates the database file and the log. The pages that
+    /// steady traffic frees are left alone: new messages take them again.
     fn reclaim(&mut self) -> Option<std::time::Duration> {
         let free: i64 = self
             .conn
             .query_row("PRAGMA freelist_count", [], |r| r.get(0))
             .unwrap_or(0);
-        if free > FREE_PAGES {
+        if free > RECLAIM_FROM {
+            // The pragma gives back one page per step of its statement, so
+            // it is stepped to the end (`execute_batch` steps it once).
             let r = self
                 .conn
-                .execute_batch(&format!("PRAGMA incremental_vacuum({RECLAIM_STEP})"));
+                .prepare_cached(&format!("PRAGMA incremental_vacuum({RECLAIM_STEP})"))
+                .and_then(|mut st| {
+                    let mut rows = st.query([])?;
+                    while rows.next()?.is_some() {}
+                    Ok(())
+                });
             self.checkpoints.committed(&self.conn);
             if let Err(e) = r {
                 tracing::warn!("giving free space back: {e}");
                 return None;
             }
             self.shrunk = true;
+            self.quiet_since = None;
             return Some(RECLAIM_PAUSE);
         }
-        if self.shrunk {
-            // The file shrinks only once the whole log is copied into it.
-            match self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    r.get::<_, i64>(0)
-                }) {
-                Ok(0) => self.shrunk = false,
-                // The checkpoint thread was at it: again in a moment.
-                Ok(_) => return Some(std::time::Duration::from_secs(1)),
-                Err(e) => {
-                    self.shrunk = false;
-                    tracing::warn!("giving free space back (checkpoint): {e}");
-                }
+        if !self.shrunk {
+            return None;
+        }
+        // The file shrinks only once the whole log is copied into it, which
+        // holds up the jobs that come meanwhile: only when all is quiet.
+        let quiet = self
+            .quiet_since
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed();
+        if quiet < RECLAIM_QUIET {
+            return Some(RECLAIM_QUIET - quiet);
+        }
+        match self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+            Ok(0) => self.shrunk = false,
+            // The checkpoint thread was at it: again in a moment.
+            Ok(_) => return Some(RECLAIM_QUIET),
+            Err(e) => {
+                self.shrunk = false;
+                tracing::warn!("giving free space back (checkpoint): {e}");
             }
         }
         None
@@ -1039,6 +1067,57 @@ mod tests {
         assert!(s.revoke_device("alice", "d").unwrap());
         assert_eq!(s.check_device("alice", "d", "good").unwrap(), None);
         s.commit().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// 60 MB of acked mail: the idle upkeep gives it back to the file
+    /// system, the database and its log both, in steps, and then rests.
+    #[test]
+    fn acked_mail_gives_its_disk_space_back() {
+        let dir = std::env::temp_dir().join(format!("popupd-home-reclaim-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("home.sqlite");
+        let mut s = SqliteHome::open(&path).unwrap();
+        let size = || -> u64 {
+            ["", "-wal"]
+                .iter()
+                .map(|x| {
+                    let mut p = path.clone().into_os_string();
+                    p.push(x);
+                    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+                })
+                .sum()
+        };
+        s.begin().unwrap();
+        s.add_user("bob").unwrap();
+        s.add_device("bob", "d", "secret").unwrap();
+        s.commit().unwrap();
+        let event = format!("{{\"text\":\"{}\"}}", "x".repeat(15_000));
+        for _ in 0..40 {
+            s.begin().unwrap();
+            for _ in 0..100 {
+                s.append("bob", None, &event, None).unwrap();
+            }
+            s.commit().unwrap();
+        }
+        let full = size();
+        assert!(full > 60 << 20, "{full} bytes stored");
+        s.begin().unwrap();
+        s.set_device_acked("bob", "d", 4000).unwrap();
+        s.forget_stored("bob").unwrap();
+        s.commit().unwrap();
+        // Steps until the upkeep says it is done; each at most a few.
+        let mut steps = 0;
+        while let Some(after) = s.idle() {
+            steps += 1;
+            assert!(steps < 1000, "the upkeep never ends");
+            std::thread::sleep(after);
+        }
+        let left = size();
+        assert!(left < 20 << 20, "{left} bytes left of {full}");
+        assert!(steps > 1, "given back in one go ({steps} steps)");
+        assert_eq!(s.idle(), None, "it rests once done");
+        drop(s);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

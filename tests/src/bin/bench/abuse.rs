@@ -456,7 +456,7 @@ async fn disk(net: &Network, dir: &TestDir, t: &mut report::Table) -> anyhow::Re
         ),
         None => t.text(
             "disk: back under 50 MB",
-            &format!("not within 90 s ({:.1} MiB)", mib(last)),
+            &format!("not within 90 s ({:.1} MiB: {})", mib(last), files(&data)),
         ),
     }
     Ok(())
@@ -685,6 +685,25 @@ fn disk_use(dir: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Each file of a folder with its size on disk, for a figure that missed.
+fn files(dir: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| Some((e.file_name(), e.metadata().ok()?)))
+                .filter(|(_, m)| m.is_file())
+                .map(|(n, m)| {
+                    let mib = (m.blocks() * 512) as f64 / (1 << 20) as f64;
+                    format!("{} {mib:.1} MiB", n.to_string_lossy())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v.join(", ")
 }
 
 /// The peak of a process's resident memory, sampled every 100 ms.
