@@ -21,7 +21,7 @@
 //! message and processes each link in order, so a later item can never be
 //! stored before an earlier one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -59,7 +59,13 @@ const MAX_BAD_FRAMES: u32 = 16;
 /// Store jobs one peer link may have pending before the home stops
 /// reading it (see `Handler::MAX_JOBS`); higher than an agent's, as a
 /// link carries many people's messages.
-const MAX_IN_FLIGHT: usize = 256;
+const MAX_IN_FLIGHT: usize = 2048;
+/// Items one link may have sent and not yet had acked. Well under the
+/// peer's `MAX_IN_FLIGHT`, so that a peer's acks of our items and its
+/// items to us together never make either side stop reading: two homes
+/// that both stopped reading while both wrote would wait on each other
+/// until the write timeout.
+const WINDOW: usize = 1024;
 /// How often every queued item is looked at again, whatever the wakes said.
 const SWEEP: Duration = Duration::from_secs(30);
 
@@ -424,13 +430,13 @@ async fn serve_link_as<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 presence,
                 kicked: Box::pin(kick.notify.clone().notified_owned()),
                 kick: kick.clone(),
-                inflight: HashSet::new(),
+                out: Outgoing::default(),
                 chain: Chain::default(),
                 hold: None,
             };
             // A new link sends everything queued; later wakes name new items.
             kick.take();
-            match send_queued(home, link, peer, &mut s.inflight, Wanted::all()).await {
+            match send_queued(home, link, peer, &mut s.out, Wanted::all()).await {
                 Err(e) => e.into(),
                 Ok(()) => {
                     let ka = Keepalive {
@@ -459,8 +465,8 @@ struct PeerSession<'a> {
     presence: mpsc::UnboundedReceiver<String>,
     kick: Arc<Kick>,
     kicked: Pin<Box<tokio::sync::futures::OwnedNotified>>,
-    /// Items sent on this link and not yet acked.
-    inflight: HashSet<u64>,
+    /// Our items: sent and not yet acked, and waiting for room.
+    out: Outgoing,
     /// What the peer sends is stored in the order it came, or the link
     /// ends at the first failure.
     chain: Chain,
@@ -485,7 +491,7 @@ impl PeerSession<'_> {
         pending: &mut Jobs<Done>,
     ) -> Result<(), LinkError> {
         let (home, peer, link_id) = (self.home, self.peer, self.link_id);
-        let (inflight, chain) = (&mut self.inflight, &self.chain);
+        let (out, kick, chain) = (&mut self.out, &self.kick, &self.chain);
         let store = &home.store;
         match f {
             PeerFrame::Contact { n, from, to, op } => {
@@ -591,7 +597,11 @@ impl PeerSession<'_> {
                 pending.push_back(Box::pin(async move { Done::Ack(n, p.await) }));
             }
             PeerFrame::Ack { n, refused } => {
-                inflight.remove(&n);
+                out.inflight.remove(&n);
+                // Room again for a good share of the window: send more.
+                if !out.waiting.is_empty() && out.inflight.len() <= WINDOW / 2 {
+                    kick.notify.notify_one();
+                }
                 match refused {
                     // Lazy, and no one waits: an item a power cut brings back
                     // is forwarded again, and the peer drops it by id.
@@ -727,7 +737,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
     ) -> Result<(), End> {
         match w {
             PeerWake::Kick(wanted) => {
-                send_queued(self.home, link, self.peer, &mut self.inflight, wanted).await?
+                send_queued(self.home, link, self.peer, &mut self.out, wanted).await?
             }
             PeerWake::Presence(f) => link.send_text(f).await?,
         }
@@ -785,31 +795,51 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
-/// Sends the wanted items for `peer` not already on this link.
+/// Our items on one link.
+#[derive(Default)]
+struct Outgoing {
+    /// Sent and not yet acked.
+    inflight: HashSet<u64>,
+    /// Wanted but not yet sent, for want of room in the [`WINDOW`]. They
+    /// go in increasing order, before any item woken later.
+    waiting: BTreeSet<u64>,
+}
+
+/// Adds the wanted items for `peer` to what waits on this link, and sends
+/// the first of them as far as the [`WINDOW`] allows.
 async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
     home: &Arc<Home>,
     link: &mut Link<S>,
     peer: &str,
-    inflight: &mut HashSet<u64>,
+    out: &mut Outgoing,
     wanted: Wanted,
 ) -> Result<(), LinkError> {
-    if !wanted.all && wanted.ns.is_empty() {
+    if wanted.all {
+        let p = peer.to_owned();
+        let all = home
+            .store
+            .read(move |s| s.queued(Some(&p)))
+            .await
+            .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
+        out.waiting.extend(all.into_iter().map(|(n, _)| n));
+    } else {
+        out.waiting.extend(wanted.ns);
+    }
+    let Outgoing { inflight, waiting } = out;
+    waiting.retain(|n| !inflight.contains(n));
+    let room = WINDOW.saturating_sub(inflight.len());
+    if room == 0 || waiting.is_empty() {
         return Ok(());
     }
-    // In queue order: wakes come in commit order, but several may be taken
-    // at once.
-    let mut wanted = wanted;
-    wanted.ns.sort_unstable();
+    let ns: Vec<u64> = waiting.iter().take(room).copied().collect();
+    for n in &ns {
+        waiting.remove(n);
+    }
     let p = peer.to_owned();
+    // Those no longer queued (acked, expired) are left out.
     let items = home
         .store
-        .read(move |s| {
-            if wanted.all {
-                rules::queued(&mut **s, Some(&p))
-            } else {
-                rules::queued_items(&mut **s, &p, &wanted.ns)
-            }
-        })
+        .read(move |s| rules::queued_items(&mut **s, &p, &ns))
         .await
         .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
     let mut any = false;
