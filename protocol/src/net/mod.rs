@@ -203,10 +203,25 @@ where
     /// Closing at once with unread input would make the kernel send a
     /// reset, which can destroy the last frames before they are read.
     pub async fn linger(&mut self, d: Duration) {
+        use tokio::io::AsyncReadExt as _;
         let _ = tokio::time::timeout(d, async {
-            while let Some(Ok(m)) = self.ws.next().await {
-                if m.is_close() {
-                    break;
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(m)) if !m.is_close() => {}
+                    Some(Ok(_)) => return,
+                    // After an error the WebSocket layer reads no more.
+                    Some(Err(_)) | None => break,
+                }
+            }
+            // The WebSocket layer gave up on the input (a frame too large:
+            // its rest is still unread). Closing now would make the kernel
+            // answer with a reset, which can swallow the error just sent,
+            // so the raw bytes are read and dropped until the other side
+            // stops or the time is up.
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = self.ws.get_mut().read(&mut buf).await {
+                if n == 0 {
+                    return;
                 }
             }
         })
