@@ -805,6 +805,17 @@ struct Outgoing {
     waiting: BTreeSet<u64>,
 }
 
+impl Outgoing {
+    /// Items `ns` wait for room, unless already sent.
+    fn wait_for(&mut self, ns: impl IntoIterator<Item = u64>) {
+        for n in ns {
+            if !self.inflight.contains(&n) {
+                self.waiting.insert(n);
+            }
+        }
+    }
+}
+
 /// Adds the wanted items for `peer` to what waits on this link, and sends
 /// the first of them as far as the [`WINDOW`] allows.
 async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
@@ -821,12 +832,11 @@ async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
             .read(move |s| s.queued(Some(&p)))
             .await
             .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
-        out.waiting.extend(all.into_iter().map(|(n, _)| n));
+        out.wait_for(all.into_iter().map(|(n, _)| n));
     } else {
-        out.waiting.extend(wanted.ns);
+        out.wait_for(wanted.ns);
     }
     let Outgoing { inflight, waiting } = out;
-    waiting.retain(|n| !inflight.contains(n));
     let room = WINDOW.saturating_sub(inflight.len());
     if room == 0 || waiting.is_empty() {
         return Ok(());
