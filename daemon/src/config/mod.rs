@@ -268,11 +268,12 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
         let f: file::ConfigFile = serde_saphyr::from_str(text).map_err(|e| {
+            let full = e.to_string();
             let (line, column) = e
                 .location()
                 .map(|l| (clip(l.line()), clip(l.column())))
+                .or_else(|| duplicate_at(text, &full))
                 .unwrap_or((0, 0));
-            let full = e.to_string();
             let mut lines = full.lines();
             // The position is already in front of the message; drop the
             // parser's own copy of it.
@@ -304,6 +305,37 @@ impl Config {
             self.agent.is_some(),
         )
     }
+}
+
+/// Where a key named twice is named the second time, for the one error of
+/// the YAML layer that comes without a position: "duplicate field `x`",
+/// which serde gives when the parser did not see the keys as equal (one of
+/// them carries a tag, as in `!t log:`).
+fn duplicate_at(text: &str, message: &str) -> Option<(u32, u32)> {
+    let name = message
+        .strip_prefix("duplicate field `")?
+        .split('`')
+        .next()?;
+    let mut found = None;
+    for (i, line) in text.lines().enumerate() {
+        let body = line.trim_start();
+        let indent = line.len() - body.len();
+        // A tag in front of the key: `!tag key:`.
+        let key = match body.strip_prefix('!') {
+            Some(rest) => rest
+                .split_once(char::is_whitespace)
+                .map_or("", |(_, k)| k.trim_start()),
+            None => body,
+        };
+        if key
+            .strip_prefix(name)
+            .is_some_and(|r| r.trim_start().starts_with(':'))
+        {
+            let column = indent + (body.len() - key.len());
+            found = Some((clip(i as u64 + 1), clip(column as u64 + 1)));
+        }
+    }
+    found
 }
 
 /// The role choice, a pure function of which sections are present: the
