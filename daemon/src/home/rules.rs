@@ -113,9 +113,9 @@ fn push_event<S: HomeStore + ?Sized>(
 }
 
 /// Queues an item for another home. Items for one person leave in the
-/// order they were queued: while an earlier one waits for the router, a
-/// new one with a known route waits too, and the router routes both in
-/// order.
+/// order they were queued: a new one with a known route first routes the
+/// earlier ones still waiting for the router; one without waits for the
+/// router too, which routes them in order.
 fn enqueue<S: HomeStore + ?Sized>(
     s: &mut S,
     dest: Option<&str>,
@@ -123,10 +123,17 @@ fn enqueue<S: HomeStore + ?Sized>(
     fx: &mut Effects,
 ) -> Result<(), StoreError> {
     let handle = item.dest_handle();
-    let dest = match dest {
-        Some(d) if !s.unrouted_for(handle)? => Some(d),
-        _ => None,
-    };
+    if let Some(d) = dest {
+        // Earlier items for this person still wait for the router, and
+        // the route is known now: they take it first, in queue order, as
+        // the router would, and this one follows them. (Queued behind
+        // them unrouted instead, a flood to one person kept going through
+        // the router for as long as it lagged.)
+        for n in s.unrouted_for(handle)? {
+            route(s, n, d)?;
+            fx.queued.push((n, Some(d.to_owned())));
+        }
+    }
     let n = s.enqueue(dest, handle, &json(item)?)?;
     fx.queued.push((n, dest.map(str::to_owned)));
     Ok(())
@@ -897,8 +904,13 @@ mod tests {
             );
             Ok(self.next_n)
         }
-        fn unrouted_for(&mut self, h: &str) -> Result<bool, StoreError> {
-            Ok(self.outq.values().any(|v| v.0.is_none() && v.1 == h))
+        fn unrouted_for(&mut self, h: &str) -> Result<Vec<u64>, StoreError> {
+            Ok(self
+                .outq
+                .iter()
+                .filter(|(_, v)| v.0.is_none() && v.1 == h)
+                .map(|(n, _)| *n)
+                .collect())
         }
         fn queued(&mut self, dest: Option<&str>) -> Result<Vec<(u64, String)>, StoreError> {
             Ok(self
@@ -1218,21 +1230,36 @@ mod tests {
     }
 
     #[test]
-    fn a_message_with_a_known_route_waits_behind_an_unrouted_one_for_the_same_person() {
+    fn a_message_with_a_known_route_never_overtakes_an_unrouted_one_for_the_same_person() {
         on_every_store("order", |s| {
             users(s, &["alice"]);
             let mut fx = Effects::default();
-            // The first waits for the router; the second's route is cached.
+            // Two wait for the router; then bob's route is cached.
+            accept_send(s, &msg(7, "alice", "bob"), None, CAP, &mut fx).unwrap();
             accept_send(s, &msg(8, "alice", "bob"), None, CAP, &mut fx).unwrap();
+            accept_send(s, &msg(10, "alice", "carol"), None, CAP, &mut fx).unwrap();
+            assert_eq!(queued(s, None).unwrap().len(), 3);
             accept_send(s, &msg(9, "alice", "bob"), Some("home-b"), CAP, &mut fx).unwrap();
-            // Another person's route is used at once.
-            accept_send(s, &msg(10, "alice", "carol"), Some("home-b"), CAP, &mut fx).unwrap();
-            assert_eq!(queued(s, None).unwrap().len(), 2, "bob's second waits too");
-            assert_eq!(queued(s, Some("home-b")).unwrap().len(), 1);
-            assert_eq!(
-                fx.queued.iter().map(|q| q.1.is_some()).collect::<Vec<_>>(),
-                [false, false, true]
-            );
+            // bob's earlier two took the route first, then the new one;
+            // carol's still waits for the router.
+            let ids = |s: &mut dyn HomeStore, dest| -> Vec<String> {
+                queued(s, dest)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(_, i)| match i {
+                        OutItem::Deliver(m) => m.id,
+                        other => panic!("{other:?}"),
+                    })
+                    .collect()
+            };
+            let id = |n| msg(n, "alice", "bob").id;
+            assert_eq!(ids(s, Some("home-b")), [id(7), id(8), id(9)]);
+            assert_eq!(ids(s, None), [id(10)]);
+            // And the links are woken in that order.
+            let woken: Vec<Option<String>> = fx.queued.iter().map(|q| q.1.clone()).collect();
+            let b = Some("home-b".to_string());
+            assert_eq!(woken, [None, None, None, b.clone(), b.clone(), b]);
+            assert!(fx.queued[3].0 < fx.queued[4].0 && fx.queued[4].0 < fx.queued[5].0);
         });
     }
 

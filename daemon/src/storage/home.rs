@@ -177,8 +177,8 @@ pub trait ForwardQueue {
         handle: &str,
         item_json: &str,
     ) -> Result<u64, StoreError>;
-    /// Whether an item for `handle` waits for a route.
-    fn unrouted_for(&mut self, handle: &str) -> Result<bool, StoreError>;
+    /// The items for `handle` that wait for a route, oldest first.
+    fn unrouted_for(&mut self, handle: &str) -> Result<Vec<u64>, StoreError>;
     /// Items for `dest` (None: not yet routed), oldest first.
     fn queued(&mut self, dest: Option<&str>) -> Result<Vec<(u64, String)>, StoreError>;
     /// Those of items `ns` that go to `dest`, in the order asked.
@@ -857,11 +857,12 @@ impl ForwardQueue for SqliteHome {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn unrouted_for(&mut self, handle: &str) -> Result<bool, StoreError> {
-        Ok(self
+    fn unrouted_for(&mut self, handle: &str) -> Result<Vec<u64>, StoreError> {
+        let mut st = self
             .conn
-            .prepare_cached("SELECT 1 FROM outq WHERE dest IS NULL AND handle = ?1")?
-            .exists([handle])?)
+            .prepare_cached("SELECT n FROM outq WHERE dest IS NULL AND handle = ?1 ORDER BY n")?;
+        let rows = st.query_map([handle], |r| Ok(r.get::<_, i64>(0)? as u64))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn queued(&mut self, dest: Option<&str>) -> Result<Vec<(u64, String)>, StoreError> {
@@ -1046,8 +1047,9 @@ mod tests {
         assert_eq!(s.all_handles().unwrap(), ["alice"]);
         assert_eq!(s.queued(None).unwrap().len(), 1);
         assert_eq!(s.queued(Some("home-b")).unwrap().len(), 1);
-        assert!(
-            s.unrouted_for("bob").unwrap(),
+        assert_eq!(
+            s.unrouted_for("bob").unwrap().len(),
+            1,
             "each item names its recipient"
         );
         drop(s);
