@@ -317,7 +317,9 @@ fn duplicate_at(text: &str, message: &str) -> Option<(u32, u32)> {
         .split('`')
         .next()?;
     let mut found = None;
-    for (i, line) in text.lines().enumerate() {
+    // YAML breaks lines at CR too, alone or before LF.
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    for (i, line) in text.split('\n').enumerate() {
         let body = line.trim_start();
         let indent = line.len() - body.len();
         // A tag in front of the key: `!tag key:`.
@@ -923,6 +925,20 @@ mod tests {
             "unknown field `x`"
         );
         assert_eq!(strip_position("something else: y"), "something else: y");
+    }
+
+    #[test]
+    fn a_duplicate_is_found_behind_a_tag_and_after_a_bare_cr() {
+        let m = "duplicate field `agent`";
+        assert_eq!(duplicate_at("!t agent:\nagent:\n", m), Some((2, 1)));
+        assert_eq!(
+            duplicate_at("agent:\n  x: 1\n!t  agent: {}\n", m),
+            Some((3, 5))
+        );
+        // CR alone breaks a line in YAML (found by fuzzing).
+        assert_eq!(duplicate_at("#0\ragent:\r\n !h agent:\n", m), Some((3, 5)));
+        assert_eq!(duplicate_at("global:\n", m), None);
+        assert_eq!(duplicate_at("agent:\n", "unknown field `agent`"), None);
     }
 
     #[test]
