@@ -40,8 +40,8 @@ const MAX_BAD_FRAMES: u32 = 16;
 /// reading it (see `Handler::MAX_JOBS`): a sender past it waits for its
 /// own commits, not everyone's. Well above what an honest agent pipelines
 /// (`send_burst` lets 300 through by default), because a bound that binds
-/// turns reading on and off and costs every sender throughput
-/// (docs/performance.md, "Limits").
+/// turns reading on and off and costs every sender throughput (figures in
+/// docs/performance.md).
 const MAX_IN_FLIGHT: usize = 1024;
 /// The grid the keepalive timers of agent links fire on.
 const GRID: std::time::Duration = std::time::Duration::from_secs(1);

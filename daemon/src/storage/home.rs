@@ -398,7 +398,7 @@ impl SqliteHome {
         }
         // No `journal_size_limit`: cutting the log back after every
         // checkpoint costs the writer a truncate and a regrow under steady
-        // load (p99 at 4,000 msg/s went from 0.7 ms to 4 ms); the idle
+        // load (docs/performance.md, "Why it is fast", item 19); the idle
         // upkeep's truncating checkpoint empties it once all is quiet.
         conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
         let checkpoints = Checkpointer::spawn(&conn, path)?;
