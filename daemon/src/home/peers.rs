@@ -829,10 +829,10 @@ async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
         let p = peer.to_owned();
         let all = home
             .store
-            .read(move |s| s.queued(Some(&p)))
+            .read(move |s| s.queued_ns(&p))
             .await
             .map_err(|e| LinkError::Io(std::io::Error::other(e)))?;
-        out.wait_for(all.into_iter().map(|(n, _)| n));
+        out.wait_for(all);
     } else {
         out.wait_for(wanted.ns);
     }

@@ -920,6 +920,14 @@ mod tests {
                 .map(|(n, v)| (*n, v.2.clone()))
                 .collect())
         }
+        fn queued_ns(&mut self, dest: &str) -> Result<Vec<u64>, StoreError> {
+            Ok(self
+                .outq
+                .iter()
+                .filter(|(_, v)| v.0.as_deref() == Some(dest))
+                .map(|(n, _)| *n)
+                .collect())
+        }
         fn queued_items(
             &mut self,
             dest: &str,

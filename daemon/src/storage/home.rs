@@ -181,6 +181,8 @@ pub trait ForwardQueue {
     fn unrouted_for(&mut self, handle: &str) -> Result<Vec<u64>, StoreError>;
     /// Items for `dest` (None: not yet routed), oldest first.
     fn queued(&mut self, dest: Option<&str>) -> Result<Vec<(u64, String)>, StoreError>;
+    /// The numbers of the items for `dest`, oldest first.
+    fn queued_ns(&mut self, dest: &str) -> Result<Vec<u64>, StoreError>;
     /// Those of items `ns` that go to `dest`, in the order asked.
     fn queued_items(&mut self, dest: &str, ns: &[u64]) -> Result<Vec<(u64, String)>, StoreError>;
     /// Routes item `n`; returns it (None if it is gone).
@@ -870,6 +872,14 @@ impl ForwardQueue for SqliteHome {
             .conn
             .prepare_cached("SELECT n, item FROM outq WHERE dest IS ?1 ORDER BY n")?;
         let rows = st.query_map([dest], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn queued_ns(&mut self, dest: &str) -> Result<Vec<u64>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT n FROM outq WHERE dest = ?1 ORDER BY n")?;
+        let rows = st.query_map([dest], |r| Ok(r.get::<_, i64>(0)? as u64))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
