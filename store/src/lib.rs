@@ -863,8 +863,9 @@ mod tests {
         let wal = std::fs::metadata(dir.join("t.sqlite-wal")).unwrap().len();
         std::fs::remove_dir_all(&dir).unwrap();
         // 3,000 commits: 37 MB of log when it never started over; 256
-        // pages plus what came during a checkpoint when it does.
-        assert!(wal < 3 << 20, "the log grew to {wal} bytes");
+        // pages plus what came during a checkpoint when it does (more on a
+        // busy machine, where the checkpoint thread waits for a core).
+        assert!(wal < 8 << 20, "the log grew to {wal} bytes");
     }
 
     /// A store whose commits wait for a syncer that the test holds back.
