@@ -35,7 +35,10 @@ enum Cmd {
         )]
         config: PathBuf,
     },
-    /// Check a config file and exit: 0 if it is good, 1 with the reason if not.
+    /// Check a config file and exit: 0 if it is good, 1 with the reason if
+    /// not (its last line is the file, line and what is wrong). Under
+    /// systemd it also checks that each server's `data_dir` lies in the
+    /// unit's state folder (`$STATE_DIRECTORY`), the only place it may write.
     CheckConfig {
         /// Config file.
         file: PathBuf,
@@ -212,16 +215,34 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("popupd: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<BadConfig>().is_some() {
+                ExitCode::from(BadConfig::EXIT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// `popupd run` refused its config. It exits with [`BadConfig::EXIT`] so
+/// the units can tell a config to fix from a failure worth a restart
+/// (`RestartPreventExitStatus=`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct BadConfig(anyhow::Error);
+
+impl BadConfig {
+    /// EX_CONFIG of sysexits.h.
+    const EXIT: u8 = 78;
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run { config } => run(&config).await,
         Cmd::CheckConfig { file } => {
-            let cfg = Config::load(&file)?;
+            let cfg = Config::load(&file)
+                .and_then(|c| in_state_directory(&c).map(|()| c))
+                .map_err(reason_last)?;
             let roles: Vec<String> = cfg
                 .roles()
                 .iter()
@@ -385,6 +406,68 @@ fn output_device(nd: &admin::NewDevice, path: Option<&Path>) -> anyhow::Result<(
     Ok(())
 }
 
+/// Under systemd (`$STATE_DIRECTORY` set by `StateDirectory=`), a server's
+/// `data_dir` must lie in the unit's state folder: the sandbox lets it
+/// write nowhere else, and the failure would otherwise come later, as
+/// "Read-only file system".
+fn in_state_directory(cfg: &Config) -> Result<(), popupd::config::ConfigError> {
+    let Some(allowed) = std::env::var_os("STATE_DIRECTORY") else {
+        return Ok(());
+    };
+    let allowed: Vec<PathBuf> = std::env::split_paths(&allowed).collect();
+    let dirs = cfg
+        .global
+        .iter()
+        .map(|g| ("global.data_dir".to_string(), &g.data_dir))
+        .chain(
+            cfg.homes
+                .iter()
+                .map(|h| ("home.data_dir".to_string(), &h.data_dir)),
+        );
+    for (field, dir) in dirs {
+        if allowed.iter().any(|a| dir.starts_with(a)) {
+            continue;
+        }
+        let shown: Vec<String> = allowed.iter().map(|a| a.display().to_string()).collect();
+        return Err(popupd::config::ConfigError {
+            file: cfg.source.display().to_string(),
+            line: 0,
+            column: 0,
+            field,
+            message: format!(
+                "{} is outside this service's state folder {}, the only place it may write",
+                dir.display(),
+                shown.join(", ")
+            ),
+            snippet: "".into(),
+            hint: "popupd@NAME runs /etc/popupd/NAME.yaml and writes only /var/lib/popupd/NAME: set data_dir to that folder, or rename the file after it".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A config error with its reason on the last line, where `systemctl
+/// status` (which shows a unit's last journal lines) still has it: the
+/// offending lines and the hint go first.
+fn reason_last(e: popupd::config::ConfigError) -> anyhow::Error {
+    for l in e.snippet.lines().filter(|l| !l.trim().is_empty()) {
+        eprintln!("{l}");
+    }
+    if !e.hint.is_empty() {
+        eprintln!("  hint: {}", e.hint);
+    }
+    let at = match (e.line, e.column) {
+        (0, _) => String::new(),
+        (l, c) => format!(":{l}:{c}"),
+    };
+    let field = if e.field.is_empty() {
+        String::new()
+    } else {
+        format!("field `{}`: ", e.field)
+    };
+    anyhow::anyhow!("{}{at}: {field}{}", e.file, e.message)
+}
+
 type LogHandle = tracing_subscriber::reload::Handle<Targets, tracing_subscriber::Registry>;
 
 /// The log filter: `RUST_LOG` if set and valid, else the config's level
@@ -498,7 +581,9 @@ fn reload(path: &Path, log: &LogHandle, to: &Reloaders) {
 }
 
 async fn run(path: &Path) -> anyhow::Result<()> {
-    let cfg = Config::load(path)?;
+    let cfg = Config::load(path)
+        .and_then(|c| in_state_directory(&c).map(|()| c))
+        .map_err(|e| BadConfig(reason_last(e)))?;
     let log = init_logging(&cfg.log.level);
     for w in cfg.warnings() {
         tracing::warn!("{w}");
