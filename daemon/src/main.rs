@@ -120,10 +120,16 @@ struct NewDeviceArgs {
     /// Name of the device.
     #[arg(long, default_value = "desktop")]
     device: String,
-    /// Write the agent config here (mode 0600) instead of printing it.
+    /// Write the agent config here (mode 0600) instead of printing it, with
+    /// a copy of the network CA certificate beside it (`ca.crt`, unless
+    /// --ca is given). Folders are made as needed, and the files and new
+    /// folders go to the owner of the nearest folder that existed: as root,
+    /// `--agent-config /home/alice/.config/popupd/agent.yaml` gives alice a
+    /// config her agent can use as it stands.
     #[arg(long)]
     agent_config: Option<PathBuf>,
-    /// CA certificate path to put in the agent config (default: the home's).
+    /// CA certificate path to put in the agent config, as the agent will
+    /// read it (default: the home's CA; a copy beside --agent-config).
     #[arg(long)]
     ca: Option<PathBuf>,
 }
@@ -284,16 +290,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::User(UserCmd::Add { handle, home, dev }) => {
             let cfg = Config::load(&home.config)?;
             let h = admin::select_home(&cfg, home.home.as_deref())?;
-            let ca = dev.ca.clone().unwrap_or_else(|| h.ca_path.clone());
+            let ca = agent_ca(&dev, h);
             let nd = admin::add_user(h, &handle, &dev.device, &ca).await?;
-            output_device(&nd, dev.agent_config.as_deref())
+            output_device(&nd, &dev, h)
         }
         Cmd::Device(DeviceCmd::Add { handle, home, dev }) => {
             let cfg = Config::load(&home.config)?;
             let h = admin::select_home(&cfg, home.home.as_deref())?;
-            let ca = dev.ca.clone().unwrap_or_else(|| h.ca_path.clone());
+            let ca = agent_ca(&dev, h);
             let nd = admin::add_device(h, &handle, &dev.device, &ca)?;
-            output_device(&nd, dev.agent_config.as_deref())
+            output_device(&nd, &dev, h)
         }
         Cmd::User(UserCmd::AddMany {
             prefix,
@@ -384,23 +390,91 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn output_device(nd: &admin::NewDevice, path: Option<&Path>) -> anyhow::Result<()> {
-    match path {
-        Some(p) => {
-            admin::write_private(p, &nd.agent_yaml)?;
-            eprintln!(
-                "created {} (device {}); agent config written to {}",
-                nd.handle,
-                nd.device,
-                p.display()
-            );
+/// The CA path the new agent config names: --ca, else `ca.crt` (a copy
+/// [`output_device`] puts beside the config), else, printed, the home's.
+fn agent_ca(dev: &NewDeviceArgs, h: &popupd::config::HomeConfig) -> PathBuf {
+    match (&dev.ca, &dev.agent_config) {
+        (Some(ca), _) => ca.clone(),
+        (None, Some(_)) => PathBuf::from("ca.crt"),
+        (None, None) => h.ca_path.clone(),
+    }
+}
+
+fn output_device(
+    nd: &admin::NewDevice,
+    dev: &NewDeviceArgs,
+    h: &popupd::config::HomeConfig,
+) -> anyhow::Result<()> {
+    let Some(p) = dev.agent_config.as_deref() else {
+        eprintln!(
+            "created {} (device {}); agent config follows",
+            nd.handle, nd.device
+        );
+        print!("{}", nd.agent_yaml);
+        return Ok(());
+    };
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // Whoever owns the nearest folder that exists gets what is made below it.
+    let existing = dir
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or(Path::new("/"));
+    let owner =
+        std::fs::metadata(existing).with_context(|| format!("reading {}", existing.display()))?;
+    let mut made: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|a| !a.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    made.reverse();
+    admin::write_private(p, &nd.agent_yaml)?;
+    made.push(p.to_path_buf());
+    let mut copied = None;
+    if dev.ca.is_none() {
+        let to = dir.join("ca.crt");
+        let ca = std::fs::read(&h.ca_path)
+            .with_context(|| format!("reading the CA certificate {}", h.ca_path.display()))?;
+        // Already there (the same file, or a copy made before): leave it.
+        if std::fs::read(&to).ok().as_ref() != Some(&ca) {
+            std::fs::write(&to, &ca)
+                .with_context(|| format!("copying the CA certificate to {}", to.display()))?;
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+            made.push(to.clone());
         }
-        None => {
-            eprintln!(
-                "created {} (device {}); agent config follows",
-                nd.handle, nd.device
-            );
-            print!("{}", nd.agent_yaml);
+        copied = Some(to);
+    }
+    hand_to(&made, &owner)?;
+    eprintln!(
+        "created {} (device {}); agent config written to {}{}",
+        nd.handle,
+        nd.device,
+        p.display(),
+        copied
+            .map(|c| format!(", the CA certificate to {}", c.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Gives `paths` to the owner of `like`, when that is someone else: root
+/// making a user's agent config. Not root, it is the caller's own already.
+fn hand_to(paths: &[PathBuf], like: &std::fs::Metadata) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for path in paths {
+        let m = std::fs::metadata(path)?;
+        if (m.uid(), m.gid()) != (like.uid(), like.gid()) {
+            std::os::unix::fs::chown(path, Some(like.uid()), Some(like.gid())).with_context(
+                || {
+                    format!(
+                        "giving {} to uid {} (the owner of its folder)",
+                        path.display(),
+                        like.uid()
+                    )
+                },
+            )?;
         }
     }
     Ok(())
