@@ -39,13 +39,17 @@ f ipc/org.popupd.Agent1.xml usr/share/dbus-1/interfaces/org.popupd.Agent1.xml
 f packaging/debian/sysusers.conf usr/lib/sysusers.d/popupd.conf
 f packaging/debian/README.etc etc/popupd/README
 
+# A page per command and per subcommand (popupd-user-add.8, popupctl-send.1:
+# the names popupd.8 and popupctl.1 list), generated from the clap
+# definitions, and the config reference.
 man=$(mktemp -d)
-"$bin/popupd" manpage > "$man/popupd.8"
-"$bin/popupctl" manpage > "$man/popupctl.1"
-cp packaging/man/popupd.yaml.5 "$man/popupd.yaml.5"
-for m in popupd.8:man8 popupctl.1:man1 popupd.yaml.5:man5; do
-  d "usr/share/man/${m#*:}"
-  gzip -9n < "$man/${m%:*}" > "$stage/usr/share/man/${m#*:}/${m%:*}.gz"
+"$bin/popupd" manpage --dir "$man/man8"
+"$bin/popupctl" manpage --dir "$man/man1"
+install -D -m 0644 packaging/man/popupd.yaml.5 "$man/man5/popupd.yaml.5"
+for page in "$man"/man*/*; do
+  sec=$(basename "$(dirname "$page")")
+  d "usr/share/man/$sec"
+  gzip -9n < "$page" > "$stage/usr/share/man/$sec/$(basename "$page").gz"
 done
 rm -rf "$man"
 

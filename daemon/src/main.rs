@@ -16,7 +16,7 @@ mod demo;
 /// Immediate popup messaging for Linux desktops: agent, home and global
 /// server in one daemon, chosen by the config.
 #[derive(Parser)]
-#[command(name = "popupd", version, about, propagate_version = true)]
+#[command(name = "popupd", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -64,9 +64,13 @@ enum Cmd {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
-    /// Print the popupd(8) man page (roff), for packaging.
+    /// Print the popupd(8) man page (roff), or with --dir write it and one
+    /// page per subcommand (popupd-user-add.8, ...) there; for packaging.
     #[command(hide = true)]
-    Manpage,
+    Manpage {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -380,11 +384,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "popupd", &mut std::io::stdout());
             Ok(())
         }
-        Cmd::Manpage => {
+        Cmd::Manpage { dir } => {
             use clap::CommandFactory;
-            clap_mangen::Man::new(Cli::command())
-                .section("8")
-                .render(&mut std::io::stdout())?;
+            let cmd = Cli::command().disable_help_subcommand(true);
+            match dir {
+                Some(dir) => write_manpages(cmd, "8", &dir)?,
+                None => clap_mangen::Man::new(cmd)
+                    .section("8")
+                    .render(&mut std::io::stdout())?,
+            }
             Ok(())
         }
     }
@@ -540,6 +548,24 @@ fn reason_last(e: popupd::config::ConfigError) -> anyhow::Error {
         format!("field `{}`: ", e.field)
     };
     anyhow::anyhow!("{}{at}: {field}{}", e.file, e.message)
+}
+
+/// Writes the man page of `cmd` and one per visible subcommand, all levels
+/// (NAME-SUB-SUB.SECTION, the names the pages refer to each other by).
+fn write_manpages(cmd: clap::Command, section: &str, dir: &Path) -> anyhow::Result<()> {
+    fn each(cmd: clap::Command, section: &str, dir: &Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            each(sub, section, dir)?;
+        }
+        clap_mangen::Man::new(cmd)
+            .section(section)
+            .generate_to(dir)?;
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cmd = cmd;
+    cmd.build();
+    each(cmd, section, dir).with_context(|| format!("writing man pages to {}", dir.display()))
 }
 
 type LogHandle = tracing_subscriber::reload::Handle<Targets, tracing_subscriber::Registry>;

@@ -15,7 +15,7 @@ use serde_json::json;
 /// not connected (status); 2 bad command line; 3 no agent on the bus;
 /// 4 --wait: failed or timed out; 5 the agent did not answer in time.
 #[derive(Parser)]
-#[command(name = "popupctl", version, about)]
+#[command(name = "popupctl", version)]
 struct Cli {
     /// Print JSON (one object per line for `watch`).
     #[arg(long, global = true)]
@@ -90,9 +90,13 @@ enum Cmd {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
-    /// Print the popupctl(1) man page (roff), for packaging.
+    /// Print the popupctl(1) man page (roff), or with --dir write it and one
+    /// page per subcommand (popupctl-send.1, ...) there; for packaging.
     #[command(hide = true)]
-    Manpage,
+    Manpage {
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,11 +128,15 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Cmd::Manpage => {
+        Cmd::Manpage { dir } => {
             use clap::CommandFactory;
-            let ok = clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
-                .is_ok();
+            let cmd = Cli::command().disable_help_subcommand(true);
+            let ok = match dir {
+                Some(dir) => write_manpages(cmd, dir).is_ok(),
+                None => clap_mangen::Man::new(cmd)
+                    .render(&mut std::io::stdout())
+                    .is_ok(),
+            };
             return if ok {
                 ExitCode::SUCCESS
             } else {
@@ -155,6 +163,22 @@ fn main() -> ExitCode {
             ExitCode::from(code as u8)
         }
     }
+}
+
+/// Writes popupctl.1 and one page per visible subcommand (popupctl-send.1,
+/// ...: the names popupctl.1 refers to them by) into `dir`.
+fn write_manpages(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+    fn each(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            each(sub, dir)?;
+        }
+        clap_mangen::Man::new(cmd).generate_to(dir)?;
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = cmd;
+    cmd.build();
+    each(cmd, dir)
 }
 
 /// How long any one call to the agent may take.
@@ -439,7 +463,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             agent.set_presence(&state, &text.join(" ")).await?;
             Ok(exit::OK)
         }
-        Cmd::Completions { .. } | Cmd::Manpage => Ok(exit::OK),
+        Cmd::Completions { .. } | Cmd::Manpage { .. } => Ok(exit::OK),
     }
 }
 
