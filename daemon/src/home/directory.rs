@@ -260,8 +260,9 @@ pub async fn run(home: Arc<Home>) {
                 tracing::info!(global = %dial.name, "linked to the global server {}", dial.name);
                 match serve(&home, link, &mut rx).await {
                     End::Shutdown => return,
-                    // It said goodbye: it stops or restarts, as planned.
-                    why @ End::Bye(..) => tracing::info!(global = %dial.name,
+                    // It said goodbye, or closed the WebSocket cleanly: it
+                    // stops or restarts, as planned.
+                    why @ (End::Bye(..) | End::Closed) => tracing::info!(global = %dial.name,
                         "the global server {} closed the link ({why}); linking again", dial.name),
                     why => tracing::warn!(global = %dial.name,
                         "link to the global server {} lost: {why}", dial.name),
