@@ -257,8 +257,8 @@ impl std::fmt::Display for NotStarted {
 
 impl std::error::Error for NotStarted {}
 
-/// When the agent is not on the bus and a systemd user manager is, starts
-/// its unit through systemd and waits for the start job, so a start that
+/// When the agent is not on the bus and the bus has a systemd user
+/// manager, starts its unit through systemd and waits for the start job, so a start that
 /// fails (no config, a broken one) is said at once. D-Bus activation alone
 /// would wait out the bus's activation timeout: systemd tells the bus only
 /// about starts it cannot even queue. Without a systemd user manager (a
@@ -269,9 +269,6 @@ async fn ensure_agent(conn: &zbus::Connection) -> anyhow::Result<()> {
     if dbus
         .name_has_owner(BusName::try_from(popupd_ipc::BUS_NAME)?)
         .await?
-        || !dbus
-            .name_has_owner(BusName::try_from("org.freedesktop.systemd1")?)
-            .await?
     {
         return Ok(());
     }
@@ -284,7 +281,19 @@ async fn ensure_agent(conn: &zbus::Connection) -> anyhow::Result<()> {
     .await?;
     // Listen before asking, or the job could end unheard.
     let mut removed = systemd.receive_signal("JobRemoved").await?;
-    let _: () = systemd.call("Subscribe", &()).await.unwrap_or(());
+    // The user manager joins a bus it did not start a moment after the
+    // bus starts; this call waits for it (D-Bus activation). No systemd on
+    // this bus: leave the agent to D-Bus activation.
+    if let Err(e) = systemd.call::<_, _, ()>("Subscribe", &()).await {
+        return match e {
+            zbus::Error::MethodError(name, _, _)
+                if name.as_str().starts_with("org.freedesktop.DBus.Error.") =>
+            {
+                Ok(())
+            }
+            e => Err(e.into()),
+        };
+    }
     let job: zbus::OwnedObjectPath = match systemd.call("StartUnit", &(AGENT_UNIT, "replace")).await
     {
         Ok(j) => j,
