@@ -328,15 +328,46 @@ fn crashed_last_time(data_dir: &Path) -> Vec<String> {
     out
 }
 
+/// The folder the package installs plugins to. Only root can put a file
+/// there.
+const PACKAGED: &str = "/usr/lib/popupd/plugins";
+
+/// Whether files of root show as the kernel's overflow uid here ("nobody"):
+/// the agent runs in a user namespace that does not map root, as the user
+/// unit's sandbox makes (`PrivateUsers=`, which a user manager needs for
+/// the rest). Then the files of root and of every other user look alike.
+fn root_hidden() -> Option<u32> {
+    let map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
+    let maps_root = map.lines().any(|l| {
+        let f: Vec<u64> = l
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        matches!(f[..], [_, outside, count] if outside == 0 && count > 0)
+    });
+    if maps_root {
+        return None;
+    }
+    std::fs::read_to_string("/proc/sys/kernel/overflowuid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Whether a plugin file and its folder are owned by root or this user and
-/// writable by nobody else; otherwise why not, with the fix.
+/// writable by nobody else; otherwise why not, with the fix. Where root is
+/// hidden (see [`root_hidden`]), the package's own folder, which only root
+/// can fill, and the files in it count as root's.
 fn trusted(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let me = rustix::process::getuid().as_raw();
     let dir = path.parent().unwrap_or(Path::new("/"));
+    let hidden = root_hidden();
     for (what, p) in [("file", path), ("folder", dir)] {
         let m = std::fs::metadata(p).map_err(|e| format!("cannot read its {what}: {e}"))?;
-        if m.uid() != 0 && m.uid() != me {
+        let packaged = dir == Path::new(PACKAGED);
+        if m.uid() != 0 && m.uid() != me && !(packaged && Some(m.uid()) == hidden) {
             return Err(format!(
                 "its {what} {} belongs to another user (uid {}); plugins must belong to root or to you",
                 p.display(),
