@@ -356,7 +356,7 @@ async fn answer(g: &Arc<Global>, home: &str, req: GlobalRequest) -> GlobalReply 
         }
         GlobalRequest::Lookup { req, handle } => {
             let n = g.lookups.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::info!(%handle, from = %home, lookups = n, "lookup");
+            tracing::info!(%handle, from = %home, lookups = n, "lookup: {handle} for {home}");
             let h = handle.clone();
             match g.store.read(move |s| s.lookup(&h)).await {
                 // A revoked home's users are found nowhere.
