@@ -133,7 +133,7 @@ struct NewDeviceArgs {
     #[arg(long)]
     agent_config: Option<PathBuf>,
     /// CA certificate path to put in the agent config, as the agent will
-    /// read it (default: the home's CA; a copy beside --agent-config).
+    /// read it (default: `ca.crt`, beside the config).
     #[arg(long)]
     ca: Option<PathBuf>,
 }
@@ -294,14 +294,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::User(UserCmd::Add { handle, home, dev }) => {
             let cfg = Config::load(&home.config)?;
             let h = admin::select_home(&cfg, home.home.as_deref())?;
-            let ca = agent_ca(&dev, h);
+            let ca = agent_ca(&dev);
             let nd = admin::add_user(h, &handle, &dev.device, &ca).await?;
             output_device(&nd, &dev, h)
         }
         Cmd::Device(DeviceCmd::Add { handle, home, dev }) => {
             let cfg = Config::load(&home.config)?;
             let h = admin::select_home(&cfg, home.home.as_deref())?;
-            let ca = agent_ca(&dev, h);
+            let ca = agent_ca(&dev);
             let nd = admin::add_device(h, &handle, &dev.device, &ca)?;
             output_device(&nd, &dev, h)
         }
@@ -398,14 +398,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// The CA path the new agent config names: --ca, else `ca.crt` (a copy
-/// [`output_device`] puts beside the config), else, printed, the home's.
-fn agent_ca(dev: &NewDeviceArgs, h: &popupd::config::HomeConfig) -> PathBuf {
-    match (&dev.ca, &dev.agent_config) {
-        (Some(ca), _) => ca.clone(),
-        (None, Some(_)) => PathBuf::from("ca.crt"),
-        (None, None) => h.ca_path.clone(),
-    }
+/// The CA path the new agent config names: --ca, else `ca.crt` beside the
+/// config (a copy [`output_device`] makes, or, printed, the person puts
+/// there): the home's own path is one the person cannot read.
+fn agent_ca(dev: &NewDeviceArgs) -> PathBuf {
+    dev.ca.clone().unwrap_or_else(|| PathBuf::from("ca.crt"))
 }
 
 fn output_device(
@@ -415,8 +412,17 @@ fn output_device(
 ) -> anyhow::Result<()> {
     let Some(p) = dev.agent_config.as_deref() else {
         eprintln!(
-            "created {} (device {}); agent config follows",
-            nd.handle, nd.device
+            "created {} (device {}); agent config follows: put it in ~/.config/popupd/agent.yaml{}",
+            nd.handle,
+            nd.device,
+            if dev.ca.is_none() {
+                format!(
+                    ", with a copy of {} as ca.crt beside it",
+                    h.ca_path.display()
+                )
+            } else {
+                String::new()
+            }
         );
         print!("{}", nd.agent_yaml);
         return Ok(());
