@@ -38,7 +38,9 @@ enum Cmd {
     /// Check a config file and exit: 0 if it is good, 1 with the reason if
     /// not (its last line is the file, line and what is wrong). Under
     /// systemd it also checks that each server's `data_dir` lies in the
-    /// unit's state folder (`$STATE_DIRECTORY`), the only place it may write.
+    /// unit's state folder (`$STATE_DIRECTORY`), the only place it may write;
+    /// by hand, for /etc/popupd/NAME.yaml, it warns of a `data_dir` outside
+    /// /var/lib/popupd/NAME, which popupd@NAME would refuse.
     CheckConfig {
         /// Config file.
         file: PathBuf,
@@ -258,7 +260,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|r| format!("{r:?}").to_lowercase())
                 .collect();
-            for w in cfg.warnings() {
+            for w in cfg.warnings().into_iter().chain(unit_would_refuse(&cfg)) {
                 eprintln!("warning: {w}");
             }
             println!("{}: ok ({})", file.display(), roles.join(", "));
@@ -532,6 +534,35 @@ fn in_state_directory(cfg: &Config) -> Result<(), popupd::config::ConfigError> {
         });
     }
     Ok(())
+}
+
+/// Checked by hand (no `$STATE_DIRECTORY`), a config in /etc/popupd: what
+/// [`in_state_directory`] will refuse when `popupd@NAME` runs it.
+fn unit_would_refuse(cfg: &Config) -> Option<String> {
+    let path = std::path::absolute(&cfg.source).ok()?;
+    if std::env::var_os("STATE_DIRECTORY").is_some()
+        || path.parent() != Some(Path::new("/etc/popupd"))
+        || path.extension()? != "yaml"
+    {
+        return None;
+    }
+    let name = path.file_stem()?.to_string_lossy().to_string();
+    let state = Path::new("/var/lib/popupd").join(&name);
+    let elsewhere: Vec<String> = cfg
+        .global
+        .iter()
+        .map(|g| &g.data_dir)
+        .chain(cfg.homes.iter().map(|h| &h.data_dir))
+        .filter(|d| !d.starts_with(&state))
+        .map(|d| d.display().to_string())
+        .collect();
+    (!elsewhere.is_empty()).then(|| {
+        format!(
+            "popupd@{name} may write only {}, and will refuse data_dir {}: set data_dir to it, or rename the file",
+            state.display(),
+            elsewhere.join(", ")
+        )
+    })
 }
 
 /// A config error with its reason on the last line, where `systemctl

@@ -161,6 +161,8 @@ status_of popupd@typo | tail -4 | grep -q "typo.yaml: cannot read" \
   && echo "   ok: enable --now popupd@typo fails, systemctl status says the file is missing" || { status_of popupd@typo; fail "popupd@typo status"; }
 ct systemctl disable popupd@typo >/dev/null 2>&1 || true
 ct sh -c 'sed "s/4431/4433/" /etc/popupd/home-a.yaml > /etc/popupd/home-c.yaml'
+ct popupd check-config /etc/popupd/home-c.yaml 2>&1 | grep -q "warning: popupd@home-c may write only /var/lib/popupd/home-c" \
+  && echo "   ok: check-config by hand warns that popupd@home-c would refuse data_dir home-a" || fail "check-config warning for home-c"
 if ct systemctl start popupd@home-c >/dev/null 2>&1; then fail "popupd@home-c with data_dir home-a started"; fi
 status_of popupd@home-c | grep -q "outside this service's state folder" \
   && echo "   ok: a data_dir the unit may not write is refused before the start" || { status_of popupd@home-c; fail "popupd@home-c status"; }
