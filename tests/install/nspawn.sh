@@ -67,10 +67,13 @@ done
 echo "   system is $state"
 case "$state" in running|degraded) ;; *) cat "$log"; echo "FAIL: the container did not boot"; exit 1 ;; esac
 
+# Whether stdin matches a pattern, reading all of it: `grep -q` stops at
+# the first match, and the writer's next write then fails (pipefail).
+contains() { local all; all=$(cat); grep -q -e "$1" <<< "$all"; }
 # The journal takes a moment to show what was just logged.
 journal_has() {
   for _ in $(seq 50); do
-    ct journalctl --no-pager -u "$1" | grep -q "$2" && return 0
+    ct journalctl --no-pager -u "$1" | contains "$2" && return 0
     sleep 0.1
   done
   return 1
@@ -129,14 +132,14 @@ for f in "$recipe"/*; do
     || { echo "   as $who:"; sed 's/^/     | /' "$f"; echo "   output:"; sed 's/^/     > /' "$f.out"; fail "README.Debian, step $(basename "$f") failed"; }
 done
 echo "   ok: $(cat "$recipe"/* | grep -c .) lines in $steps steps ran as root, alice and bob"
-as bob popupctl history alice | grep -q "lunch at noon?" && echo "   ok: bob has alice's message, across two homes" || fail "bob's history"
+as bob popupctl history alice | contains "lunch at noon?" && echo "   ok: bob has alice's message, across two homes" || fail "bob's history"
 check "alice's agent config is hers" test "$(ct stat -c %U:%a /home/alice/.config/popupd/agent.yaml)" = alice:600
 check "the service reads the server keys" ct runuser -u popupd -- test -r /etc/popupd/pki/home-a.example.org.key
 check "the service cannot read the CA key" sh -c "! nsenter -t $leader -a runuser -u popupd -- test -r /etc/popupd/pki/ca.key"
 status=$(status_of popupd@home-a)
-echo "$status" | grep -q 'Status: "home home-a.example.org:' && echo "   ok: status line: $(echo "$status" | grep 'Status:' | sed 's/^ *//')" || { echo "$status"; fail "STATUS= line"; }
+echo "$status" | contains 'Status: "home home-a.example.org:' && echo "   ok: status line: $(echo "$status" | grep 'Status:' | sed 's/^ *//')" || { echo "$status"; fail "STATUS= line"; }
 journal_has popupd@global "home linked: home-b.example.org" && echo "   ok: the journal names the home that linked" || fail "journal names the home"
-ct journalctl --no-pager _SYSTEMD_USER_UNIT=popupd-agent.service | grep -q "plugin loaded: notify" && echo "   ok: the journal names the plugin loaded" \
+ct journalctl --no-pager _SYSTEMD_USER_UNIT=popupd-agent.service | contains "plugin loaded: notify" && echo "   ok: the journal names the plugin loaded" \
   || { ct journalctl --no-pager -n 30 _UID="$(ct id -u alice)"; fail "journal names the plugin"; }
 
 echo "== reload"
@@ -150,21 +153,21 @@ if out=$(ct systemctl reload popupd@home-a 2>&1); then fail "systemctl reload wi
 echo "   ok: systemctl reload with a bad config fails: $(echo "$out" | head -1)"
 check "still active after a bad reload" ct systemctl is-active popupd@home-a
 check "the same process runs on" test "$(ct systemctl show -p MainPID --value popupd@home-a)" = "$pid0"
-status_of popupd@home-a | grep -q 'home-a.yaml:[0-9]*:[0-9]*: unknown field `bogus`' \
+status_of popupd@home-a | contains 'home-a.yaml:[0-9]*:[0-9]*: unknown field `bogus`' \
   && echo "   ok: systemctl status shows the reason with file:line" || { status_of popupd@home-a; fail "reason in systemctl status"; }
 check "the old config still serves alice" as alice popupctl status
 ct cp /root/home-a.good /etc/popupd/home-a.yaml
 
 echo "== failures that last"
 if ct systemctl enable --now popupd@typo >/dev/null 2>&1; then fail "enable --now popupd@typo exited 0"; fi
-status_of popupd@typo | tail -4 | grep -q "typo.yaml: cannot read" \
+status_of popupd@typo | tail -4 | contains "typo.yaml: cannot read" \
   && echo "   ok: enable --now popupd@typo fails, systemctl status says the file is missing" || { status_of popupd@typo; fail "popupd@typo status"; }
 ct systemctl disable popupd@typo >/dev/null 2>&1 || true
 ct sh -c 'sed "s/4431/4433/" /etc/popupd/home-a.yaml > /etc/popupd/home-c.yaml'
-ct popupd check-config /etc/popupd/home-c.yaml 2>&1 | grep -q "warning: popupd@home-c may write only /var/lib/popupd/home-c" \
+ct popupd check-config /etc/popupd/home-c.yaml 2>&1 | contains "warning: popupd@home-c may write only /var/lib/popupd/home-c" \
   && echo "   ok: check-config by hand warns that popupd@home-c would refuse data_dir home-a" || fail "check-config warning for home-c"
 if ct systemctl start popupd@home-c >/dev/null 2>&1; then fail "popupd@home-c with data_dir home-a started"; fi
-status_of popupd@home-c | grep -q "outside this service's state folder" \
+status_of popupd@home-c | contains "outside this service's state folder" \
   && echo "   ok: a data_dir the unit may not write is refused before the start" || { status_of popupd@home-c; fail "popupd@home-c status"; }
 sleep 2.5
 check "a config error is not restarted" test "$(ct systemctl show -p NRestarts --value popupd@home-c)" = 0
@@ -182,7 +185,7 @@ ct rm -f /etc/popupd/home-c.yaml /etc/popupd/global-2.yaml
 t0=$(date +%s%N)
 rc=0; out=$(as carol popupctl status 2>&1) || rc=$?
 ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-[ "$rc" = 3 ] && [ "$ms" -lt 2000 ] && echo "$out" | grep -q "agent.yaml" \
+[ "$rc" = 3 ] && [ "$ms" -lt 2000 ] && echo "$out" | contains "agent.yaml" \
   && echo "   ok: without a config, popupctl says so in $ms ms: $out" || fail "carol's popupctl status: rc $rc in $ms ms: $out"
 
 echo "== upgrade restarts running servers and agents"
