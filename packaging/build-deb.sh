@@ -39,13 +39,17 @@ f ipc/org.popupd.Agent1.xml usr/share/dbus-1/interfaces/org.popupd.Agent1.xml
 f packaging/debian/sysusers.conf usr/lib/sysusers.d/popupd.conf
 f packaging/debian/README.etc etc/popupd/README
 
+# A page per command and per subcommand (popupd-user-add.8, popupctl-send.1:
+# the names popupd.8 and popupctl.1 list), generated from the clap
+# definitions, and the config reference.
 man=$(mktemp -d)
-"$bin/popupd" manpage > "$man/popupd.8"
-"$bin/popupctl" manpage > "$man/popupctl.1"
-cp packaging/man/popupd.yaml.5 "$man/popupd.yaml.5"
-for m in popupd.8:man8 popupctl.1:man1 popupd.yaml.5:man5; do
-  d "usr/share/man/${m#*:}"
-  gzip -9n < "$man/${m%:*}" > "$stage/usr/share/man/${m#*:}/${m%:*}.gz"
+"$bin/popupd" manpage --dir "$man/man8"
+"$bin/popupctl" manpage --dir "$man/man1"
+install -D -m 0644 packaging/man/popupd.yaml.5 "$man/man5/popupd.yaml.5"
+for page in "$man"/man*/*; do
+  sec=$(basename "$(dirname "$page")")
+  d "usr/share/man/$sec"
+  gzip -9n < "$page" > "$stage/usr/share/man/$sec/$(basename "$page").gz"
 done
 rm -rf "$man"
 
@@ -61,6 +65,9 @@ done
 doc=usr/share/doc/popupd
 f packaging/debian/copyright "$doc/copyright"
 f README.md "$doc/README.md"
+f packaging/debian/README.Debian "$doc/README.Debian"
+# The references that error hints and README.Debian point to.
+for m in config.md plugins.md protocol.md; do f "docs/$m" "$doc/$m"; done
 for e in packaging/examples/*.yaml; do f "$e" "$doc/examples/$(basename "$e")"; done
 d "$doc"
 {
@@ -74,6 +81,10 @@ d "$doc"
 d DEBIAN
 for s in postinst prerm postrm; do f "packaging/debian/$s" "DEBIAN/$s" 0755; done
 echo /etc/popupd/README > "$stage/DEBIAN/conffiles"
+# md5sums of every file but the conffiles (dpkg keeps those itself), as
+# dh_md5sums writes it: `debsums popupd` and `dpkg --verify` check them.
+(cd "$stage" && find . -type f ! -path ./DEBIAN/\* ! -path ./etc/\* -printf '%P\n' | LC_ALL=C sort | xargs md5sum) > "$stage/DEBIAN/md5sums"
+chmod 0644 "$stage/DEBIAN/md5sums"
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
 cat > "$stage/DEBIAN/control" <<CONTROL
 Package: popupd
@@ -81,7 +92,7 @@ Version: $version
 Architecture: $arch
 Maintainer: popupd maintainers <popupd@example.invalid>
 Installed-Size: $size
-Depends: libc6 (>= 2.34), libgcc-s1 (>= 4.2), systemd (>= 247)
+Depends: libc6 (>= 2.34), libgcc-s1 (>= 4.2), systemd (>= 249), init-system-helpers (>= 1.65)
 Recommends: dbus-user-session
 Suggests: zenity, dunst | notification-daemon
 Section: net

@@ -106,7 +106,25 @@ pub(crate) async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let popupctl = exe.with_file_name("popupctl");
     let mut procs = Procs(Vec::new());
-    let result = network(&dir, &exe, &popupctl, &mut procs).await;
+    // Ctrl-C (in `network`), `kill` (SIGTERM) and a closed terminal
+    // (SIGHUP) all stop the network, even while it starts: dropping `procs`
+    // kills every process it started.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut hup) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::hangup())?,
+    );
+    let result = tokio::select! {
+        r = network(&dir, &exe, &popupctl, &mut procs) => r,
+        _ = term.recv() => {
+            println!("SIGTERM: stopping the demo network");
+            Ok(())
+        }
+        _ = hup.recv() => {
+            println!("SIGHUP: stopping the demo network");
+            Ok(())
+        }
+    };
     drop(procs);
     if !keep {
         let _ = std::fs::remove_dir_all(&dir);

@@ -16,7 +16,7 @@ mod demo;
 /// Immediate popup messaging for Linux desktops: agent, home and global
 /// server in one daemon, chosen by the config.
 #[derive(Parser)]
-#[command(name = "popupd", version, about, propagate_version = true)]
+#[command(name = "popupd", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -35,7 +35,12 @@ enum Cmd {
         )]
         config: PathBuf,
     },
-    /// Check a config file and exit: 0 if it is good, 1 with the reason if not.
+    /// Check a config file and exit: 0 if it is good, 1 with the reason if
+    /// not (its last line is the file, line and what is wrong). Under
+    /// systemd it also checks that each server's `data_dir` lies in the
+    /// unit's state folder (`$STATE_DIRECTORY`), the only place it may write;
+    /// by hand, for /etc/popupd/NAME.yaml, it warns of a `data_dir` outside
+    /// /var/lib/popupd/NAME, which popupd@NAME would refuse.
     CheckConfig {
         /// Config file.
         file: PathBuf,
@@ -61,9 +66,13 @@ enum Cmd {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
-    /// Print the popupd(8) man page (roff), for packaging.
+    /// Print the popupd(8) man page (roff), or with --dir write it and one
+    /// page per subcommand (popupd-user-add.8, ...) there; for packaging.
     #[command(hide = true)]
-    Manpage,
+    Manpage {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -117,10 +126,16 @@ struct NewDeviceArgs {
     /// Name of the device.
     #[arg(long, default_value = "desktop")]
     device: String,
-    /// Write the agent config here (mode 0600) instead of printing it.
+    /// Write the agent config here (mode 0600) instead of printing it, with
+    /// a copy of the network CA certificate beside it (`ca.crt`, unless
+    /// --ca is given). Folders are made as needed, and the files and new
+    /// folders go to the owner of the nearest folder that existed: as root,
+    /// `--agent-config /home/alice/.config/popupd/agent.yaml` gives alice a
+    /// config her agent can use as it stands.
     #[arg(long)]
     agent_config: Option<PathBuf>,
-    /// CA certificate path to put in the agent config (default: the home's).
+    /// CA certificate path to put in the agent config, as the agent will
+    /// read it (default: `ca.crt`, beside the config).
     #[arg(long)]
     ca: Option<PathBuf>,
 }
@@ -212,22 +227,40 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("popupd: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<BadConfig>().is_some() {
+                ExitCode::from(BadConfig::EXIT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// `popupd run` refused its config. It exits with [`BadConfig::EXIT`] so
+/// the units can tell a config to fix from a failure worth a restart
+/// (`RestartPreventExitStatus=`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct BadConfig(anyhow::Error);
+
+impl BadConfig {
+    /// EX_CONFIG of sysexits.h.
+    const EXIT: u8 = 78;
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run { config } => run(&config).await,
         Cmd::CheckConfig { file } => {
-            let cfg = Config::load(&file)?;
+            let cfg = Config::load(&file)
+                .and_then(|c| in_state_directory(&c).map(|()| c))
+                .map_err(reason_last)?;
             let roles: Vec<String> = cfg
                 .roles()
                 .iter()
                 .map(|r| format!("{r:?}").to_lowercase())
                 .collect();
-            for w in cfg.warnings() {
+            for w in cfg.warnings().into_iter().chain(unit_would_refuse(&cfg)) {
                 eprintln!("warning: {w}");
             }
             println!("{}: ok ({})", file.display(), roles.join(", "));
@@ -263,16 +296,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::User(UserCmd::Add { handle, home, dev }) => {
             let cfg = Config::load(&home.config)?;
             let h = admin::select_home(&cfg, home.home.as_deref())?;
-            let ca = dev.ca.clone().unwrap_or_else(|| h.ca_path.clone());
+            let ca = agent_ca(&dev);
             let nd = admin::add_user(h, &handle, &dev.device, &ca).await?;
-            output_device(&nd, dev.agent_config.as_deref())
+            output_device(&nd, &dev, h)
         }
         Cmd::Device(DeviceCmd::Add { handle, home, dev }) => {
             let cfg = Config::load(&home.config)?;
             let h = admin::select_home(&cfg, home.home.as_deref())?;
-            let ca = dev.ca.clone().unwrap_or_else(|| h.ca_path.clone());
+            let ca = agent_ca(&dev);
             let nd = admin::add_device(h, &handle, &dev.device, &ca)?;
-            output_device(&nd, dev.agent_config.as_deref())
+            output_device(&nd, &dev, h)
         }
         Cmd::User(UserCmd::AddMany {
             prefix,
@@ -353,36 +386,223 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "popupd", &mut std::io::stdout());
             Ok(())
         }
-        Cmd::Manpage => {
+        Cmd::Manpage { dir } => {
             use clap::CommandFactory;
-            clap_mangen::Man::new(Cli::command())
-                .section("8")
-                .render(&mut std::io::stdout())?;
+            let cmd = Cli::command().disable_help_subcommand(true);
+            match dir {
+                Some(dir) => write_manpages(cmd, "8", &dir)?,
+                None => clap_mangen::Man::new(cmd)
+                    .section("8")
+                    .render(&mut std::io::stdout())?,
+            }
             Ok(())
         }
     }
 }
 
-fn output_device(nd: &admin::NewDevice, path: Option<&Path>) -> anyhow::Result<()> {
-    match path {
-        Some(p) => {
-            admin::write_private(p, &nd.agent_yaml)?;
-            eprintln!(
-                "created {} (device {}); agent config written to {}",
-                nd.handle,
-                nd.device,
-                p.display()
-            );
+/// The CA path the new agent config names: --ca, else `ca.crt` beside the
+/// config (a copy [`output_device`] makes, or, printed, the person puts
+/// there): the home's own path is one the person cannot read.
+fn agent_ca(dev: &NewDeviceArgs) -> PathBuf {
+    dev.ca.clone().unwrap_or_else(|| PathBuf::from("ca.crt"))
+}
+
+fn output_device(
+    nd: &admin::NewDevice,
+    dev: &NewDeviceArgs,
+    h: &popupd::config::HomeConfig,
+) -> anyhow::Result<()> {
+    let Some(p) = dev.agent_config.as_deref() else {
+        eprintln!(
+            "created {} (device {}); agent config follows: put it in ~/.config/popupd/agent.yaml{}",
+            nd.handle,
+            nd.device,
+            if dev.ca.is_none() {
+                format!(
+                    ", with a copy of {} as ca.crt beside it",
+                    h.ca_path.display()
+                )
+            } else {
+                String::new()
+            }
+        );
+        print!("{}", nd.agent_yaml);
+        return Ok(());
+    };
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // Whoever owns the nearest folder that exists gets what is made below it.
+    let existing = dir
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or(Path::new("/"));
+    let owner =
+        std::fs::metadata(existing).with_context(|| format!("reading {}", existing.display()))?;
+    let mut made: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|a| !a.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    made.reverse();
+    admin::write_private(p, &nd.agent_yaml)?;
+    made.push(p.to_path_buf());
+    let mut copied = None;
+    if dev.ca.is_none() {
+        let to = dir.join("ca.crt");
+        let ca = std::fs::read(&h.ca_path)
+            .with_context(|| format!("reading the CA certificate {}", h.ca_path.display()))?;
+        // Already there (the same file, or a copy made before): leave it.
+        if std::fs::read(&to).ok().as_ref() != Some(&ca) {
+            std::fs::write(&to, &ca)
+                .with_context(|| format!("copying the CA certificate to {}", to.display()))?;
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+            made.push(to.clone());
         }
-        None => {
-            eprintln!(
-                "created {} (device {}); agent config follows",
-                nd.handle, nd.device
-            );
-            print!("{}", nd.agent_yaml);
+        copied = Some(to);
+    }
+    hand_to(&made, &owner)?;
+    eprintln!(
+        "created {} (device {}); agent config written to {}{}",
+        nd.handle,
+        nd.device,
+        p.display(),
+        copied
+            .map(|c| format!(", the CA certificate to {}", c.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Gives `paths` to the owner of `like`, when that is someone else: root
+/// making a user's agent config. Not root, it is the caller's own already.
+fn hand_to(paths: &[PathBuf], like: &std::fs::Metadata) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for path in paths {
+        let m = std::fs::metadata(path)?;
+        if (m.uid(), m.gid()) != (like.uid(), like.gid()) {
+            std::os::unix::fs::chown(path, Some(like.uid()), Some(like.gid())).with_context(
+                || {
+                    format!(
+                        "giving {} to uid {} (the owner of its folder)",
+                        path.display(),
+                        like.uid()
+                    )
+                },
+            )?;
         }
     }
     Ok(())
+}
+
+/// Under systemd (`$STATE_DIRECTORY` set by `StateDirectory=`), a server's
+/// `data_dir` must lie in the unit's state folder: the sandbox lets it
+/// write nowhere else, and the failure would otherwise come later, as
+/// "Read-only file system".
+fn in_state_directory(cfg: &Config) -> Result<(), popupd::config::ConfigError> {
+    let Some(allowed) = std::env::var_os("STATE_DIRECTORY") else {
+        return Ok(());
+    };
+    let allowed: Vec<PathBuf> = std::env::split_paths(&allowed).collect();
+    let dirs = cfg
+        .global
+        .iter()
+        .map(|g| ("global.data_dir".to_string(), &g.data_dir))
+        .chain(
+            cfg.homes
+                .iter()
+                .map(|h| ("home.data_dir".to_string(), &h.data_dir)),
+        );
+    for (field, dir) in dirs {
+        if allowed.iter().any(|a| dir.starts_with(a)) {
+            continue;
+        }
+        let shown: Vec<String> = allowed.iter().map(|a| a.display().to_string()).collect();
+        return Err(popupd::config::ConfigError {
+            file: cfg.source.display().to_string(),
+            line: 0,
+            column: 0,
+            field,
+            message: format!(
+                "{} is outside this service's state folder {}, the only place it may write",
+                dir.display(),
+                shown.join(", ")
+            ),
+            snippet: "".into(),
+            hint: "popupd@NAME runs /etc/popupd/NAME.yaml and writes only /var/lib/popupd/NAME: set data_dir to that folder, or rename the file after it".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Checked by hand (no `$STATE_DIRECTORY`), a config in /etc/popupd: what
+/// [`in_state_directory`] will refuse when `popupd@NAME` runs it.
+fn unit_would_refuse(cfg: &Config) -> Option<String> {
+    let path = std::path::absolute(&cfg.source).ok()?;
+    if std::env::var_os("STATE_DIRECTORY").is_some()
+        || path.parent() != Some(Path::new("/etc/popupd"))
+        || path.extension()? != "yaml"
+    {
+        return None;
+    }
+    let name = path.file_stem()?.to_string_lossy().to_string();
+    let state = Path::new("/var/lib/popupd").join(&name);
+    let elsewhere: Vec<String> = cfg
+        .global
+        .iter()
+        .map(|g| &g.data_dir)
+        .chain(cfg.homes.iter().map(|h| &h.data_dir))
+        .filter(|d| !d.starts_with(&state))
+        .map(|d| d.display().to_string())
+        .collect();
+    (!elsewhere.is_empty()).then(|| {
+        format!(
+            "popupd@{name} may write only {}, and will refuse data_dir {}: set data_dir to it, or rename the file",
+            state.display(),
+            elsewhere.join(", ")
+        )
+    })
+}
+
+/// A config error with its reason on the last line, where `systemctl
+/// status` (which shows a unit's last journal lines) still has it: the
+/// offending lines and the hint go first.
+fn reason_last(e: popupd::config::ConfigError) -> anyhow::Error {
+    for l in e.snippet.lines().filter(|l| !l.trim().is_empty()) {
+        eprintln!("{l}");
+    }
+    if !e.hint.is_empty() {
+        eprintln!("  hint: {}", e.hint);
+    }
+    let at = match (e.line, e.column) {
+        (0, _) => String::new(),
+        (l, c) => format!(":{l}:{c}"),
+    };
+    let field = if e.field.is_empty() {
+        String::new()
+    } else {
+        format!("field `{}`: ", e.field)
+    };
+    anyhow::anyhow!("{}{at}: {field}{}", e.file, e.message)
+}
+
+/// Writes the man page of `cmd` and one per visible subcommand, all levels
+/// (NAME-SUB-SUB.SECTION, the names the pages refer to each other by).
+fn write_manpages(cmd: clap::Command, section: &str, dir: &Path) -> anyhow::Result<()> {
+    fn each(cmd: clap::Command, section: &str, dir: &Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            each(sub, section, dir)?;
+        }
+        clap_mangen::Man::new(cmd)
+            .section(section)
+            .generate_to(dir)?;
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cmd = cmd;
+    cmd.build();
+    each(cmd, section, dir).with_context(|| format!("writing man pages to {}", dir.display()))
 }
 
 type LogHandle = tracing_subscriber::reload::Handle<Targets, tracing_subscriber::Registry>;
@@ -498,7 +718,9 @@ fn reload(path: &Path, log: &LogHandle, to: &Reloaders) {
 }
 
 async fn run(path: &Path) -> anyhow::Result<()> {
-    let cfg = Config::load(path)?;
+    let cfg = Config::load(path)
+        .and_then(|c| in_state_directory(&c).map(|()| c))
+        .map_err(|e| BadConfig(reason_last(e)))?;
     let log = init_logging(&cfg.log.level);
     for w in cfg.warnings() {
         tracing::warn!("{w}");

@@ -143,7 +143,7 @@ async fn global_is_asked_once_and_cached_routes_survive_its_loss() {
     bob.wait_for("5 messages", T, |s| s.received.len() == 5)
         .await
         .unwrap();
-    let lookups = net.global.log_text().matches("lookup handle=bob").count();
+    let lookups = net.global.log_text().matches("lookup: bob for").count();
     assert_eq!(lookups, 1, "home A asked the global server once for bob");
 
     net.global.stop();

@@ -260,7 +260,8 @@ async fn dunst_shows_the_popup_and_a_click_marks_it_read() {
         println!("no screenshot: `import` (imagemagick) is not installed");
     }
 
-    // A click (the default action) marks it read, and alice is told.
+    // The default action (with dunst's stock config a middle click, not a
+    // left click, which only closes) marks it read, and alice is told.
     assert!(dunstctl(&bob, &["action", "0"]).status.success());
     alice.wait_status(&id, "read", T).await.unwrap();
 }

@@ -314,6 +314,21 @@ fn config_errors_name_file_line_and_field() {
     assert!(e.contains("bad.yaml:4:"), "names file and line: {e}");
     assert!(e.contains("colour"), "names the key: {e}");
     assert!(e.contains("hint:"), "gives a hint: {e}");
+    // `systemctl status` shows a unit's last journal lines: the reason is
+    // the last line, after the offending lines and the hint.
+    let last = e.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("bad.yaml:4:") && last.contains("colour"),
+        "the reason is the last line: {e}"
+    );
+    // `run` refuses it with EX_CONFIG, which the units do not restart.
+    let o = popupd(&["run", "--config", f.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(78),
+        "run with a bad config: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     std::fs::write(&f, "home:\n  name: h.test\n  listen: nowhere\n  cert: a\n  key: b\n  ca: c\n  data_dir: d\n  global: { name: g.test, address: \"g:1\" }\n").unwrap();
     let e =
@@ -334,6 +349,53 @@ fn config_errors_name_file_line_and_field() {
     let o = popupd(&["check-config", "/nonexistent/popupd.yaml"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/popupd.yaml"));
+}
+
+/// Under systemd a server may write only its unit's state folder
+/// (`StateDirectory=`, passed as `$STATE_DIRECTORY`): a `data_dir`
+/// elsewhere is a config error, said before the service starts, rather
+/// than "Read-only file system" once it runs.
+#[test]
+fn data_dir_outside_the_units_state_folder_is_refused() {
+    let dir = TestDir::new("statedir");
+    let d = dir.path.to_str().unwrap();
+    assert!(popupd(&["ca", "init", "--dir", d]).status.success());
+    assert!(
+        popupd(&["ca", "issue", "g.test", "--dir", d])
+            .status
+            .success()
+    );
+    let f = dir.path.join("g.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            "global:\n  name: g.test\n  listen: 127.0.0.1:1\n  cert: g.test.crt\n  key: g.test.key\n  ca: ca.crt\n  data_dir: {d}/home-a\n"
+        ),
+    )
+    .unwrap();
+    let check = |state: &str| {
+        std::process::Command::new(popupd_e2e::bin("popupd"))
+            .args(["check-config", f.to_str().unwrap()])
+            .env("STATE_DIRECTORY", dir.path.join(state))
+            .output()
+            .unwrap()
+    };
+    let o = check("home");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "data_dir outside: {e}");
+    let last = e.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("data_dir") && last.contains("home-a") && last.contains("state folder"),
+        "says which folder and why: {e}"
+    );
+    assert!(e.contains("/var/lib/popupd/NAME"), "says what to do: {e}");
+    assert!(check("home-a").status.success());
+    // Outside systemd there is no such folder to check.
+    assert!(
+        popupd(&["check-config", f.to_str().unwrap()])
+            .status
+            .success()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,7 +62,13 @@ pub async fn run(agent: Arc<Agent>, mut up: mpsc::UnboundedReceiver<Up>) {
                 set_connected(&agent, true).await;
                 let out = session(&agent, &mut link, &mut up).await;
                 set_connected(&agent, false).await;
-                tracing::warn!(home = %dial.name, "back connection closed: {}", out.end);
+                match &out.end {
+                    // Our own stop, or the home's (it said goodbye): planned.
+                    End::Shutdown | End::Bye(..) => tracing::info!(home = %dial.name,
+                        "back connection to {} closed: {}", dial.name, out.end),
+                    end => tracing::warn!(home = %dial.name,
+                        "back connection to {} lost: {end}", dial.name),
+                }
                 link.close().await;
                 if out.stored_any {
                     failing.reset();
@@ -79,7 +85,8 @@ pub async fn run(agent: Arc<Agent>, mut up: mpsc::UnboundedReceiver<Up>) {
             }
             Err(e) => {
                 tracing::warn!(home = %dial.name, address = %dial.address,
-                    via = ?dial.proxy.as_ref().map(|p| &p.address), "cannot connect: {e}");
+                    via = ?dial.proxy.as_ref().map(|p| &p.address),
+                    "cannot connect to the home {} at {}: {e}", dial.name, dial.address);
                 backoff.next_delay()
             }
         };
@@ -105,7 +112,7 @@ async fn connect(agent: &Agent, dial: &Dial) -> Result<Link<ClientTls>, String> 
     .map_err(|e| e.to_string())?;
     match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, link.recv::<HomeFrame>()).await {
         Ok(Ok(Recv::Frame(HomeFrame::Welcome { .. }))) => {
-            tracing::info!(home = %dial.name, "back connection up");
+            tracing::info!(home = %dial.name, "back connection up: {}", dial.name);
             Ok(link)
         }
         Ok(Ok(Recv::Frame(HomeFrame::Error { code, message, .. }))) => {

@@ -252,7 +252,7 @@ pub async fn run(
         .interface::<_, dbus::AgentIface>(popupd_ipc::OBJECT_PATH)
         .await?;
     let _ = agent.iface.set(iface);
-    tracing::info!(handle = %agent.cfg.handle, home = %agent.cfg.home.name, "agent serving {}", popupd_ipc::BUS_NAME);
+    tracing::info!(handle = %agent.cfg.handle, home = %agent.cfg.home.name, "agent of {} (home {}) serving {}", agent.cfg.handle, agent.cfg.home.name, popupd_ipc::BUS_NAME);
     ready();
     let reloads = {
         let agent = agent.clone();

@@ -74,7 +74,7 @@ impl Loaded {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
     fn disable(&self, why: String) {
-        tracing::error!(plugin = %self.name, "plugin disabled: {why}");
+        tracing::error!(plugin = %self.name, "plugin {} disabled: {why}", self.name);
         self.set(State::Disabled(why));
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
@@ -128,12 +128,12 @@ impl Plugins {
                     continue;
                 };
                 if !seen.insert(name.clone()) {
-                    tracing::warn!(plugin = %name, path = %path.display(), "a plugin of that name is already loaded; skipped");
+                    tracing::warn!(plugin = %name, path = %path.display(), "plugin {name} skipped ({}): a plugin of that name is already loaded", path.display());
                     continue;
                 }
                 if crashed.contains(&name) {
                     tracing::error!(plugin = %name, path = %path.display(),
-                        "plugin skipped: it crashed the agent on its last run (restart the agent to try it again)");
+                        "plugin {name} skipped: it crashed the agent on its last run (restart the agent to try it again)");
                     continue;
                 }
                 let config = cfg
@@ -142,7 +142,7 @@ impl Plugins {
                     .cloned()
                     .unwrap_or_else(|| serde_json::json!({}));
                 if config == serde_json::Value::Bool(false) {
-                    tracing::info!(plugin = %name, "plugin disabled in the config");
+                    tracing::info!(plugin = %name, "plugin {name} disabled in the config");
                     continue;
                 }
                 let loaded = Arc::new(Loaded {
@@ -328,15 +328,46 @@ fn crashed_last_time(data_dir: &Path) -> Vec<String> {
     out
 }
 
+/// The folder the package installs plugins to. Only root can put a file
+/// there.
+const PACKAGED: &str = "/usr/lib/popupd/plugins";
+
+/// Whether files of root show as the kernel's overflow uid here ("nobody"):
+/// the agent runs in a user namespace that does not map root, as the user
+/// unit's sandbox makes (`PrivateUsers=`, which a user manager needs for
+/// the rest). Then the files of root and of every other user look alike.
+fn root_hidden() -> Option<u32> {
+    let map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
+    let maps_root = map.lines().any(|l| {
+        let f: Vec<u64> = l
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        matches!(f[..], [_, outside, count] if outside == 0 && count > 0)
+    });
+    if maps_root {
+        return None;
+    }
+    std::fs::read_to_string("/proc/sys/kernel/overflowuid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Whether a plugin file and its folder are owned by root or this user and
-/// writable by nobody else; otherwise why not, with the fix.
+/// writable by nobody else; otherwise why not, with the fix. Where root is
+/// hidden (see [`root_hidden`]), the package's own folder, which only root
+/// can fill, and the files in it count as root's.
 fn trusted(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let me = rustix::process::getuid().as_raw();
     let dir = path.parent().unwrap_or(Path::new("/"));
+    let hidden = root_hidden();
     for (what, p) in [("file", path), ("folder", dir)] {
         let m = std::fs::metadata(p).map_err(|e| format!("cannot read its {what}: {e}"))?;
-        if m.uid() != 0 && m.uid() != me {
+        let packaged = dir == Path::new(PACKAGED);
+        if m.uid() != 0 && m.uid() != me && !(packaged && Some(m.uid()) == hidden) {
             return Err(format!(
                 "its {what} {} belongs to another user (uid {}); plugins must belong to root or to you",
                 p.display(),
@@ -362,7 +393,7 @@ fn open(path: &Path) -> Option<(&'static PluginDecl, String, String)> {
     // plugin runs as this user, so only root or this user may have put it
     // there or be able to change it.
     if let Err(why) = trusted(path) {
-        tracing::error!(path = %shown, "plugin refused: {why}");
+        tracing::error!(path = %shown, "plugin refused: {shown}: {why}");
         return None;
     }
     // SAFETY: loading runs the library's initialisers. Plugins are installed
@@ -401,7 +432,7 @@ fn open(path: &Path) -> Option<(&'static PluginDecl, String, String)> {
         return None;
     }
     if abi != ABI_VERSION || (size as usize) < std::mem::size_of::<PluginDecl>() {
-        tracing::warn!(path = %shown, "plugin built for plugin ABI {abi}; this agent speaks ABI {ABI_VERSION}: rebuild it against popupd-plugin-api, skipped");
+        tracing::warn!(path = %shown, "{shown}: plugin built for plugin ABI {abi}; this agent speaks ABI {ABI_VERSION}: rebuild it against popupd-plugin-api, skipped");
         return None;
     }
     // SAFETY: magic, version and size match this build's PluginDecl.
@@ -498,7 +529,7 @@ fn run_plugin(
         (d.init)(api, cfg.as_ptr(), &mut state, err)
     });
     if rc != OK {
-        tracing::warn!(plugin = %p.name, "plugin did not start: {msg} (check its section `plugins.{}` of the agent config)", p.name);
+        tracing::warn!(plugin = %p.name, "plugin {} did not start: {msg} (check its section `plugins.{}` of the agent config)", p.name, p.name);
         p.set(State::Failed(msg));
         p.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         return;
@@ -507,7 +538,7 @@ fn run_plugin(
         return;
     }
     p.set(State::Active);
-    tracing::info!(plugin = %p.name, version = %p.version, path = %p.path.display(), "plugin loaded");
+    tracing::info!(plugin = %p.name, version = %p.version, path = %p.path.display(), "plugin loaded: {} {} from {}", p.name, p.version, p.path.display());
     let mut failures = 0;
     while let Ok(c) = rx.recv() {
         let (rc, msg) = match &c {
@@ -539,7 +570,7 @@ fn run_plugin(
             ERR_PANIC => return p.disable(msg),
             _ => {
                 failures += 1;
-                tracing::warn!(plugin = %p.name, "plugin call failed: {msg}");
+                tracing::warn!(plugin = %p.name, "plugin {} call failed: {msg}", p.name);
                 if failures >= MAX_FAILURES {
                     return p.disable(format!("{failures} failures in a row; last: {msg}"));
                 }
@@ -662,10 +693,10 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, msg: *const c_char) 
         let c = unsafe { &*ctx.cast::<HostCtx>() };
         let m = text(msg).unwrap_or_default();
         match level {
-            1 => tracing::error!(plugin = %c.name, "{m}"),
-            2 => tracing::warn!(plugin = %c.name, "{m}"),
-            3 => tracing::info!(plugin = %c.name, "{m}"),
-            _ => tracing::debug!(plugin = %c.name, "{m}"),
+            1 => tracing::error!(plugin = %c.name, "plugin {}: {m}", c.name),
+            2 => tracing::warn!(plugin = %c.name, "plugin {}: {m}", c.name),
+            3 => tracing::info!(plugin = %c.name, "plugin {}: {m}", c.name),
+            _ => tracing::debug!(plugin = %c.name, "plugin {}: {m}", c.name),
         }
     });
 }

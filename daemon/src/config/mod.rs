@@ -258,7 +258,8 @@ impl Config {
             field: String::new(),
             message: format!("cannot read: {e}"),
             snippet: "".into(),
-            hint: "give the path of a YAML config; examples are in packaging/examples/".into(),
+            hint: "give the path of a YAML config; examples are in /usr/share/doc/popupd/examples/"
+                .into(),
         })?;
         Config::parse(&text, path)
     }
@@ -368,9 +369,9 @@ fn strip_position(s: &str) -> String {
 
 fn syntax_hint(msg: &str) -> String {
     if msg.contains("unknown field") {
-        "remove or correct the key; docs/config.md lists what each section accepts, packaging/examples/ has complete files".into()
+        "remove or correct the key; /usr/share/doc/popupd/config.md lists what each section accepts, /usr/share/doc/popupd/examples/ has complete files".into()
     } else if msg.contains("missing field") {
-        "add the field; see packaging/examples/ for a complete file".into()
+        "add the field; see /usr/share/doc/popupd/examples/ for a complete file".into()
     } else {
         "check the YAML at that position".into()
     }

@@ -66,7 +66,7 @@ pub async fn run(
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("global {}: cannot listen on {}", cfg.name, cfg.listen))?;
-    tracing::info!(global = %cfg.name, listen = %cfg.listen, "global server listening");
+    tracing::info!(global = %cfg.name, listen = %cfg.listen, "global server {} listening on {}", cfg.name, cfg.listen);
     let g = Arc::new(Global {
         store: Batcher::spawn("global", store)?,
         slots: Pool::new(cfg.limits.peer_links),
@@ -90,7 +90,7 @@ pub async fn run(
                 *g.revoked.lock().unwrap_or_else(|e| e.into_inner()) = new.revoked.clone();
                 for l in g.linked.lock().unwrap_or_else(|e| e.into_inner()).values() {
                     if new.revoked.contains(&l.home) {
-                        tracing::warn!(home = %l.home, "closed the link of a revoked home");
+                        tracing::warn!(home = %l.home, "closed the link of a revoked home: {}", l.home);
                         l.stop.cancel();
                     }
                 }
@@ -176,7 +176,7 @@ async fn serve(g: Arc<Global>, accepted: accept::Accepted) {
         })
     });
     if let Some((code, message)) = refusal {
-        tracing::warn!(%addr, claimed = %home, "home refused: {message}");
+        tracing::warn!(%addr, claimed = %home, "home {home} refused ({addr}): {message}");
         let _ = link
             .send(&GlobalReply::Error {
                 req: None,
@@ -189,7 +189,7 @@ async fn serve(g: Arc<Global>, accepted: accept::Accepted) {
     drop(ticket);
     let Some(_slot) = g.slots.admit() else {
         tracing::warn!(%addr, %home, limit = g.slots.size,
-            "home refused: as many homes linked as this server takes (limits.peer_links)");
+            "home {home} refused ({addr}): as many homes linked as this server takes (limits.peer_links)");
         let _ = link
             .send(&GlobalReply::Error {
                 req: None,
@@ -213,7 +213,7 @@ async fn serve(g: Arc<Global>, accepted: accept::Accepted) {
     {
         return;
     }
-    tracing::info!(%home, %address, "home linked");
+    tracing::info!(%home, %address, "home linked: {home} from {address}");
     let id = g.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, pushes) = mpsc::unbounded_channel();
     let stop = g.shutdown.child_token();
@@ -242,7 +242,7 @@ async fn serve(g: Arc<Global>, accepted: accept::Accepted) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
-    tracing::info!(%home, "home unlinked: {end}");
+    tracing::info!(%home, "home unlinked: {home}: {end}");
     link.close().await;
 }
 
@@ -346,7 +346,7 @@ async fn answer(g: &Arc<Global>, home: &str, req: GlobalRequest) -> GlobalReply 
             match g.store.run(move |s| s.unregister(&h, &home)).await {
                 Ok(released) => {
                     if released {
-                        tracing::info!(%handle, "handle released");
+                        tracing::info!(%handle, "handle released: {handle}");
                         broadcast(g, GlobalReply::Invalidate { handle });
                     }
                     GlobalReply::Done { req }
@@ -356,7 +356,7 @@ async fn answer(g: &Arc<Global>, home: &str, req: GlobalRequest) -> GlobalReply 
         }
         GlobalRequest::Lookup { req, handle } => {
             let n = g.lookups.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::info!(%handle, from = %home, lookups = n, "lookup");
+            tracing::info!(%handle, from = %home, lookups = n, "lookup: {handle} for {home}");
             let h = handle.clone();
             match g.store.read(move |s| s.lookup(&h)).await {
                 // A revoked home's users are found nowhere.

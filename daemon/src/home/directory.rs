@@ -257,15 +257,20 @@ pub async fn run(home: Arc<Home>) {
         match link {
             Ok(link) => {
                 backoff.reset();
-                tracing::info!(global = %dial.name, "linked to the global server");
+                tracing::info!(global = %dial.name, "linked to the global server {}", dial.name);
                 match serve(&home, link, &mut rx).await {
                     End::Shutdown => return,
-                    why => tracing::warn!(global = %dial.name, "global server link lost: {why}"),
+                    // It said goodbye, or closed the WebSocket cleanly: it
+                    // stops or restarts, as planned.
+                    why @ (End::Bye(..) | End::Closed) => tracing::info!(global = %dial.name,
+                        "the global server {} closed the link ({why}); linking again", dial.name),
+                    why => tracing::warn!(global = %dial.name,
+                        "link to the global server {} lost: {why}", dial.name),
                 }
             }
             Err(e) => {
                 tracing::warn!(global = %dial.name, address = %dial.address,
-                    "cannot reach the global server: {e}");
+                    "cannot reach the global server {} at {}: {e}", dial.name, dial.address);
             }
         }
         // While down, answer at once: callers use routes still fresh in

@@ -331,10 +331,10 @@ async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>)
             Ok((server, client)) => {
                 home.server_tls.store(server);
                 home.client_tls.store(client);
-                tracing::info!(home = %home.cfg.name, "reloaded certificates and CA");
+                tracing::info!(home = %home.cfg.name, "home {}: reloaded certificates and CA", home.cfg.name);
             }
             Err(e) => {
-                tracing::error!(home = %home.cfg.name, "reload: keeping the old certificates: {e}")
+                tracing::error!(home = %home.cfg.name, "home {}: reload: keeping the old certificates: {e}", home.cfg.name)
             }
         }
         // Revoked homes are cut off at once.
@@ -342,7 +342,7 @@ async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>)
         for name in new.revoked.iter() {
             let n = peers::close_links(&home, name);
             if n > 0 {
-                tracing::warn!(peer = %name, links = n, "closed the links of a revoked home");
+                tracing::warn!(peer = %name, links = n, "closed the links of a revoked home: {name}");
             }
             // Its users are nowhere now: what waits for it fails.
             home.router.forget_home(name);
@@ -359,10 +359,10 @@ async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>)
             match failed {
                 Ok(0) => {}
                 Ok(n) => {
-                    tracing::warn!(peer = %name, items = n, "failed what waited for a revoked home")
+                    tracing::warn!(peer = %name, items = n, "failed what waited for a revoked home: {name}")
                 }
                 Err(e) => {
-                    tracing::error!(peer = %name, "failing what waited for a revoked home: {e}")
+                    tracing::error!(peer = %name, "failing what waited for the revoked home {name}: {e}")
                 }
             }
         }
@@ -383,7 +383,7 @@ async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>)
             ),
         ];
         for (field, _) in changed.iter().filter(|c| c.1) {
-            tracing::warn!(home = %home.cfg.name, "reload: `{field}` changed; restart the service to apply it");
+            tracing::warn!(home = %home.cfg.name, "home {}: reload: `{field}` changed; restart the service to apply it", home.cfg.name);
         }
     }
 }
@@ -429,7 +429,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         cfg,
     });
-    tracing::info!(home = %home.cfg.name, listen = %home.cfg.listen, "home listening");
+    tracing::info!(home = %home.cfg.name, listen = %home.cfg.listen, "home listening: {} on {}", home.cfg.name, home.cfg.listen);
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(directory::run(home.clone()));

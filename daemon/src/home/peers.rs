@@ -241,18 +241,18 @@ async fn dialer(home: Arc<Home>, dest: String) {
     let mut backoff = Backoff::new(Duration::from_millis(100), REDIAL_MAX);
     loop {
         if home.is_revoked(&dest) {
-            tracing::warn!(peer = %dest, "not dialing a revoked home");
+            tracing::warn!(peer = %dest, "not dialing a revoked home: {dest}");
             break;
         }
         match connect(&home, &dest).await {
             Ok(mut link) => {
                 backoff.reset();
-                tracing::info!(peer = %dest, "peer link up (dialed)");
+                tracing::info!(peer = %dest, "peer link up (dialed): {dest}");
                 let why = serve_link(&home, &mut link, &dest).await;
-                tracing::info!(peer = %dest, "peer link down: {why}");
+                tracing::info!(peer = %dest, "peer link down: {dest}: {why}");
                 link.close().await;
             }
-            Err(e) => tracing::warn!(peer = %dest, "cannot link to home: {e}"),
+            Err(e) => tracing::warn!(peer = %dest, "cannot link to home {dest}: {e}"),
         }
         if sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
             break;
@@ -350,7 +350,7 @@ pub async fn serve_inbound(home: Arc<Home>, accepted: Accepted) {
         Ok(()) => None,
     };
     if let Some((code, message)) = refusal {
-        tracing::warn!(%addr, claimed = %name, "peer home refused: {message}");
+        tracing::warn!(%addr, claimed = %name, "peer home refused: {name} ({addr}): {message}");
         let _ = link.send(&PeerFrame::Error { code, message }).await;
         return link.close().await;
     }
@@ -358,7 +358,7 @@ pub async fn serve_inbound(home: Arc<Home>, accepted: Accepted) {
     drop(ticket);
     let Some(_slot) = home.peer_slots.admit() else {
         tracing::warn!(%addr, peer = %name, limit = home.peer_slots.size,
-            "peer home refused: as many peer links as this home takes (limits.peer_links)");
+            "peer home refused: {name} ({addr}): as many peer links as this home takes (limits.peer_links)");
         let _ = link
             .send(&PeerFrame::Error {
                 code: ErrorCode::Busy,
@@ -377,9 +377,9 @@ pub async fn serve_inbound(home: Arc<Home>, accepted: Accepted) {
     {
         return;
     }
-    tracing::info!(peer = %name, %addr, "peer link up (accepted)");
+    tracing::info!(peer = %name, %addr, "peer link up (accepted): {name} from {addr}");
     let why = serve_link(&home, &mut link, &name).await;
-    tracing::info!(peer = %name, "peer link down: {why}");
+    tracing::info!(peer = %name, "peer link down: {name}: {why}");
     link.close().await;
 }
 
@@ -745,7 +745,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
     }
 
     fn bad_frame(&self, why: &str) -> Option<String> {
-        tracing::warn!(peer = self.peer, "malformed frame from peer: {why}");
+        tracing::warn!(
+            peer = self.peer,
+            "malformed frame from peer {}: {why}",
+            self.peer
+        );
         let e = PeerFrame::Error {
             code: ErrorCode::BadFrame,
             message: why.to_owned(),

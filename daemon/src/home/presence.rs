@@ -436,7 +436,7 @@ impl Hub {
             .collect();
         match serde_json::to_string(&HomeFrame::Contacts { contacts: list }) {
             Ok(f) => reg.send_frame(handle, f.into()),
-            Err(e) => tracing::error!(%handle, "encoding a contact list: {e}"),
+            Err(e) => tracing::error!(%handle, "encoding the contact list of {handle}: {e}"),
         }
         Some(homes)
     }

@@ -129,11 +129,11 @@ pub async fn run(home: Arc<Home>) {
                     routed.push((n, route.home))
                 }
                 Ok(_) => {
-                    tracing::info!(%handle, "no such user in the network");
+                    tracing::info!(%handle, "no such user in the network: {handle}");
                     unknown.push(n);
                 }
                 Err(e) => {
-                    tracing::warn!(%handle, "cannot route yet: {e}");
+                    tracing::warn!(%handle, "cannot route to {handle} yet: {e}");
                     retry = Some(backoff.next_delay());
                     held.insert(handle);
                 }

@@ -320,7 +320,7 @@ pub fn serve(
         drop(ticket);
         let Some(_slot) = home.agent_slots.admit() else {
             tracing::warn!(%peer, %handle, limit = home.agent_slots.size,
-                "agent refused: the home holds as many agent connections as it takes (max_connections)");
+                "agent refused: {handle} from {peer}: the home holds as many agent connections as it takes (max_connections)");
             return Box::pin(refuse(
                 link,
                 ErrorCode::Busy,
@@ -337,7 +337,7 @@ pub fn serve(
             return;
         }
         let reg = home.registry.register(&handle, &device);
-        tracing::info!(%peer, %handle, %device, "agent online");
+        tracing::info!(%peer, %handle, %device, "agent online: {handle} ({device}) from {peer}");
         let report = presence.filter(valid_report).unwrap_or(PresenceReport {
             state: PresenceState::Online,
             text: String::new(),
@@ -370,8 +370,10 @@ pub fn serve(
             // The client broke the WebSocket rules (an unmasked frame, a
             // bad opcode): worth an administrator's eye.
             End::Link(LinkError::Ws(e)) => tracing::warn!(%peer, %handle, device = %conn.device,
-                "agent offline: it broke the WebSocket protocol: {e}"),
-            _ => tracing::info!(%peer, %handle, device = %conn.device, "agent offline: {why}"),
+                "agent offline: {handle} ({}) from {peer}: it broke the WebSocket protocol: {e}", conn.device),
+            _ => {
+                tracing::info!(%peer, %handle, device = %conn.device, "agent offline: {handle} ({}) from {peer}: {why}", conn.device)
+            }
         }
         Box::pin(link.close()).await;
         // The person keeps showing their presence for the grace period, so a
@@ -491,7 +493,7 @@ impl AgentConn {
             } => {
                 if let Some(claimed) = from.filter(|f| *f != self.handle) {
                     tracing::warn!(peer = %self.peer, handle = %self.handle, %claimed, msg_id = %id,
-                        "spoofed sender refused");
+                        "spoofed sender refused: {} claimed to be {claimed}", self.handle);
                     return self
                         .error(
                             link,
@@ -625,7 +627,7 @@ impl AgentConn {
                         .await
                     }
                     None => {
-                        tracing::info!(handle = %self.handle, asked = %handle, "presence query refused: not an accepted contact");
+                        tracing::info!(handle = %self.handle, asked = %handle, "presence query refused: {} asked for {handle}, not an accepted contact", self.handle);
                         self.error(
                             link,
                             ErrorCode::NotAccepted,
@@ -725,7 +727,7 @@ impl AgentConn {
     /// `rate_limited` ([`IGNORED_MAX`]).
     async fn close_ignoring(&self, link: &mut Link<ServerTls>) -> End {
         tracing::warn!(handle = %self.handle, device = %self.device, peer = %self.peer,
-            "closing the link of a client that keeps sending while told to wait (rate_limited)");
+            "closing the link of {} ({}) that keeps sending while told to wait (rate_limited)", self.handle, self.device);
         let _ = link.flush().await;
         link.linger(session::LINGER).await;
         End::Other("it kept sending while told to wait".into())
@@ -921,7 +923,7 @@ impl Handler<ServerTls> for AgentConn {
     }
 
     fn bad_frame(&self, why: &str) -> Option<String> {
-        tracing::info!(peer = %self.peer, handle = %self.handle, "malformed frame: {why}");
+        tracing::info!(peer = %self.peer, handle = %self.handle, "malformed frame from {} ({}): {why}", self.handle, self.peer);
         serde_json::to_string(&HomeFrame::Error {
             code: ErrorCode::BadFrame,
             message: why.to_owned(),

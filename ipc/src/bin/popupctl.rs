@@ -15,7 +15,7 @@ use serde_json::json;
 /// not connected (status); 2 bad command line; 3 no agent on the bus;
 /// 4 --wait: failed or timed out; 5 the agent did not answer in time.
 #[derive(Parser)]
-#[command(name = "popupctl", version, about)]
+#[command(name = "popupctl", version)]
 struct Cli {
     /// Print JSON (one object per line for `watch`).
     #[arg(long, global = true)]
@@ -90,9 +90,13 @@ enum Cmd {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
-    /// Print the popupctl(1) man page (roff), for packaging.
+    /// Print the popupctl(1) man page (roff), or with --dir write it and one
+    /// page per subcommand (popupctl-send.1, ...) there; for packaging.
     #[command(hide = true)]
-    Manpage,
+    Manpage {
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,11 +128,15 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Cmd::Manpage => {
+        Cmd::Manpage { dir } => {
             use clap::CommandFactory;
-            let ok = clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
-                .is_ok();
+            let cmd = Cli::command().disable_help_subcommand(true);
+            let ok = match dir {
+                Some(dir) => write_manpages(cmd, dir).is_ok(),
+                None => clap_mangen::Man::new(cmd)
+                    .render(&mut std::io::stdout())
+                    .is_ok(),
+            };
             return if ok {
                 ExitCode::SUCCESS
             } else {
@@ -157,10 +165,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes popupctl.1 and one page per visible subcommand (popupctl-send.1,
+/// ...: the names popupctl.1 refers to them by) into `dir`.
+fn write_manpages(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+    fn each(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            each(sub, dir)?;
+        }
+        clap_mangen::Man::new(cmd).generate_to(dir)?;
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = cmd;
+    cmd.build();
+    each(cmd, dir)
+}
+
 /// How long any one call to the agent may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn explain(e: &anyhow::Error) -> (i32, String) {
+    if let Some(n) = e.downcast_ref::<NotStarted>() {
+        return (exit::NO_AGENT, n.to_string());
+    }
     let timed_out = match e.downcast_ref::<zbus::Error>() {
         Some(zbus::Error::InputOutput(io)) => io.kind() == std::io::ErrorKind::TimedOut,
         _ => e.downcast_ref::<tokio::time::error::Elapsed>().is_some(),
@@ -215,6 +242,129 @@ async fn connect(bus: Option<&str>) -> anyhow::Result<zbus::Connection> {
     Ok(conn)
 }
 
+/// The agent's user unit, which D-Bus activation starts.
+const AGENT_UNIT: &str = "popupd-agent.service";
+
+/// The agent's unit failed to start; the reason, said at once.
+#[derive(Debug)]
+struct NotStarted(String);
+
+impl std::fmt::Display for NotStarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotStarted {}
+
+/// When the agent is not on the bus and the bus has a systemd user
+/// manager, starts its unit through systemd and waits for the start job, so a start that
+/// fails (no config, a broken one) is said at once. D-Bus activation alone
+/// would wait out the bus's activation timeout: systemd tells the bus only
+/// about starts it cannot even queue. Without a systemd user manager (a
+/// private bus, `popupd demo`), the first call activates the agent as before.
+async fn ensure_agent(conn: &zbus::Connection) -> anyhow::Result<()> {
+    use zbus::names::BusName;
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    if dbus
+        .name_has_owner(BusName::try_from(popupd_ipc::BUS_NAME)?)
+        .await?
+    {
+        return Ok(());
+    }
+    let systemd = zbus::Proxy::new(
+        conn,
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+    )
+    .await?;
+    // Listen before asking, or the job could end unheard.
+    let mut removed = systemd.receive_signal("JobRemoved").await?;
+    // The user manager joins a bus it did not start a moment after the
+    // bus starts; this call waits for it (D-Bus activation). No systemd on
+    // this bus: leave the agent to D-Bus activation.
+    if let Err(e) = systemd.call::<_, _, ()>("Subscribe", &()).await {
+        return match e {
+            zbus::Error::MethodError(name, _, _)
+                if name.as_str().starts_with("org.freedesktop.DBus.Error.") =>
+            {
+                Ok(())
+            }
+            e => Err(e.into()),
+        };
+    }
+    let job: zbus::OwnedObjectPath = match systemd.call("StartUnit", &(AGENT_UNIT, "replace")).await
+    {
+        Ok(j) => j,
+        // Not installed as a user unit, or masked: leave it to D-Bus.
+        Err(zbus::Error::MethodError(name, _, _))
+            if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit"
+                || name.as_str() == "org.freedesktop.systemd1.UnitMasked" =>
+        {
+            return Ok(());
+        }
+        Err(zbus::Error::MethodError(_, msg, _)) => {
+            return Err(NotStarted(format!(
+                "the popupd agent cannot start: {}; see `systemctl --user status popupd-agent`",
+                msg.unwrap_or_default()
+            ))
+            .into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let result = tokio::time::timeout(CALL_TIMEOUT, async {
+        while let Some(m) = removed.next().await {
+            if let Ok((_, path, _, result)) = m
+                .body()
+                .deserialize::<(u32, zbus::OwnedObjectPath, String, String)>()
+                && path == job
+            {
+                return Some(result);
+            }
+        }
+        None
+    })
+    .await?;
+    match result.as_deref() {
+        Some("done") | None => Ok(()),
+        Some(result) => {
+            // 78 (EX_CONFIG): the agent refused its config, or found none.
+            let why = if agent_exit_status(conn).await == Some(78) {
+                "~/.config/popupd/agent.yaml is missing or refused (your admin makes it with `popupd user add`)".to_string()
+            } else {
+                format!("its start {result}")
+            };
+            Err(NotStarted(format!(
+                "the popupd agent did not start: {why}; `systemctl --user status popupd-agent` shows the reason"
+            ))
+            .into())
+        }
+    }
+}
+
+/// The exit status of the agent unit's last main process, if systemd says.
+async fn agent_exit_status(conn: &zbus::Connection) -> Option<i32> {
+    let systemd = zbus::Proxy::new(
+        conn,
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+    )
+    .await
+    .ok()?;
+    let unit: zbus::OwnedObjectPath = systemd.call("GetUnit", &(AGENT_UNIT,)).await.ok()?;
+    let service = zbus::Proxy::new(
+        conn,
+        "org.freedesktop.systemd1",
+        unit,
+        "org.freedesktop.systemd1.Service",
+    )
+    .await
+    .ok()?;
+    service.get_property::<i32>("ExecMainStatus").await.ok()
+}
+
 fn time(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
@@ -222,6 +372,7 @@ fn time(ms: i64) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     let conn = connect(cli.bus.as_deref()).await?;
+    ensure_agent(&conn).await?;
     // No property cache: it would subscribe to changes nobody reads.
     let agent = Agent1Proxy::builder(&conn)
         .cache_properties(zbus::proxy::CacheProperties::No)
@@ -439,7 +590,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             agent.set_presence(&state, &text.join(" ")).await?;
             Ok(exit::OK)
         }
-        Cmd::Completions { .. } | Cmd::Manpage => Ok(exit::OK),
+        Cmd::Completions { .. } | Cmd::Manpage { .. } => Ok(exit::OK),
     }
 }
 
