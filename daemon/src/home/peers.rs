@@ -608,7 +608,7 @@ impl PeerSession<'_> {
                     None => {
                         let peer = peer.to_owned();
                         store.submit_lazy(move |s| {
-                            s.dequeue(n).map(drop).inspect_err(|e| {
+                            s.remove(n).map(drop).inspect_err(|e| {
                                 tracing::error!(peer, n, "storing a peer's ack failed: {e}")
                             })
                         });

@@ -971,6 +971,9 @@ mod tests {
         fn dequeue(&mut self, n: u64) -> Result<Option<String>, StoreError> {
             Ok(self.outq.remove(&n).map(|v| v.2))
         }
+        fn remove(&mut self, n: u64) -> Result<bool, StoreError> {
+            Ok(self.outq.remove(&n).is_some())
+        }
     }
 
     impl ContactBook for Memory {
