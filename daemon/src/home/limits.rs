@@ -36,10 +36,20 @@ impl Buckets {
     pub fn take(&self, key: &str) -> Result<(), Duration> {
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let b = map.entry(key.to_owned()).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
+        // Looked up by `&str` first: a key is copied only for its first
+        // token, not for every message of a busy sender.
+        if !map.contains_key(key) {
+            map.insert(
+                key.to_owned(),
+                Bucket {
+                    tokens: self.burst,
+                    at: now,
+                },
+            );
+        }
+        let Some(b) = map.get_mut(key) else {
+            return Ok(());
+        };
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate).min(self.burst);
         b.at = now;
         if b.tokens >= 1.0 {

@@ -681,38 +681,24 @@ impl AgentConn {
     /// Whether message `id` must wait (and how long): over the user's send
     /// rate, or behind a message refused for it.
     fn limited_send(&mut self, id: &str) -> Option<std::time::Duration> {
-        if let Some((first, until)) = &self.send_limited {
-            if first != id {
-                let now = Instant::now();
-                if *until <= now {
-                    self.ignored += 1;
-                }
-                return Some(until.saturating_duration_since(now));
-            }
-            self.send_limited = None;
-            self.ignored = 0;
-        }
-        let wait = self.home.send_rate.take(&self.handle).err()?;
-        self.send_limited = Some((id.to_owned(), Instant::now() + wait));
-        Some(wait)
+        limited(
+            &mut self.send_limited,
+            &mut self.ignored,
+            id,
+            &self.home.send_rate,
+            &self.handle,
+        )
     }
 
     /// Likewise for contact change `req`.
     fn limited_request(&mut self, req: u64) -> Option<std::time::Duration> {
-        if let Some((first, until)) = self.contact_limited {
-            if first != req {
-                let now = Instant::now();
-                if until <= now {
-                    self.ignored += 1;
-                }
-                return Some(until.saturating_duration_since(now));
-            }
-            self.contact_limited = None;
-            self.ignored = 0;
-        }
-        let wait = self.home.contact_rate.take(&self.handle).err()?;
-        self.contact_limited = Some((req, Instant::now() + wait));
-        Some(wait)
+        limited(
+            &mut self.contact_limited,
+            &mut self.ignored,
+            &req,
+            &self.home.contact_rate,
+            &self.handle,
+        )
     }
 
     /// While the agent is told to wait, the home does not read its link:
@@ -961,6 +947,39 @@ impl Handler<ServerTls> for AgentConn {
 /// A `HomeFrame::Event` built around an event already in JSON.
 fn event_frame(seq: u64, event_json: &str) -> String {
     format!("{{\"t\":\"event\",\"seq\":{seq},\"event\":{event_json}}}")
+}
+
+/// Whether item `key` must wait for `bucket`, the rate of `handle`. `told`
+/// is the item the agent was last told to send again, and when: until that
+/// one comes back, every other item waits too (and is counted in `ignored`
+/// once that time has passed, for a client that sends on regardless); when
+/// it comes, the wait is over and the bucket decides afresh.
+fn limited<Q>(
+    told: &mut Option<(Q::Owned, Instant)>,
+    ignored: &mut u32,
+    key: &Q,
+    bucket: &super::limits::Buckets,
+    handle: &str,
+) -> Option<std::time::Duration>
+where
+    Q: ?Sized + PartialEq + ToOwned,
+    Q::Owned: std::borrow::Borrow<Q>,
+{
+    use std::borrow::Borrow;
+    if let Some((first, until)) = told {
+        if (*first).borrow() != key {
+            let now = Instant::now();
+            if *until <= now {
+                *ignored += 1;
+            }
+            return Some(until.saturating_duration_since(now));
+        }
+        *told = None;
+        *ignored = 0;
+    }
+    let wait = bucket.take(handle).err()?;
+    *told = Some((key.to_owned(), Instant::now() + wait));
+    Some(wait)
 }
 
 #[cfg(test)]

@@ -381,11 +381,7 @@ const STEPS: &[Step] = &[
     // (`ForwardQueue::unrouted_for`). Through `outq_dest` that look read
     // every unrouted item, for each new one: a quarter of the store
     // thread's time while the router lagged in a flood to another home.
-    |c| {
-        Ok(c.execute_batch(
-            "CREATE INDEX outq_unrouted ON outq(handle, n) WHERE dest IS NULL;",
-        )?)
-    },
+    |c| Ok(c.execute_batch("CREATE INDEX outq_unrouted ON outq(handle, n) WHERE dest IS NULL;")?),
 ];
 
 /// Free pages (16 MB of 4 KB pages) past which the writer gives space back
