@@ -692,28 +692,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
 
     async fn done(&mut self, link: &mut Link<S>, d: Done, _: &mut Jobs<Done>) -> Result<(), End> {
         let peer = self.peer;
+        // Acks are fed, not sent: the session loop flushes once nothing
+        // else is ready, so a batch's acks leave in a few TLS records
+        // rather than one write each.
         match d {
-            Done::Ack(n, Ok(())) => link.send(&PeerFrame::Ack { n, refused: None }).await?,
+            Done::Ack(n, Ok(())) => link.feed(&PeerFrame::Ack { n, refused: None }).await?,
             Done::Ack(n, Err(StoreError::NotFound(m))) => {
                 let refused = Some(Refusal {
                     code: ErrorCode::NoSuchUser,
                     message: m,
                 });
-                link.send(&PeerFrame::Ack { n, refused }).await?
+                link.feed(&PeerFrame::Ack { n, refused }).await?
             }
             Done::Ack(n, Err(StoreError::Quota(m))) => {
                 let refused = Some(Refusal {
                     code: ErrorCode::MailboxFull,
                     message: m,
                 });
-                link.send(&PeerFrame::Ack { n, refused }).await?
+                link.feed(&PeerFrame::Ack { n, refused }).await?
             }
             Done::Ack(n, Err(StoreError::NotAccepted)) => {
                 let refused = Some(Refusal {
                     code: ErrorCode::NotAccepted,
                     message: popupd_protocol::NOT_ACCEPTED.into(),
                 });
-                link.send(&PeerFrame::Ack { n, refused }).await?
+                link.feed(&PeerFrame::Ack { n, refused }).await?
             }
             Done::Subscribe(Ok(users)) => self.home.hub.subscribe(self.link_id, &users),
             Done::Subscribe(Err(e)) => {
@@ -739,7 +742,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
             PeerWake::Kick(wanted) => {
                 send_queued(self.home, link, self.peer, &mut self.out, wanted).await?
             }
-            PeerWake::Presence(f) => link.send_text(f).await?,
+            PeerWake::Presence(f) => link.feed_text(f).await?,
         }
         Ok(())
     }
