@@ -278,6 +278,7 @@ pub fn serve(
         let ip = peer.ip().to_canonical().to_string();
         let wait = home.logins.wait(&ip).max(home.logins.wait(&handle));
         if !wait.is_zero() {
+            home.metrics.logins_throttled.inc();
             let msg = format!(
                 "too many failed logins; try again in {} s",
                 wait.as_secs().max(1)
@@ -288,10 +289,12 @@ pub fn serve(
         let (h, d) = (handle.clone(), device.clone());
         let acked = match Box::pin(home.store.read(move |s| s.check_device(&h, &d, &hash))).await {
             Ok(Some(a)) => {
+                home.metrics.logins_ok.inc();
                 home.logins.succeeded(&handle);
                 a
             }
             Ok(None) => {
+                home.metrics.logins_failed.inc();
                 let (say, in_a_row) = home.logins.failed(&ip);
                 home.logins.failed(&handle);
                 // One line per address a minute, not one per guess.
@@ -319,6 +322,7 @@ pub fn serve(
         // Logged in: from the pending pool to a slot of the agents' own.
         drop(ticket);
         let Some(_slot) = home.agent_slots.admit() else {
+            home.metrics.logins_busy.inc();
             tracing::warn!(%peer, %handle, limit = home.agent_slots.size,
                 "agent refused: {handle} from {peer}: the home holds as many agent connections as it takes (max_connections)");
             return Box::pin(refuse(
@@ -649,7 +653,10 @@ impl AgentConn {
 
     async fn finish(&mut self, link: &mut Link<ServerTls>, d: Done) -> Result<(), LinkError> {
         match d {
-            Done::Accepted(id, Ok(_)) => {
+            Done::Accepted(id, Ok(outcome)) => {
+                if outcome == SendOutcome::Accepted {
+                    self.home.metrics.messages_accepted.inc();
+                }
                 tracing::debug!(handle = %self.handle, msg_id = %id, "accepted");
                 link.feed(&HomeFrame::Accepted { id }).await
             }
@@ -693,6 +700,7 @@ impl AgentConn {
             self.ignored = 0;
         }
         let wait = self.home.send_rate.take(&self.handle).err()?;
+        self.home.metrics.rate_limited_send.inc();
         self.send_limited = Some((id.to_owned(), Instant::now() + wait));
         Some(wait)
     }
@@ -711,6 +719,7 @@ impl AgentConn {
             self.ignored = 0;
         }
         let wait = self.home.contact_rate.take(&self.handle).err()?;
+        self.home.metrics.rate_limited_contact.inc();
         self.contact_limited = Some((req, Instant::now() + wait));
         Some(wait)
     }
