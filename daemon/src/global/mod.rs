@@ -144,10 +144,13 @@ pub async fn run(
                     }
                     Err(e) => tracing::error!("reload: keeping the old certificates: {e}"),
                 }
-                if new.listen != cfg.listen || new.data_dir != cfg.data_dir || new.name != cfg.name
+                if new.listen != cfg.listen
+                    || new.data_dir != cfg.data_dir
+                    || new.name != cfg.name
+                    || new.metrics != cfg.metrics
                 {
                     tracing::warn!(
-                        "reload: name, listen or data_dir changed; restart the service to apply"
+                        "reload: name, listen, data_dir or metrics changed; restart the service to apply"
                     );
                 }
             }

@@ -390,6 +390,7 @@ async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>)
                 "max_connections",
                 old.max_connections != new.max_connections,
             ),
+            ("metrics", old.metrics != new.metrics),
         ];
         for (field, _) in changed.iter().filter(|c| c.1) {
             tracing::warn!(home = %home.cfg.name, "home {}: reload: `{field}` changed; restart the service to apply it", home.cfg.name);
