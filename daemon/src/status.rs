@@ -331,7 +331,7 @@ pub async fn ask(path: &Path) -> Result<Report, AskError> {
         std::io::ErrorKind::PermissionDenied => {
             use std::os::unix::fs::MetadataExt as _;
             let group = std::fs::metadata(path)
-                .map(|m| format!("gid {}", m.gid()))
+                .map(|m| group_name(m.gid()))
                 .unwrap_or_else(|_| "popupd".into());
             AskError::Denied(shown.clone(), group)
         }
@@ -339,6 +339,20 @@ pub async fn ask(path: &Path) -> Result<Report, AskError> {
     })?;
     serde_json::from_str(&line)
         .map_err(|e| AskError::Other(shown, format!("an answer that does not parse: {e}")))
+}
+
+/// The name of group `gid` in /etc/group, else `gid N`.
+fn group_name(gid: u32) -> String {
+    std::fs::read_to_string("/etc/group")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                (f.nth(1)?.parse::<u32>().ok()? == gid).then(|| name.to_owned())
+            })
+        })
+        .unwrap_or_else(|| format!("gid {gid}"))
 }
 
 /// The report as people read it.

@@ -436,4 +436,15 @@ async fn status_says_how_home_and_global_are() {
     assert!(err.contains(&sock.display().to_string()), "{err}");
     assert!(err.contains("not running"), "{err}");
     assert!(err.contains("systemctl start popupd@"), "{err}");
+
+    // Killed, it leaves its socket, which nobody answers on.
+    net.homes[1].kill9();
+    let b_cfg = net.home_config(1);
+    let o = popupd(&["status", "-c", b_cfg.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("admin.sock: nobody answers: the server is not running"),
+        "{err}"
+    );
 }
