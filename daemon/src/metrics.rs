@@ -191,14 +191,52 @@ pub struct Levels {
     pub db_bytes: Family<Label, Gauge>,
     /// Expiry of each certificate, by `file`, in seconds since the epoch.
     pub cert_expiry: Family<Label, Gauge>,
-    /// Presence counters kept by the hub (read when scraped).
-    pub presence: Family<Label, Gauge>,
+}
+
+/// Reads counts kept elsewhere as plain atomics, by label value.
+type Read = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
+/// A labelled counter whose values live elsewhere (the presence hub's
+/// atomics), read when scraped.
+struct Pulled {
+    name: &'static str,
+    help: &'static str,
+    label: &'static str,
+    read: Read,
+}
+
+impl std::fmt::Debug for Pulled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl prometheus_client::collector::Collector for Pulled {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let mut m = e.encode_descriptor(
+            self.name,
+            self.help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (value, n) in (self.read)() {
+            let labels = [(self.label, value)];
+            prometheus_client::metrics::counter::ConstCounter::new(n)
+                .encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// A server's metrics. Home and global share it; the global server leaves
 /// the home's counters at zero and does not register them.
 pub struct Metrics {
-    registry: Registry,
+    /// Locked only to add a collector and to scrape.
+    registry: std::sync::Mutex<Registry>,
     pub accepts: Accepts,
     pub store: StoreMetrics,
     pub logins_ok: Counter,
@@ -244,7 +282,7 @@ impl Metrics {
         let (limited, [rate_limited_send, rate_limited_contact, rate_limited_peer]) =
             counters("limit", ["send", "contact", "peer"]);
         let m = Metrics {
-            registry: Registry::default(),
+            registry: Default::default(),
             accepts: Accepts::default(),
             store: StoreMetrics::new(),
             logins_ok,
@@ -340,7 +378,10 @@ impl Metrics {
                 m.register_home(r);
             }
         }
-        Arc::new(Metrics { registry, ..m })
+        Arc::new(Metrics {
+            registry: std::sync::Mutex::new(registry),
+            ..m
+        })
     }
 
     fn register_home(&self, r: &mut Registry) {
@@ -379,11 +420,24 @@ impl Metrics {
             "Devices connected",
             self.levels.devices_online.clone(),
         );
-        r.register(
-            "presence_events",
-            "Presence fan-out since start, by kind: changes (of what a user shows), to_agents (frames sent to agents), to_peers (frames sent to other homes)",
-            self.levels.presence.clone(),
-        );
+    }
+
+    /// Registers the presence fan-out counters, which `read` reads from
+    /// the hub when scraped (changes, to agents, to peers).
+    pub fn presence(&self, read: impl Fn() -> (u64, u64, u64) + Send + Sync + 'static) {
+        let read: Read = Box::new(move || {
+            let (c, a, p) = read();
+            vec![("changes", c), ("to_agents", a), ("to_peers", p)]
+        });
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_collector(Box::new(Pulled {
+                name: "presence_events",
+                help: "Presence fan-out since start, by kind: changes (of what a user shows), to_agents (frames sent to agents), to_peers (frames sent to other homes)",
+                label: "kind",
+                read,
+            }));
     }
 
     /// Counts what a commit did to messages' states.
@@ -421,7 +475,10 @@ impl Metrics {
     pub fn render(&self, openmetrics: bool) -> String {
         let mut out = String::with_capacity(8192);
         // Writing to a String does not fail.
-        let _ = encode(&mut out, &self.registry);
+        let _ = encode(
+            &mut out,
+            &self.registry.lock().unwrap_or_else(|e| e.into_inner()),
+        );
         if openmetrics {
             return out;
         }

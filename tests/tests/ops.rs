@@ -147,6 +147,11 @@ async fn metrics_show_a_message_crossing_homes() {
         sample(&a, "popupd_connections_accepted_total") >= Some(1.0),
         "{a}"
     );
+    // alice came online: a presence change of one of home A's users.
+    assert!(
+        sample(&a, r#"popupd_presence_events_total{kind="changes"}"#) >= Some(1.0),
+        "{a}"
+    );
     let expiry = format!(
         r#"popupd_certificate_expiry_timestamp_seconds{{file="{}"}}"#,
         net.dir.join("pki").join(format!("{HOME_A}.crt")).display()

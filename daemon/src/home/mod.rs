@@ -446,6 +446,9 @@ pub async fn run(
         started: std::time::Instant::now(),
         cfg,
     });
+    let hub = Arc::downgrade(&home);
+    home.metrics
+        .presence(move || hub.upgrade().map_or((0, 0, 0), |h| h.hub.stats.snapshot()));
     tracing::info!(home = %home.cfg.name, listen = %home.cfg.listen, "home listening: {} on {}", home.cfg.name, home.cfg.listen);
 
     let mut tasks = tokio::task::JoinSet::new();

@@ -84,16 +84,6 @@ pub async fn refresh(home: Arc<Home>) {
     l.unrouted.set(unrouted as i64);
     let (db, wal) = status::db_sizes(&db_path(&home));
     m.store_levels(home.store.health(), &[("db", db), ("wal", wal)]);
-    let (changes, to_agents, to_peers) = home.hub.stats.snapshot();
-    for (kind, n) in [
-        ("changes", changes),
-        ("to_agents", to_agents),
-        ("to_peers", to_peers),
-    ] {
-        l.presence
-            .get_or_create(&[("kind", kind.to_owned())])
-            .set(n as i64);
-    }
     for c in status::certificates(&home.cfg.cert_path, &home.cfg.ca_path) {
         l.cert_expiry
             .get_or_create(&[("file", c.file)])
