@@ -372,7 +372,7 @@ impl Metrics {
                 );
                 r.register(
                     "rate_limited",
-                    "Times a rate limit was hit, by limit: send, contact (a user's), peer (a peer home's frames)",
+                    "Refusals and holds by a rate limit, by limit: send and contact (a message or contact change answered rate_limited), peer (a peer home's link held past peer_rate)",
                     limited,
                 );
                 m.register_home(r);

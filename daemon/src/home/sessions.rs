@@ -522,6 +522,7 @@ impl AgentConn {
                     return self.error(link, ErrorCode::Invalid, &why, Some(id)).await;
                 }
                 if let Some(wait) = self.limited_send(&id) {
+                    self.home.metrics.rate_limited_send.inc();
                     let why = format!(
                         "{} takes {} messages a second from one person; it is sent again in {} ms",
                         self.home.cfg.name,
@@ -602,6 +603,7 @@ impl AgentConn {
                         .await;
                 }
                 if let Some(wait) = self.limited_request(req) {
+                    self.home.metrics.rate_limited_contact.inc();
                     let why = format!(
                         "{} takes {} contact changes a minute from one person; it is sent again in {} ms",
                         self.home.cfg.name,
@@ -700,7 +702,6 @@ impl AgentConn {
             self.ignored = 0;
         }
         let wait = self.home.send_rate.take(&self.handle).err()?;
-        self.home.metrics.rate_limited_send.inc();
         self.send_limited = Some((id.to_owned(), Instant::now() + wait));
         Some(wait)
     }
@@ -719,7 +720,6 @@ impl AgentConn {
             self.ignored = 0;
         }
         let wait = self.home.contact_rate.take(&self.handle).err()?;
-        self.home.metrics.rate_limited_contact.inc();
         self.contact_limited = Some((req, Instant::now() + wait));
         Some(wait)
     }
