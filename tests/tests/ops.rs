@@ -108,13 +108,23 @@ async fn metrics_show_a_message_crossing_homes() {
         .unwrap();
     alice.wait_status(&id, "delivered", T).await.unwrap();
     drop(bob);
+    // One to nobody fails, and says why.
+    let lost = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("nobody", "hello?")
+        .await
+        .unwrap();
+    alice.wait_status(&lost, "failed", T).await.unwrap();
 
-    // Home A took the message and heard it was delivered; both logins
-    // counted; the store committed batches.
+    // Home A took both messages, heard the first was delivered and failed
+    // the second (no such user); the login counted; the store committed
+    // batches.
     let (_, _, a) = get(&home_a, "/metrics", None);
     assert_eq!(
         sample(&a, "popupd_messages_accepted_total"),
-        Some(1.0),
+        Some(2.0),
         "{a}"
     );
     assert_eq!(
@@ -124,6 +134,11 @@ async fn metrics_show_a_message_crossing_homes() {
     );
     assert_eq!(
         sample(&a, r#"popupd_messages_failed_total{reason="not_accepted"}"#),
+        Some(1.0),
+        "{a}"
+    );
+    assert_eq!(
+        sample(&a, r#"popupd_messages_failed_total{reason="mailbox_full"}"#),
         Some(0.0)
     );
     assert!(
@@ -193,7 +208,7 @@ async fn metrics_show_a_message_crossing_homes() {
         om.contains("# TYPE popupd_messages_accepted counter"),
         "{om}"
     );
-    assert!(om.contains("popupd_messages_accepted_total 1"), "{om}");
+    assert!(om.contains("popupd_messages_accepted_total 2"), "{om}");
     // Anything else is refused.
     assert_eq!(get(&home_a, "/", None).0, 404);
 
@@ -300,7 +315,7 @@ async fn real_prometheus_scrapes(dir: &Path, target: &str) {
                 let _ = s.read_to_string(&mut last);
                 if last.contains("\"status\":\"success\"") && last.contains("\"value\":[") {
                     assert!(
-                        last.contains(",\"1\"]"),
+                        last.contains(",\"2\"]"),
                         "Prometheus has another value: {last}"
                     );
                     return;
