@@ -67,8 +67,10 @@ f packaging/debian/copyright "$doc/copyright"
 f README.md "$doc/README.md"
 f packaging/debian/README.Debian "$doc/README.Debian"
 # The references that error hints and README.Debian point to.
-for m in config.md plugins.md protocol.md; do f "docs/$m" "$doc/$m"; done
-for e in packaging/examples/*.yaml; do f "$e" "$doc/examples/$(basename "$e")"; done
+for m in config.md plugins.md protocol.md metrics.md status.md; do f "docs/$m" "$doc/$m"; done
+for e in packaging/examples/*.yaml packaging/examples/popupd-alerts.yml packaging/examples/popupd-dashboard.json; do
+  f "$e" "$doc/examples/$(basename "$e")"
+done
 d "$doc"
 {
   echo "popupd ($version) unstable; urgency=medium"

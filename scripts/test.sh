@@ -16,6 +16,9 @@ command -v Xvfb >/dev/null || need+=(xvfb)
 command -v import >/dev/null || need+=(imagemagick)
 command -v zenity >/dev/null || need+=(zenity)
 command -v xdotool >/dev/null || need+=(xdotool)
+# The metrics test: promtool checks the scrape and the alert rules, and a
+# real Prometheus scrapes a home (both come in Debian's prometheus).
+command -v prometheus >/dev/null || need+=(prometheus)
 # The package installation test boots Debian 12 in a container (root only).
 if [ "$(id -u)" = 0 ]; then
   command -v systemd-nspawn >/dev/null || need+=(systemd-container)

@@ -40,6 +40,8 @@ pub struct Accepted {
 pub struct Ticket {
     _slot: OwnedSemaphorePermit,
     addr: IpAddr,
+    /// The pending gauge, given back on drop.
+    pending: prometheus_client::metrics::gauge::Gauge,
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// By when `hello` must have come.
     pub deadline: tokio::time::Instant,
@@ -47,6 +49,7 @@ pub struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        self.pending.dec();
         let mut m = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = m.get_mut(&self.addr) {
             *n -= 1;
@@ -97,6 +100,7 @@ pub async fn serve<F>(
     paths: &'static [&'static str],
     limits: &Limits,
     shutdown: &Shutdown,
+    stats: &crate::metrics::Accepts,
     serve: F,
 ) where
     F: Fn(Accepted) -> Served + Clone + Send + 'static,
@@ -129,6 +133,7 @@ pub async fn serve<F>(
                 }
             },
         };
+        stats.accepted.inc();
         let ip = addr.ip().to_canonical();
         {
             let mut m = per_address.lock().unwrap_or_else(|e| e.into_inner());
@@ -137,6 +142,7 @@ pub async fn serve<F>(
                 // Dropped at once: this address already has its share of
                 // connections that have not logged in.
                 over_cap += 1;
+                stats.over_address_cap.inc();
                 if over_cap_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                     tracing::warn!(
                         address = %ip,
@@ -152,9 +158,11 @@ pub async fn serve<F>(
             *n += 1;
         }
         let _ = tcp.set_nodelay(true);
+        stats.pending.inc();
         let ticket = Ticket {
             _slot: slot,
             addr: ip,
+            pending: stats.pending.clone(),
             per_address: per_address.clone(),
             deadline: tokio::time::Instant::now() + limits.login_timeout,
         };

@@ -19,6 +19,8 @@ pub mod ca;
 pub mod config;
 pub mod global;
 pub mod home;
+pub mod metrics;
 pub mod session;
+pub mod status;
 pub mod storage;
 pub mod task;

@@ -45,6 +45,24 @@ enum Cmd {
         /// Config file.
         file: PathBuf,
     },
+    /// Ask the running home or global server(s) of a config how they are:
+    /// uptime, connections, peer links and their queues, the store's
+    /// health, certificate expiry. Asks on each server's admin socket
+    /// (DATA_DIR/admin.sock: root and the popupd group may); exits 1 if a
+    /// server does not answer.
+    Status {
+        /// Config file of the running server.
+        #[arg(
+            short,
+            long,
+            env = "POPUPD_CONFIG",
+            default_value = "/etc/popupd/popupd.yaml"
+        )]
+        config: PathBuf,
+        /// Print JSON (docs/status.md describes it).
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the network's certificate authority.
     #[command(subcommand)]
     Ca(CaCmd),
@@ -266,6 +284,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok ({})", file.display(), roles.join(", "));
             Ok(())
         }
+        Cmd::Status { config, json } => status(&config, json).await,
         Cmd::Ca(CaCmd::Init { dir }) => {
             let (crt, key) = popupd::ca::init(&dir)?;
             println!(
@@ -397,6 +416,49 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `popupd status`: asks each server of the config on its admin socket.
+async fn status(config: &Path, json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config).map_err(reason_last)?;
+    let dirs: Vec<(String, PathBuf)> = cfg
+        .global
+        .iter()
+        .map(|g| (format!("global {}", g.name), g.data_dir.clone()))
+        .chain(
+            cfg.homes
+                .iter()
+                .map(|h| (format!("home {}", h.name), h.data_dir.clone())),
+        )
+        .collect();
+    if dirs.is_empty() {
+        anyhow::bail!(
+            "{}: runs no home or global server; `popupd status` asks servers (an agent answers `popupctl`)",
+            config.display()
+        );
+    }
+    let mut reports = Vec::new();
+    let mut failed = Vec::new();
+    for (server, dir) in dirs {
+        match popupd::status::ask(&popupd::status::socket_path(&dir)).await {
+            Ok(r) => reports.push(r),
+            Err(e) => failed.push(format!("{server}: {e}")),
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "servers": reports }))?
+        );
+    } else {
+        for r in &reports {
+            print!("{}", popupd::status::human(r));
+        }
+    }
+    match failed.len() {
+        0 => Ok(()),
+        _ => anyhow::bail!("{}", failed.join("\npopupd: ")),
     }
 }
 

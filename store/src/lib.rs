@@ -42,6 +42,9 @@ use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
+mod stats;
+pub use stats::{Health, Observer};
+
 /// Storage errors.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -208,12 +211,14 @@ const MAX_BATCH: usize = 2048;
 /// A handle to a store's thread. Cheap to clone.
 pub struct Batcher<S> {
     tx: mpsc::Sender<Job<S>>,
+    health: Arc<Health>,
 }
 
 impl<S> Clone for Batcher<S> {
     fn clone(&self) -> Self {
         Batcher {
             tx: self.tx.clone(),
+            health: self.health.clone(),
         }
     }
 }
@@ -224,7 +229,17 @@ impl<S: Batchable + 'static> Batcher<S> {
     ///
     /// Called inside a Tokio runtime, the thread runs in its context, so the
     /// work jobs leave for their commit may spawn tasks.
-    pub fn spawn(name: &str, mut store: S) -> std::io::Result<Self> {
+    pub fn spawn(name: &str, store: S) -> std::io::Result<Self> {
+        Self::spawn_observed(name, store, Arc::new(stats::Nobody))
+    }
+
+    /// Like [`spawn`](Self::spawn), telling `obs` of every batch and sync.
+    pub fn spawn_observed(
+        name: &str,
+        mut store: S,
+        obs: Arc<dyn Observer>,
+    ) -> std::io::Result<Self> {
+        let health = Arc::new(Health::default());
         let (tx, rx) = mpsc::channel::<Job<S>>();
         let syncer = store.syncer().map_err(std::io::Error::other)?;
         // With a syncer, fsyncs run on their own thread: the next batch
@@ -232,6 +247,7 @@ impl<S: Batchable + 'static> Batcher<S> {
         // serves every batch that finished before it started.
         let to_sync = match syncer {
             Some(mut sync) => {
+                let obs = obs.clone();
                 let (sync_tx, sync_rx) = mpsc::channel::<Vec<Completion>>();
                 std::thread::Builder::new()
                     .name(format!("sync-{name}"))
@@ -240,7 +256,9 @@ impl<S: Batchable + 'static> Batcher<S> {
                             while let Ok(more) = sync_rx.try_recv() {
                                 waiting.extend(more);
                             }
+                            let t = std::time::Instant::now();
                             let r = sync();
+                            obs.synced(t.elapsed());
                             if let Err(e) = &r {
                                 tracing::error!("storage: sync failed: {e}");
                             }
@@ -254,6 +272,7 @@ impl<S: Batchable + 'static> Batcher<S> {
             None => None,
         };
         let rt = tokio::runtime::Handle::try_current().ok();
+        let watch = health.clone();
         std::thread::Builder::new()
             .name(format!("store-{name}"))
             .spawn(move || {
@@ -289,7 +308,10 @@ impl<S: Batchable + 'static> Batcher<S> {
                         }
                     }
                     let needs_sync = batch.iter().any(|j| j.when != When::Lazy);
+                    let (jobs, t) = (batch.len(), std::time::Instant::now());
                     let (commit, thens, done) = run_batch(&mut store, batch);
+                    obs.batch(jobs, t.elapsed());
+                    watch.taken(jobs, commit.is_ok());
                     if commit.is_ok() {
                         for then in thens {
                             then();
@@ -315,7 +337,12 @@ impl<S: Batchable + 'static> Batcher<S> {
                     }
                 }
             })?;
-        Ok(Batcher { tx })
+        Ok(Batcher { tx, health })
+    }
+
+    /// How the store is doing: jobs waiting, the last commit.
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// Queues `f` now (so submission order is commit order) and returns a
@@ -419,6 +446,7 @@ impl<S: Batchable + 'static> Batcher<S> {
         let job = Job { when, chain, run };
         // If the thread is gone, the job (and its sender) is dropped and the
         // receiver reports Closed.
+        self.health.queued();
         let _ = self.tx.send(job);
         Pending { rx }
     }

@@ -94,7 +94,7 @@ for u in /lib/systemd/system/popupd@.service /usr/lib/systemd/user/popupd-agent.
   check "systemd-analyze verify $(basename "$u")" ct systemd-analyze verify --man=no "$u"
 done
 check "md5sums shipped and every file matches" sh -c "nsenter -t $leader -a test -s /var/lib/dpkg/info/popupd.md5sums && test -z \"\$(nsenter -t $leader -a dpkg --verify popupd)\""
-for f in README.Debian config.md plugins.md protocol.md examples/home.yaml; do
+for f in README.Debian config.md plugins.md protocol.md metrics.md status.md examples/home.yaml examples/popupd-alerts.yml examples/popupd-dashboard.json; do
   check "/usr/share/doc/popupd/$f shipped" ct test -s "/usr/share/doc/popupd/$f"
 done
 # Every page popupd(8) and popupctl(1) point to is shipped.
@@ -139,6 +139,15 @@ check "the service cannot read the CA key" sh -c "! nsenter -t $leader -a runuse
 status=$(status_of popupd@home-a)
 echo "$status" | contains 'Status: "home home-a.example.org:' && echo "   ok: status line: $(echo "$status" | grep 'Status:' | sed 's/^ *//')" || { echo "$status"; fail "STATUS= line"; }
 journal_has popupd@global "home linked: home-b.example.org" && echo "   ok: the journal names the home that linked" || fail "journal names the home"
+# popupd status, as root, of the running instances (on their admin sockets).
+st=$(ct popupd status --config /etc/popupd/home-a.yaml 2>&1) && echo "$st" | contains "^home home-a.example.org: running" \
+  && echo "   ok: popupd status: $(echo "$st" | head -1)" || { echo "$st"; fail "popupd status of popupd@home-a"; }
+echo "$st" | contains "home-b.example.org *linked" && echo "   ok: popupd status shows the link to home-b" || { echo "$st"; fail "popupd status: link to home-b"; }
+ct popupd status --config /etc/popupd/home-a.yaml --json | contains '"pid": '"$(ct systemctl show -p MainPID --value popupd@home-a)" \
+  && echo "   ok: popupd status --json names the service's process" || fail "popupd status --json"
+st=$(ct popupd status --config /etc/popupd/global.yaml 2>&1) && echo "$st" | contains "^global .*: running" \
+  && echo "   ok: popupd status: $(echo "$st" | head -1)" || { echo "$st"; fail "popupd status of popupd@global"; }
+check "the admin socket is for root and the popupd group" test "$(ct sh -c 'stat -c %a:%G /var/lib/popupd/home-a/admin.sock')" = 660:popupd
 ct journalctl --no-pager _SYSTEMD_USER_UNIT=popupd-agent.service | contains "plugin loaded: notify" && echo "   ok: the journal names the plugin loaded" \
   || { ct journalctl --no-pager -n 30 _UID="$(ct id -u alice)"; fail "journal names the plugin"; }
 
@@ -209,6 +218,8 @@ awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 5.0) }' || fail "popupd-agent 
 
 echo "== stop, remove, purge"
 ct systemctl stop popupd@home-a popupd@home-b popupd@global || fail "stop"
+rc=0; out=$(ct popupd status --config /etc/popupd/home-a.yaml 2>&1) || rc=$?
+[ "$rc" = 1 ] && echo "$out" | contains "not running" && echo "   ok: popupd status of a stopped server: $out" || fail "popupd status when stopped: rc $rc: $out"
 check "nothing running after stop" sh -c "! nsenter -t $leader -a systemctl is-active -q popupd@home-a"
 warned=$(ct journalctl --no-pager -p warning -u popupd@home-a -u popupd@home-b -u popupd@global | grep -i "lost" || true)
 [ -z "$warned" ] && echo "   ok: a clean stop logs no warning of a lost link" || fail "warnings on a clean stop: $warned"

@@ -267,6 +267,9 @@ pub struct Network {
     pub homes: Vec<Proc>,
     pub global_addr: String,
     pub home_addrs: Vec<String>,
+    /// Where each server serves metrics (`Layout::metrics`): the global
+    /// server's, then home A's and home B's.
+    pub metrics_addrs: Vec<String>,
 }
 
 /// The homes' `limits:` for load generators: what thousands of simulated
@@ -286,6 +289,8 @@ pub struct Layout {
     pub global_ip: String,
     /// Home A, then home B.
     pub homes: [HomeLayout; 2],
+    /// Each server serves metrics on a port of its own on 127.0.0.1.
+    pub metrics: bool,
 }
 
 /// Where one home of a test network runs.
@@ -322,6 +327,7 @@ impl Default for Layout {
             home_yaml: String::new(),
             global_ip: "127.0.0.1".into(),
             homes: Default::default(),
+            metrics: false,
         }
     }
 }
@@ -367,11 +373,25 @@ impl Network {
         }
         let global_port = free_port();
         let global_addr = format!("127.0.0.1:{global_port}");
+        let metrics_addrs: Vec<String> = if layout.metrics {
+            (0..3)
+                .map(|_| format!("127.0.0.1:{}", free_port()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let metrics_line = |i: usize| {
+            metrics_addrs
+                .get(i)
+                .map(|a| format!("  metrics: {a}\n"))
+                .unwrap_or_default()
+        };
         std::fs::write(
             dir.join("global.yaml"),
             format!(
-                "global:\n  name: global.test\n  listen: {}:{global_port}\n  cert: pki/global.test.crt\n  key: pki/global.test.key\n  ca: pki/ca.crt\n  data_dir: data/global\n",
-                layout.global_ip
+                "global:\n  name: global.test\n  listen: {}:{global_port}\n  cert: pki/global.test.crt\n  key: pki/global.test.key\n  ca: pki/ca.crt\n  data_dir: data/global\n{}",
+                layout.global_ip,
+                metrics_line(0),
             ),
         )?;
         let global = Proc::spawn(
@@ -397,13 +417,14 @@ impl Network {
             std::fs::write(
                 &file,
                 format!(
-                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}:{port}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n{}",
+                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}:{port}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n{}{}",
                     h.listen_ip,
                     h.public_ip,
                     data_dir.display(),
                     layout.idle_timeout,
                     h.global_ip,
                     layout.home_yaml,
+                    metrics_line(i + 1),
                 ),
             )?;
             let mut argv: Vec<String> = h.prefix.clone();
@@ -424,7 +445,12 @@ impl Network {
             homes,
             global_addr,
             home_addrs,
+            metrics_addrs,
         })
+    }
+
+    pub fn global_config(&self) -> PathBuf {
+        self.dir.join("global.yaml")
     }
 
     pub fn home_config(&self, i: usize) -> PathBuf {
@@ -763,8 +789,18 @@ impl Agent {
 /// The usual cast: a network, alice on home A and bob on home B, both
 /// agents connected. `*_extra` are YAML lines added to each agent section.
 pub async fn two_people(dir: &Path, alice_extra: &str, bob_extra: &str) -> (Network, Agent, Agent) {
+    two_people_on(dir, Layout::default(), alice_extra, bob_extra).await
+}
+
+/// [`two_people`] on a network laid out as `layout` says.
+pub async fn two_people_on(
+    dir: &Path,
+    layout: Layout,
+    alice_extra: &str,
+    bob_extra: &str,
+) -> (Network, Agent, Agent) {
     let within = Duration::from_secs(20);
-    let net = Network::start(dir).await.expect("network");
+    let net = Network::start_laid_out(dir, layout).await.expect("network");
     let a = net.add_user(0, "alice").expect("alice");
     let b = net.add_user(1, "bob").expect("bob");
     let alice = Agent::start(dir, "alice", &a, alice_extra, &[])

@@ -58,6 +58,10 @@ pub struct GlobalFile {
     /// Names of revoked homes, one a line (default: `revoked` beside `ca`).
     #[serde(default)]
     pub revoked: Option<Spanned<PathBuf>>,
+    /// `IP:PORT` to serve Prometheus metrics on (`GET /metrics`); no
+    /// metrics unless set.
+    #[serde(default)]
+    pub metrics: Option<Spanned<String>>,
 }
 
 /// `limits:` of a server: what an open port needs.
@@ -152,6 +156,10 @@ pub struct HomeFile {
     /// presence, so a quick reconnect does not flap it (default 10s).
     #[serde(default)]
     pub presence_grace: Option<Spanned<String>>,
+    /// `IP:PORT` to serve Prometheus metrics on (`GET /metrics`); no
+    /// metrics unless set.
+    #[serde(default)]
+    pub metrics: Option<Spanned<String>>,
 }
 
 /// A server to dial.

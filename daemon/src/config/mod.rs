@@ -88,11 +88,17 @@ pub struct GlobalConfig {
     pub name: String,
     pub listen: SocketAddr,
     pub identity: Identity,
+    /// Path of the certificate chain (`popupd status` names it).
+    pub cert_path: PathBuf,
     pub ca: Arc<RootCertStore>,
+    /// Path of the CA certificate.
+    pub ca_path: PathBuf,
     pub data_dir: PathBuf,
     pub limits: Limits,
     /// Names of revoked homes: refused, their links closed.
     pub revoked: Arc<std::collections::HashSet<String>>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What a server's open port takes (`limits:`).
@@ -155,6 +161,8 @@ pub struct HomeConfig {
     /// Where other homes (and agents) reach this home.
     pub public_address: String,
     pub identity: Identity,
+    /// Path of the certificate chain (`popupd status` names it).
+    pub cert_path: PathBuf,
     pub ca: Arc<RootCertStore>,
     /// Path of the CA certificate (written into agent configs).
     pub ca_path: PathBuf,
@@ -172,6 +180,8 @@ pub struct HomeConfig {
     /// A user whose last device dropped shows their presence this much
     /// longer, so a quick reconnect does not flap it.
     pub presence_grace: Duration,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A server this one dials.
@@ -579,10 +589,17 @@ impl Cx {
             name: self.name(&g.name, "global.name")?,
             listen: self.listen(&g.listen, "global.listen")?,
             identity: self.identity(&g.cert, &g.key, "global")?,
+            cert_path: self.path(&g.cert),
             ca: self.ca(&g.ca, "global.ca")?,
+            ca_path: self.path(&g.ca),
             data_dir: self.path(&g.data_dir),
             limits: self.limits(g.limits.as_ref(), "global")?,
             revoked: self.revoked(g.revoked.as_ref(), &g.ca, "global.revoked")?,
+            metrics: g
+                .metrics
+                .as_ref()
+                .map(|m| self.listen(m, "global.metrics"))
+                .transpose()?,
         })
     }
 
@@ -729,6 +746,7 @@ impl Cx {
             listen,
             public_address,
             identity: self.identity(&h.cert, &h.key, sec)?,
+            cert_path: self.path(&h.cert),
             ca: self.ca(&h.ca, &format!("{sec}.ca"))?,
             ca_path: self.path(&h.ca),
             data_dir: self.path(&h.data_dir),
@@ -757,6 +775,11 @@ impl Cx {
                 Duration::from_secs(10),
                 Duration::ZERO,
             )?,
+            metrics: h
+                .metrics
+                .as_ref()
+                .map(|m| self.listen(m, &format!("{sec}.metrics")))
+                .transpose()?,
         })
     }
 

@@ -50,6 +50,10 @@ struct Global {
     /// Lookups answered since start.
     lookups: AtomicU64,
     shutdown: Shutdown,
+    /// Counters and levels for Prometheus (served if `metrics:` is set).
+    metrics: Arc<crate::metrics::Metrics>,
+    started: std::time::Instant,
+    cfg: GlobalConfig,
 }
 
 /// Runs the global server until `shutdown`. Calls `ready` once listening;
@@ -66,9 +70,14 @@ pub async fn run(
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("global {}: cannot listen on {}", cfg.name, cfg.listen))?;
+    let scrapes = match cfg.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr, &format!("global {}", cfg.name)).await?),
+        None => None,
+    };
     tracing::info!(global = %cfg.name, listen = %cfg.listen, "global server {} listening on {}", cfg.name, cfg.listen);
+    let metrics = crate::metrics::Metrics::new(crate::metrics::Of::Global);
     let g = Arc::new(Global {
-        store: Batcher::spawn("global", store)?,
+        store: Batcher::spawn_observed("global", store, Arc::new(metrics.store.clone()))?,
         slots: Pool::new(cfg.limits.peer_links),
         handles_per_home: cfg.limits.handles_per_home as u64,
         linked: Mutex::default(),
@@ -76,7 +85,40 @@ pub async fn run(
         next_id: AtomicU64::new(0),
         lookups: AtomicU64::new(0),
         shutdown: shutdown.clone(),
+        metrics,
+        started: std::time::Instant::now(),
+        cfg: cfg.clone(),
     });
+    let mut side = tokio::task::JoinSet::new();
+    if let Some(l) = scrapes {
+        tracing::info!(global = %cfg.name, "global {}: metrics on http://{}/metrics", cfg.name, l.local_addr()?);
+        let g2 = g.clone();
+        side.spawn(crate::metrics::serve(
+            l,
+            g.metrics.clone(),
+            move || refresh(g2.clone()),
+            shutdown.clone(),
+        ));
+    }
+    match crate::status::listen(&cfg.data_dir).await {
+        Ok(admin) => {
+            let g2 = g.clone();
+            side.spawn(crate::status::serve(
+                admin,
+                move || report(g2.clone()),
+                shutdown.clone(),
+            ));
+        }
+        Err(e) => {
+            tracing::error!(global = %cfg.name, "global {}: {e:#}; `popupd status` will not answer", cfg.name)
+        }
+    }
+    side.spawn(crate::status::warn_of_expiry(
+        format!("global {}", cfg.name),
+        cfg.cert_path.clone(),
+        cfg.ca_path.clone(),
+        shutdown.clone(),
+    ));
     ready();
     tokio::spawn(report_status(g.clone(), cfg.name.clone()));
     let acceptor = Arc::new(std::sync::Mutex::new(tokio_rustls::TlsAcceptor::from(
@@ -102,10 +144,13 @@ pub async fn run(
                     }
                     Err(e) => tracing::error!("reload: keeping the old certificates: {e}"),
                 }
-                if new.listen != cfg.listen || new.data_dir != cfg.data_dir || new.name != cfg.name
+                if new.listen != cfg.listen
+                    || new.data_dir != cfg.data_dir
+                    || new.name != cfg.name
+                    || new.metrics != cfg.metrics
                 {
                     tracing::warn!(
-                        "reload: name, listen or data_dir changed; restart the service to apply"
+                        "reload: name, listen, data_dir or metrics changed; restart the service to apply"
                     );
                 }
             }
@@ -118,6 +163,7 @@ pub async fn run(
         &[GLOBAL_PATH],
         &cfg.limits,
         &shutdown,
+        &g.metrics.accepts,
         {
             let g = g.clone();
             move |a: accept::Accepted| -> accept::Served { Box::pin(serve(g.clone(), a)) }
@@ -131,7 +177,86 @@ pub async fn run(
         lookups = g.lookups.load(Ordering::Relaxed),
         "global server stopping"
     );
+    side.shutdown().await;
     Ok(())
+}
+
+/// Sets the levels of the metrics from how the server is now.
+async fn refresh(g: Arc<Global>) {
+    let m = &g.metrics;
+    let l = &m.levels;
+    let linked = g.linked.lock().unwrap_or_else(|e| e.into_inner()).len();
+    for (kind, n) in [
+        ("agent", 0),
+        ("peer", linked as i64),
+        ("pending", m.accepts.pending.get()),
+    ] {
+        l.connections
+            .get_or_create(&[("kind", kind.to_owned())])
+            .set(n);
+    }
+    let db = g.cfg.data_dir.join("global.sqlite");
+    let (size, wal) = crate::status::db_sizes(&db);
+    m.store_levels(g.store.health(), &[("db", size), ("wal", wal)]);
+    for c in crate::status::certificates(&g.cfg.cert_path, &g.cfg.ca_path) {
+        l.cert_expiry
+            .get_or_create(&[("file", c.file)])
+            .set(c.not_after_unix);
+    }
+}
+
+/// How the server is, for `popupd status`.
+async fn report(g: Arc<Global>) -> crate::status::Report {
+    use crate::status::{self, Connections, PeerLink};
+    let mut homes: Vec<String> = g
+        .linked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .map(|l| l.home.clone())
+        .collect();
+    homes.sort();
+    let mut peers: Vec<PeerLink> = Vec::new();
+    for h in homes {
+        match peers.last_mut() {
+            Some(p) if p.home == h => p.links += 1,
+            _ => peers.push(PeerLink {
+                home: h,
+                state: "linked".into(),
+                links: 1,
+                queued: 0,
+            }),
+        }
+    }
+    let certificates = status::certificates(&g.cfg.cert_path, &g.cfg.ca_path);
+    let now = status::now_secs();
+    let mut warnings: Vec<String> = certificates.iter().filter_map(|c| c.warning(now)).collect();
+    let store = status::store_health(&g.cfg.data_dir.join("global.sqlite"), g.store.health());
+    if store.failed_commits > 0 {
+        warnings.push(format!(
+            "{} store commits failed since start (see the log)",
+            store.failed_commits
+        ));
+    }
+    let up = g.started.elapsed();
+    status::Report {
+        role: "global".into(),
+        name: g.cfg.name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        started: humantime::format_rfc3339_seconds(std::time::SystemTime::now() - up).to_string(),
+        uptime_seconds: up.as_secs(),
+        connections: Connections {
+            agents: 0,
+            peers: peers.iter().map(|p| p.links).sum(),
+            pending: g.metrics.accepts.pending.get().max(0) as u64,
+        },
+        peers,
+        unrouted: 0,
+        store,
+        certificates,
+        warnings,
+    }
 }
 
 /// Tells systemd (when run by it) what the directory is doing.
@@ -139,8 +264,9 @@ async fn report_status(g: Arc<Global>, name: String) {
     loop {
         let linked = g.linked.lock().unwrap_or_else(|e| e.into_inner()).len();
         let line = format!(
-            "global {name}: {linked} homes linked, {} lookups answered",
-            g.lookups.load(Ordering::Relaxed)
+            "global {name}: {linked} homes linked, {} lookups answered{}",
+            g.lookups.load(Ordering::Relaxed),
+            crate::status::expiry_note(&g.cfg.cert_path, &g.cfg.ca_path),
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
         if crate::task::sleep_or_shutdown(std::time::Duration::from_secs(5), &g.shutdown).await {
@@ -356,6 +482,7 @@ async fn answer(g: &Arc<Global>, home: &str, req: GlobalRequest) -> GlobalReply 
         }
         GlobalRequest::Lookup { req, handle } => {
             let n = g.lookups.fetch_add(1, Ordering::Relaxed) + 1;
+            g.metrics.lookups.inc();
             tracing::info!(%handle, from = %home, lookups = n, "lookup: {handle} for {home}");
             let h = handle.clone();
             match g.store.read(move |s| s.lookup(&h)).await {

@@ -13,10 +13,12 @@
 //! - [`rules`]: what a message, an ack, a receipt or a contact change does
 //!   to the home's records (plain code over `storage::home`).
 //! - [`admin`]: `popupd user ...` commands, run beside a live home.
+//! - [`ops`]: what the metrics read when scraped, and `popupd status`.
 
 pub mod admin;
 pub mod directory;
 pub mod limits;
+pub mod ops;
 pub mod peers;
 pub mod presence;
 pub mod router;
@@ -78,6 +80,10 @@ pub struct Home {
     /// Revoked homes: refused, never dialed; a reload may add some.
     revoked: std::sync::Mutex<Arc<std::collections::HashSet<String>>>,
     pub shutdown: Shutdown,
+    /// Counters and levels for Prometheus (served if `metrics:` is set).
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// When it started.
+    pub started: std::time::Instant,
 }
 
 /// What a commit caused, on its way from the store thread to the home.
@@ -133,6 +139,7 @@ impl Home {
     /// Acts on what a committed write caused: pushes events to online
     /// devices and wakes whoever forwards queued items.
     fn apply(self: &Arc<Self>, fx: Effects) {
+        self.metrics.count(&fx.tally);
         for p in fx.pushes {
             self.registry.push(p);
         }
@@ -232,12 +239,13 @@ async fn report_status(home: Arc<Home>) {
         let (users, devices) = home.registry.online();
         let counters = home.hub.stats.snapshot();
         let line = format!(
-            "home {}: {users} users online ({devices} devices), {} peer homes linked; presence: {} changes, {} to agents, {} to peers",
+            "home {}: {users} users online ({devices} devices), {} peer homes linked; presence: {} changes, {} to agents, {} to peers{}",
             home.cfg.name,
             home.peers.active(),
             counters.0,
             counters.1,
             counters.2,
+            crate::status::expiry_note(&home.cfg.cert_path, &home.cfg.ca_path),
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
         if counters != last {
@@ -303,12 +311,13 @@ async fn drop_revoked(home: Arc<Home>) {
 }
 
 /// Opens the store of a home.
-pub fn open_store(cfg: &HomeConfig) -> anyhow::Result<Store> {
+pub fn open_store(cfg: &HomeConfig, obs: Arc<dyn popupd_store::Observer>) -> anyhow::Result<Store> {
     let path = cfg.data_dir.join("home.sqlite");
     let s = SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(Batcher::spawn(
+    Ok(Batcher::spawn_observed(
         &cfg.name,
         Box::new(s) as Box<dyn HomeStore>,
+        obs,
     )?)
 }
 
@@ -381,6 +390,7 @@ async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>)
                 "max_connections",
                 old.max_connections != new.max_connections,
             ),
+            ("metrics", old.metrics != new.metrics),
         ];
         for (field, _) in changed.iter().filter(|c| c.1) {
             tracing::warn!(home = %home.cfg.name, "home {}: reload: `{field}` changed; restart the service to apply it", home.cfg.name);
@@ -396,11 +406,16 @@ pub async fn run(
     ready: impl FnOnce(),
     reload: watch::Receiver<HomeConfig>,
 ) -> anyhow::Result<()> {
-    let store = open_store(&cfg)?;
+    let metrics = crate::metrics::Metrics::new(crate::metrics::Of::Home);
+    let store = open_store(&cfg, Arc::new(metrics.store.clone()))?;
     let (server_tls, client_tls) = tls_configs(&cfg)?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("home {}: cannot listen on {}", cfg.name, cfg.listen))?;
+    let scrapes = match cfg.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr, &format!("home {}", cfg.name)).await?),
+        None => None,
+    };
     let (feed, commits) = mpsc::unbounded_channel();
     let home = Arc::new(Home {
         dir: directory::Directory::new(&cfg),
@@ -427,8 +442,13 @@ pub async fn run(
         ),
         store,
         shutdown: shutdown.clone(),
+        metrics,
+        started: std::time::Instant::now(),
         cfg,
     });
+    let hub = Arc::downgrade(&home);
+    home.metrics
+        .presence(move || hub.upgrade().map_or((0, 0, 0), |h| h.hub.stats.snapshot()));
     tracing::info!(home = %home.cfg.name, listen = %home.cfg.listen, "home listening: {} on {}", home.cfg.name, home.cfg.listen);
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -440,6 +460,35 @@ pub async fn run(
     tasks.spawn(prune(home.clone()));
     tasks.spawn(drop_revoked(home.clone()));
     tasks.spawn(apply_reloads(home.clone(), reload));
+    if let Some(l) = scrapes {
+        tracing::info!(home = %home.cfg.name, "home {}: metrics on http://{}/metrics", home.cfg.name, l.local_addr()?);
+        let h = home.clone();
+        tasks.spawn(crate::metrics::serve(
+            l,
+            home.metrics.clone(),
+            move || ops::refresh(h.clone()),
+            shutdown.clone(),
+        ));
+    }
+    match crate::status::listen(&home.cfg.data_dir).await {
+        Ok(admin) => {
+            let h = home.clone();
+            tasks.spawn(crate::status::serve(
+                admin,
+                move || ops::report(h.clone()),
+                shutdown.clone(),
+            ));
+        }
+        Err(e) => {
+            tracing::error!(home = %home.cfg.name, "home {}: {e:#}; `popupd status` will not answer", home.cfg.name)
+        }
+    }
+    tasks.spawn(crate::status::warn_of_expiry(
+        format!("home {}", home.cfg.name),
+        home.cfg.cert_path.clone(),
+        home.cfg.ca_path.clone(),
+        shutdown.clone(),
+    ));
     ready();
 
     let h = home.clone();
@@ -449,6 +498,7 @@ pub async fn run(
         &[AGENT_PATH, PEER_PATH],
         &home.cfg.limits,
         &shutdown,
+        &home.metrics.accepts,
         {
             let home = home.clone();
             move |a: accept::Accepted| -> accept::Served {

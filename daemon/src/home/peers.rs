@@ -141,6 +141,15 @@ impl Peers {
             .filter(|s| s.dialing || !s.links.is_empty())
             .count()
     }
+
+    /// Each peer home known, with its links up and whether a dialer runs
+    /// (for `popupd status`).
+    pub fn states(&self) -> Vec<(String, usize, bool)> {
+        let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        s.iter()
+            .map(|(h, s)| (h.clone(), s.links.len(), s.dialing))
+            .collect()
+    }
 }
 
 /// Item `n` (or, for `None`, every item) waits for `dest`: wake the link
@@ -685,6 +694,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
         // Past its rate, a peer waits: this link reads nothing meanwhile
         // (the loop still answers it), and TCP slows the sender down.
         if let Err(wait) = self.home.peer_rate.take(self.peer) {
+            self.home.metrics.rate_limited_peer.inc();
             self.hold = Some(std::time::Instant::now() + wait);
         }
         Ok(self.on_frame(link, f, jobs).await?)

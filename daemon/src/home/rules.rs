@@ -68,6 +68,8 @@ pub struct Effects {
     pub contacts: Vec<String>,
     /// Handles whose cached route is wrong (their home says they left).
     pub forget: Vec<String>,
+    /// Sent messages that became delivered or failed (for the metrics).
+    pub tally: crate::metrics::Tally,
 }
 
 impl Effects {
@@ -76,6 +78,7 @@ impl Effects {
             && self.queued.is_empty()
             && self.contacts.is_empty()
             && self.forget.is_empty()
+            && self.tally.is_empty()
     }
 }
 
@@ -438,6 +441,7 @@ pub fn apply_receipt<S: HomeStore + ?Sized>(
         return Ok(());
     }
     s.set_sent_state(id, state)?;
+    fx.tally.status(state, reason);
     if s.user_exists(sender)? {
         let ev = Event::Status {
             id: id.to_owned(),

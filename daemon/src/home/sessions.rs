@@ -278,6 +278,7 @@ pub fn serve(
         let ip = peer.ip().to_canonical().to_string();
         let wait = home.logins.wait(&ip).max(home.logins.wait(&handle));
         if !wait.is_zero() {
+            home.metrics.logins_throttled.inc();
             let msg = format!(
                 "too many failed logins; try again in {} s",
                 wait.as_secs().max(1)
@@ -288,10 +289,12 @@ pub fn serve(
         let (h, d) = (handle.clone(), device.clone());
         let acked = match Box::pin(home.store.read(move |s| s.check_device(&h, &d, &hash))).await {
             Ok(Some(a)) => {
+                home.metrics.logins_ok.inc();
                 home.logins.succeeded(&handle);
                 a
             }
             Ok(None) => {
+                home.metrics.logins_failed.inc();
                 let (say, in_a_row) = home.logins.failed(&ip);
                 home.logins.failed(&handle);
                 // One line per address a minute, not one per guess.
@@ -319,6 +322,7 @@ pub fn serve(
         // Logged in: from the pending pool to a slot of the agents' own.
         drop(ticket);
         let Some(_slot) = home.agent_slots.admit() else {
+            home.metrics.logins_busy.inc();
             tracing::warn!(%peer, %handle, limit = home.agent_slots.size,
                 "agent refused: {handle} from {peer}: the home holds as many agent connections as it takes (max_connections)");
             return Box::pin(refuse(
@@ -518,6 +522,7 @@ impl AgentConn {
                     return self.error(link, ErrorCode::Invalid, &why, Some(id)).await;
                 }
                 if let Some(wait) = self.limited_send(&id) {
+                    self.home.metrics.rate_limited_send.inc();
                     let why = format!(
                         "{} takes {} messages a second from one person; it is sent again in {} ms",
                         self.home.cfg.name,
@@ -598,6 +603,7 @@ impl AgentConn {
                         .await;
                 }
                 if let Some(wait) = self.limited_request(req) {
+                    self.home.metrics.rate_limited_contact.inc();
                     let why = format!(
                         "{} takes {} contact changes a minute from one person; it is sent again in {} ms",
                         self.home.cfg.name,
@@ -649,7 +655,10 @@ impl AgentConn {
 
     async fn finish(&mut self, link: &mut Link<ServerTls>, d: Done) -> Result<(), LinkError> {
         match d {
-            Done::Accepted(id, Ok(_)) => {
+            Done::Accepted(id, Ok(outcome)) => {
+                if outcome == SendOutcome::Accepted {
+                    self.home.metrics.messages_accepted.inc();
+                }
                 tracing::debug!(handle = %self.handle, msg_id = %id, "accepted");
                 link.feed(&HomeFrame::Accepted { id }).await
             }
