@@ -17,24 +17,44 @@ command -v import >/dev/null || need+=(imagemagick)
 command -v zenity >/dev/null || need+=(zenity)
 command -v xdotool >/dev/null || need+=(xdotool)
 # The metrics test: promtool checks the scrape and the alert rules, and a
-# real Prometheus scrapes a home (both come in Debian's prometheus).
-command -v prometheus >/dev/null || need+=(prometheus)
+# real Prometheus scrapes a home (both come in Debian's prometheus). Only
+# the programs are wanted: it is installed without its recommends, its
+# service neither started nor enabled (see below).
+quiet=()
+command -v prometheus >/dev/null || quiet+=(prometheus)
 # The package installation test boots Debian 12 in a container (root only).
 if [ "$(id -u)" = 0 ]; then
   command -v systemd-nspawn >/dev/null || need+=(systemd-container)
   command -v debootstrap >/dev/null || need+=(debootstrap)
   command -v lintian >/dev/null || need+=(lintian)
 fi
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "installing ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  elif command -v sudo >/dev/null; then
-    sudo apt-get update -qq
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+if [ ${#need[@]} -gt 0 ] || [ ${#quiet[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] || command -v sudo >/dev/null; then
+    echo "installing ${need[*]} ${quiet[*]}"
+    as_root apt-get update -qq
+    if [ ${#need[@]} -gt 0 ]; then
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+    if [ ${#quiet[@]} -gt 0 ]; then
+      # policy-rc.d (Debian's switch for maintainer scripts) keeps the
+      # package's service from starting; then it is disabled for boot too.
+      made_policy=
+      if [ ! -e /usr/sbin/policy-rc.d ]; then
+        as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
+        made_policy=1
+      fi
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${quiet[@]}" >/dev/null
+      if [ -n "$made_policy" ]; then as_root rm -f /usr/sbin/policy-rc.d; fi
+      if command -v systemctl >/dev/null; then
+        as_root systemctl disable "${quiet[@]}" >/dev/null 2>&1 || true
+        as_root systemctl stop "${quiet[@]}" >/dev/null 2>&1 || true
+      fi
+    fi
   else
-    echo "missing ${need[*]}: install them (apt install ${need[*]}) or run as root" >&2
+    echo "missing ${need[*]} ${quiet[*]}: install them (apt install ${need[*]} ${quiet[*]}) or run as root" >&2
   fi
 fi
 
