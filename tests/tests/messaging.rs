@@ -296,3 +296,34 @@ async fn home_pings_a_quiet_agent_and_keeps_it() {
     .await
     .unwrap();
 }
+
+/// `popupctl status` right after the agent started (as when D-Bus starts
+/// it for that very call) waits for its first connection instead of
+/// saying "not connected".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_of_a_fresh_agent_waits_for_its_first_connection() {
+    let dir = TestDir::new("fresh-status");
+    let (mut net, mut alice, _bob) = two_people(&dir.path, "", "").await;
+    // Home A is down while alice's agent starts afresh: it cannot connect.
+    net.homes[0].stop();
+    alice.restart().await.unwrap();
+    let bus = alice.bus.address.clone();
+    let asked = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(popupd_e2e::bin("popupctl"))
+            .args(["--bus", &bus, "status"])
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    net.homes[0].restart().unwrap();
+    let st = status.await.unwrap();
+    let said = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        st.status.success() && said.contains("alice: connected to home-a.test"),
+        "popupctl status {:?} after {:?}: {said}{}",
+        st.status,
+        asked.elapsed(),
+        String::from_utf8_lossy(&st.stderr)
+    );
+}

@@ -538,4 +538,8 @@ async fn reply_button_opens_the_compose_window_and_the_reply_arrives() {
     let sig = arrivals.next().await.unwrap();
     let a = sig.args().unwrap();
     assert_eq!((a.text, a.reply_to), ("on my way", id.as_str()));
+    // Answering it was reading it, as with an inline reply: the popup is
+    // gone and alice is told bob read her message.
+    wait_displayed(&bob, 0, "the popup stayed open after Reply").await;
+    alice.wait_status(&id, "read", T).await.unwrap();
 }

@@ -60,6 +60,10 @@ enum Cmd {
         limit: u32,
     },
     /// Is the agent connected to its home, and since when?
+    ///
+    /// An agent that has not connected since it started (D-Bus may start
+    /// it for this very call) is given up to 3 s to connect first. Exit
+    /// code 0 when connected.
     Status,
     /// The agent's plugins: name, version, state.
     Plugins,
@@ -183,6 +187,9 @@ fn write_manpages(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<
 
 /// How long any one call to the agent may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `status` waits for an agent that has not connected since it
+/// started (D-Bus may have started it for this call) to connect.
+const FIRST_CONNECTION: Duration = Duration::from_secs(3);
 
 fn explain(e: &anyhow::Error) -> (i32, String) {
     if let Some(n) = e.downcast_ref::<NotStarted>() {
@@ -464,7 +471,21 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(exit::OK)
         }
         Cmd::Status => {
-            let (connected, home, since) = agent.status().await?;
+            let (mut connected, home, mut since) = agent.status().await?;
+            if !connected && since == 0 {
+                // Never connected since it started: most often an agent
+                // D-Bus has just started for this very call. Give its first
+                // connection a moment rather than say "not connected".
+                let mut changed = agent.receive_connection_changed().await?;
+                (connected, _, since) = agent.status().await?;
+                let until = tokio::time::Instant::now() + FIRST_CONNECTION;
+                while !connected {
+                    match tokio::time::timeout_at(until, changed.next()).await {
+                        Ok(Some(_)) => (connected, _, since) = agent.status().await?,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
             let handle = agent.handle().await?;
             if json {
                 println!(

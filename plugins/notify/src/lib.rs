@@ -301,8 +301,20 @@ async fn run(host: Host, mut cfg: Config, mut rx: mpsc::UnboundedReceiver<Work>)
                                 .env("POPUPD_FROM", &p.from)
                                 .env("POPUPD_TEXT", p.lines.last().map(String::as_str).unwrap_or(""))
                                 .spawn();
-                            if let Err(e) = spawned {
-                                host.warn(&format!("cannot run the reply command {:?}: {e}", cmd[0]));
+                            match spawned {
+                                // Answering it is reading it, as with an
+                                // inline reply: the popup goes, and the
+                                // sender is told it was read.
+                                Ok(_) => {
+                                    for id in &p.ids {
+                                        if let Err(e) = host.mark_read(id) {
+                                            host.warn(&format!("mark read: {e}"));
+                                        }
+                                    }
+                                    let _ = proxy.close_notification(a.id).await;
+                                    open.remove(&a.id);
+                                }
+                                Err(e) => host.warn(&format!("cannot run the reply command {:?}: {e}", cmd[0])),
                             }
                         }
                     }
