@@ -477,3 +477,61 @@ async fn a_reader_that_fell_behind_gets_everything_and_the_home_rests() {
         "the home used {busy:?} of CPU in 3 s with nothing to do"
     );
 }
+
+/// A client that sends nothing but acks, 20,000 of them as fast as it can:
+/// acks are cumulative, so the home merges those that come while one is
+/// being stored, and its store runs a few hundred jobs for them, not one
+/// per frame (read from the home's own metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_acks_is_merged_not_stored_one_by_one() {
+    const ACKS: u64 = 20_000;
+    let dir = TestDir::new("acks");
+    let layout = Layout {
+        metrics: true,
+        ..Layout::default()
+    };
+    let net = Network::start_laid_out(&dir.path, layout).await.unwrap();
+    let home_a = net.metrics_addrs[1].clone();
+    let a = net.add_user(0, "alice").unwrap();
+    let jobs = || {
+        let (code, head, body) = popupd_e2e::http_get(&home_a, "/metrics", None);
+        assert_eq!(code, 200, "{head}");
+        popupd_e2e::metric_sample(&body, "popupd_store_batch_jobs_sum").unwrap_or(0.0)
+    };
+    let before = jobs();
+    let mut alice = raw_agent(&net, 0, "alice", &a).await.unwrap();
+    for seq in 1..=ACKS {
+        alice.feed(&AgentFrame::Ack { seq }).await.unwrap();
+        if seq % 256 == 0 {
+            alice.flush().await.unwrap();
+        }
+    }
+    alice.flush().await.unwrap();
+    // The home read them all once it answers a question asked after the
+    // last (frames on a link are read in order).
+    alice
+        .send(&AgentFrame::PresenceOf {
+            handle: "alice".into(),
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(T, async {
+        loop {
+            match alice.recv::<HomeFrame>().await.unwrap() {
+                Recv::Frame(HomeFrame::Presence { handle, .. }) if handle == "alice" => break,
+                Recv::Frame(HomeFrame::Error { .. }) => break,
+                Recv::Closed => panic!("the home closed the link"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the home did not answer after the acks");
+    // Let the last merged ack be stored.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ran = jobs() - before;
+    assert!(
+        ran < (ACKS / 4) as f64,
+        "{ACKS} acks cost the store {ran} jobs"
+    );
+}
