@@ -13,12 +13,39 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use popupd_e2e::{
-    HOME_A, HOME_B, Layout, Proc, TestDir, have, http_get as get, metric_sample as sample, popupd,
-    skip, two_people_on,
-};
+use popupd_e2e::{HOME_A, HOME_B, Layout, Proc, TestDir, have, popupd, skip, two_people_on};
 
 const T: Duration = Duration::from_secs(20);
+
+/// A GET on loopback: (status code, headers, body).
+fn get(addr: &str, path: &str, accept: Option<&str>) -> (u16, String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, head.to_string(), body.to_string())
+}
+
+/// The value of the sample `series` (name and labels as printed).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
 
 /// The metric families a scrape names (`# TYPE` lines).
 fn families(text: &str) -> BTreeSet<String> {

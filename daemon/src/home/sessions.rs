@@ -178,8 +178,6 @@ enum Done {
     /// A contact-list change (request `req`, about the handle); an error
     /// goes back to the agent.
     Contact(u64, String, Result<(), StoreError>),
-    /// An ack is stored (or failed, which its job logged): the next may go.
-    AckStored,
 }
 
 /// What an agent connection's own queue woke it for.
@@ -368,8 +366,6 @@ pub fn serve(
             presence_at: Some(Instant::now()),
             presence_pending: None,
             presence_timer: None,
-            acking: false,
-            ack_next: None,
         };
         let why = Box::pin(conn.run(&mut link)).await;
         home.registry.unregister(&handle, reg.id);
@@ -435,10 +431,6 @@ struct AgentConn {
     presence_at: Option<Instant>,
     presence_pending: Option<PresenceReport>,
     presence_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    /// An ack's store job is under way; `ack_next` is the highest ack
-    /// that came meanwhile, stored when that one is.
-    acking: bool,
-    ack_next: Option<u64>,
 }
 
 impl AgentConn {
@@ -560,7 +552,19 @@ impl AgentConn {
                 });
                 pending.push_back(Box::pin(async move { Done::Accepted(id, p.await) }));
             }
-            AgentFrame::Ack { seq } => self.ack(seq, pending),
+            AgentFrame::Ack { seq } => {
+                // Lazy: if a power cut undoes the ack, the events after the
+                // older ack are sent again and the agent drops what it has.
+                // Nothing comes back to this connection.
+                let (h, d, feed) = (self.handle.clone(), self.device.clone(), self.home.feed());
+                store.lazy_then(move |s| {
+                    let mut fx = Effects::default();
+                    rules::ack(&mut **s, &h, &d, seq, &mut fx).inspect_err(
+                        |e| tracing::error!(handle = %h, "storing an ack failed: {e}"),
+                    )?;
+                    Ok(feed.at_commit(fx))
+                });
+            }
             AgentFrame::Read { id, req } => {
                 let (h, feed) = (self.handle.clone(), self.home.feed());
                 let p = store.chain_then(&self.chain, move |s| {
@@ -649,34 +653,8 @@ impl AgentConn {
         Ok(())
     }
 
-    /// Stores the agent's ack of every event up to `seq`. Lazy: if a power
-    /// cut undoes it, the events after the older ack are sent again and the
-    /// agent drops what it has. One ack job at a time per connection: acks
-    /// are cumulative, so those that come meanwhile are merged into the
-    /// next, and a client that sends nothing but acks costs the store one
-    /// job per batch, not one per frame.
-    fn ack(&mut self, seq: u64, jobs: &mut Jobs<Done>) {
-        if self.acking {
-            self.ack_next = Some(self.ack_next.map_or(seq, |s| s.max(seq)));
-            return;
-        }
-        self.acking = true;
-        let (h, d, feed) = (self.handle.clone(), self.device.clone(), self.home.feed());
-        let stored = self.home.store.lazy_then(move |s| {
-            let mut fx = Effects::default();
-            rules::ack(&mut **s, &h, &d, seq, &mut fx)
-                .inspect_err(|e| tracing::error!(handle = %h, "storing an ack failed: {e}"))?;
-            Ok(feed.at_commit(fx))
-        });
-        jobs.push_back(Box::pin(async move {
-            let _ = stored.await;
-            Done::AckStored
-        }));
-    }
-
     async fn finish(&mut self, link: &mut Link<ServerTls>, d: Done) -> Result<(), LinkError> {
         match d {
-            Done::AckStored => Ok(()),
             Done::Accepted(id, Ok(outcome)) => {
                 if outcome == SendOutcome::Accepted {
                     self.home.metrics.messages_accepted.inc();
@@ -907,12 +885,6 @@ impl Handler<ServerTls> for AgentConn {
         d: Done,
         jobs: &mut Jobs<Done>,
     ) -> Result<(), End> {
-        if let Done::AckStored = d {
-            self.acking = false;
-            if let Some(seq) = self.ack_next.take() {
-                self.ack(seq, jobs);
-            }
-        }
         self.finish(link, d).await?;
         match self.failure {
             Some(why) => Err(self.end_after_failure(link, jobs, why).await),
