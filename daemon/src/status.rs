@@ -56,6 +56,56 @@ pub struct Report {
     pub warnings: Vec<String>,
 }
 
+/// What a server of either role says alike: who it is, since when, its
+/// store and certificates, and the warnings they call for.
+pub struct Server<'a> {
+    pub role: &'a str,
+    pub name: &'a str,
+    pub started: std::time::Instant,
+    pub cert_path: &'a Path,
+    pub ca_path: &'a Path,
+    pub db: &'a Path,
+    pub health: &'a popupd_store::Health,
+}
+
+impl Report {
+    /// A report of `server` with its role's own parts.
+    pub fn new(
+        server: Server<'_>,
+        connections: Connections,
+        peers: Vec<PeerLink>,
+        unrouted: u64,
+    ) -> Report {
+        let certificates = certificates(server.cert_path, server.ca_path);
+        let now = now_secs();
+        let mut warnings: Vec<String> =
+            certificates.iter().filter_map(|c| c.warning(now)).collect();
+        let store = store_health(server.db, server.health);
+        if store.failed_commits > 0 {
+            warnings.push(format!(
+                "{} store commits failed since start (see the log)",
+                store.failed_commits
+            ));
+        }
+        let up = server.started.elapsed();
+        Report {
+            role: server.role.into(),
+            name: server.name.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            started: humantime::format_rfc3339_seconds(std::time::SystemTime::now() - up)
+                .to_string(),
+            uptime_seconds: up.as_secs(),
+            connections,
+            peers,
+            unrouted,
+            store,
+            certificates,
+            warnings,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Connections {
     /// Agents logged in (homes).

@@ -228,35 +228,21 @@ async fn report(g: Arc<Global>) -> crate::status::Report {
             }),
         }
     }
-    let certificates = status::certificates(&g.cfg.cert_path, &g.cfg.ca_path);
-    let now = status::now_secs();
-    let mut warnings: Vec<String> = certificates.iter().filter_map(|c| c.warning(now)).collect();
-    let store = status::store_health(&g.cfg.data_dir.join("global.sqlite"), g.store.health());
-    if store.failed_commits > 0 {
-        warnings.push(format!(
-            "{} store commits failed since start (see the log)",
-            store.failed_commits
-        ));
-    }
-    let up = g.started.elapsed();
-    status::Report {
-        role: "global".into(),
-        name: g.cfg.name.clone(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        pid: std::process::id(),
-        started: humantime::format_rfc3339_seconds(std::time::SystemTime::now() - up).to_string(),
-        uptime_seconds: up.as_secs(),
-        connections: Connections {
-            agents: 0,
-            peers: peers.iter().map(|p| p.links).sum(),
-            pending: g.metrics.accepts.pending.get().max(0) as u64,
-        },
-        peers,
-        unrouted: 0,
-        store,
-        certificates,
-        warnings,
-    }
+    let server = status::Server {
+        role: "global",
+        name: &g.cfg.name,
+        started: g.started,
+        cert_path: &g.cfg.cert_path,
+        ca_path: &g.cfg.ca_path,
+        db: &g.cfg.data_dir.join("global.sqlite"),
+        health: g.store.health(),
+    };
+    let connections = Connections {
+        agents: 0,
+        peers: peers.iter().map(|p| p.links).sum(),
+        pending: g.metrics.accepts.pending.get().max(0) as u64,
+    };
+    status::Report::new(server, connections, peers, 0)
 }
 
 /// Tells systemd (when run by it) what the directory is doing.

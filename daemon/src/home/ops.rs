@@ -124,33 +124,19 @@ pub async fn report(home: Arc<Home>) -> Report {
         }
     }
     peers.sort_by(|a, b| a.home.cmp(&b.home));
-    let certificates = status::certificates(&home.cfg.cert_path, &home.cfg.ca_path);
-    let now = status::now_secs();
-    let mut warnings: Vec<String> = certificates.iter().filter_map(|c| c.warning(now)).collect();
-    let store = status::store_health(&db_path(&home), home.store.health());
-    if store.failed_commits > 0 {
-        warnings.push(format!(
-            "{} store commits failed since start (see the log)",
-            store.failed_commits
-        ));
-    }
-    let up = home.started.elapsed();
-    Report {
-        role: "home".into(),
-        name: home.cfg.name.clone(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        pid: std::process::id(),
-        started: humantime::format_rfc3339_seconds(std::time::SystemTime::now() - up).to_string(),
-        uptime_seconds: up.as_secs(),
-        connections: Connections {
-            agents: home.agent_slots.used() as u64,
-            peers: links_up(&home),
-            pending: home.metrics.accepts.pending.get().max(0) as u64,
-        },
-        peers,
-        unrouted,
-        store,
-        certificates,
-        warnings,
-    }
+    let server = status::Server {
+        role: "home",
+        name: &home.cfg.name,
+        started: home.started,
+        cert_path: &home.cfg.cert_path,
+        ca_path: &home.cfg.ca_path,
+        db: &db_path(&home),
+        health: home.store.health(),
+    };
+    let connections = Connections {
+        agents: home.agent_slots.used() as u64,
+        peers: links_up(&home),
+        pending: home.metrics.accepts.pending.get().max(0) as u64,
+    };
+    Report::new(server, connections, peers, unrouted)
 }
