@@ -234,10 +234,21 @@ impl<S: Batchable + 'static> Batcher<S> {
     }
 
     /// Like [`spawn`](Self::spawn), telling `obs` of every batch and sync.
-    pub fn spawn_observed(
+    pub fn spawn_observed(name: &str, store: S, obs: Arc<dyn Observer>) -> std::io::Result<Self> {
+        Self::spawn_with(name, store, obs, || {})
+    }
+
+    /// Like [`spawn_observed`](Self::spawn_observed), calling `after_batch`
+    /// on the store thread once each batch's commit work has run. Commit
+    /// work that hands results to another thread can gather them and let
+    /// `after_batch` hand them on at once: one wake-up of the receiver per
+    /// batch, not one per job (each of which would preempt the store
+    /// thread on a busy machine).
+    pub fn spawn_with(
         name: &str,
         mut store: S,
         obs: Arc<dyn Observer>,
+        mut after_batch: impl FnMut() + Send + 'static,
     ) -> std::io::Result<Self> {
         let health = Arc::new(Health::default());
         let (tx, rx) = mpsc::channel::<Job<S>>();
@@ -316,6 +327,7 @@ impl<S: Batchable + 'static> Batcher<S> {
                         for then in thens {
                             then();
                         }
+                        after_batch();
                     }
                     let Some(to_sync) = &to_sync else {
                         // Committed is durable here.

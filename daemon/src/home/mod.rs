@@ -98,18 +98,34 @@ enum Commit {
 }
 
 /// Where store jobs leave what their commit caused. The store thread only
-/// sends it on, in commit order; [`apply_commits`] does the rest, so no
-/// role code runs on the store thread.
-#[derive(Clone)]
-pub struct Feed(mpsc::UnboundedSender<Commit>);
+/// gathers it, in commit order, and hands a batch's worth on at once
+/// ([`Feed::hand_on`]); [`apply_commits`] does the rest, so no role code
+/// runs on the store thread.
+#[derive(Clone, Default)]
+pub struct Feed(Arc<std::sync::Mutex<Vec<Commit>>>);
 
 impl Feed {
+    fn push(&self, c: Commit) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+    }
+
     /// The work a store job leaves for its commit: hand `fx` on.
     pub fn at_commit(self, fx: Effects) -> impl FnOnce() + Send + 'static {
         move || {
             if !fx.is_empty() {
-                let _ = self.0.send(Commit::Effects(fx));
+                self.push(Commit::Effects(fx));
             }
+        }
+    }
+
+    /// Sends what the last batch caused to [`apply_commits`]: one wake-up
+    /// per batch. (A send per job woke the receiver, and so preempted the
+    /// store thread, up to once per job: a fifth more CPU per message
+    /// between two homes.)
+    fn hand_on(&self, to: &mpsc::UnboundedSender<Vec<Commit>>) {
+        let batch = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        if !batch.is_empty() {
+            let _ = to.send(batch);
         }
     }
 }
@@ -159,10 +175,9 @@ impl Home {
 }
 
 /// Acts on what commits caused, in commit order, until the store is gone.
-async fn apply_commits(home: Arc<Home>, mut rx: mpsc::UnboundedReceiver<Commit>) {
-    let mut batch = Vec::with_capacity(64);
-    while rx.recv_many(&mut batch, 64).await > 0 {
-        for c in batch.drain(..) {
+async fn apply_commits(home: Arc<Home>, mut rx: mpsc::UnboundedReceiver<Vec<Commit>>) {
+    while let Some(batch) = rx.recv().await {
+        for c in batch {
             match c {
                 Commit::Effects(fx) => home.apply(fx),
                 Commit::Contacts {
@@ -207,14 +222,14 @@ async fn refresh_contacts(home: Arc<Home>, users: Vec<String>) {
 /// order they were read: two refreshes for one user that each read, then
 /// installed, could let the older list win.
 pub async fn send_contacts(home: &Arc<Home>, handle: &str) {
-    let (h, feed) = (handle.to_owned(), home.feed.0.clone());
+    let (h, feed) = (handle.to_owned(), home.feed.clone());
     let (installed, done) = tokio::sync::oneshot::channel();
     let read = home.store.lazy_then(move |s| {
         let rows = s
             .contacts(&h)
             .inspect_err(|e| tracing::warn!(handle = %h, "reading contacts: {e}"))?;
         Ok(move || {
-            let _ = feed.send(Commit::Contacts {
+            feed.push(Commit::Contacts {
                 handle: h,
                 rows,
                 installed,
@@ -310,14 +325,21 @@ async fn drop_revoked(home: Arc<Home>) {
     }
 }
 
-/// Opens the store of a home.
-pub fn open_store(cfg: &HomeConfig, obs: Arc<dyn popupd_store::Observer>) -> anyhow::Result<Store> {
+/// Opens the store of a home; what its commits cause goes through `feed`
+/// to `commits`.
+fn open_store(
+    cfg: &HomeConfig,
+    obs: Arc<dyn popupd_store::Observer>,
+    feed: Feed,
+    commits: mpsc::UnboundedSender<Vec<Commit>>,
+) -> anyhow::Result<Store> {
     let path = cfg.data_dir.join("home.sqlite");
     let s = SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(Batcher::spawn_observed(
+    Ok(Batcher::spawn_with(
         &cfg.name,
         Box::new(s) as Box<dyn HomeStore>,
         obs,
+        move || feed.hand_on(&commits),
     )?)
 }
 
@@ -407,7 +429,14 @@ pub async fn run(
     reload: watch::Receiver<HomeConfig>,
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::Metrics::new(crate::metrics::Of::Home);
-    let store = open_store(&cfg, Arc::new(metrics.store.clone()))?;
+    let feed = Feed::default();
+    let (to_apply, commits) = mpsc::unbounded_channel();
+    let store = open_store(
+        &cfg,
+        Arc::new(metrics.store.clone()),
+        feed.clone(),
+        to_apply,
+    )?;
     let (server_tls, client_tls) = tls_configs(&cfg)?;
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -416,7 +445,6 @@ pub async fn run(
         Some(addr) => Some(crate::metrics::bind(addr, &format!("home {}", cfg.name)).await?),
         None => None,
     };
-    let (feed, commits) = mpsc::unbounded_channel();
     let home = Arc::new(Home {
         dir: directory::Directory::new(&cfg),
         peers: peers::Peers::default(),
@@ -425,7 +453,7 @@ pub async fn run(
         client_tls: tls::Swap::new(client_tls),
         registry: sessions::Registry::default(),
         router: router::Router::new(cfg.route_ttl),
-        feed: Feed(feed),
+        feed,
         agent_slots: Pool::new(cfg.max_connections),
         peer_slots: Pool::new(cfg.limits.peer_links),
         tasks: TaskTracker::new(),
