@@ -442,10 +442,11 @@ async fn serve_link_as<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 out: Outgoing::default(),
                 chain: Chain::default(),
                 hold: None,
+                taken: Vec::new(),
             };
             // A new link sends everything queued; later wakes name new items.
             kick.take();
-            match send_queued(home, link, peer, &mut s.out, Wanted::all()).await {
+            let end = match send_queued(home, link, peer, &mut s.out, Wanted::all()).await {
                 Err(e) => e.into(),
                 Ok(()) => {
                     let ka = Keepalive {
@@ -455,9 +456,11 @@ async fn serve_link_as<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     };
                     session::run(link, &mut s, &mut jobs, ka, stop).await
                 }
-            }
+            };
             // Jobs still pending have their effects all the same: the
             // store thread applies them at commit.
+            s.drop_taken();
+            end
         }
     };
     home.hub.link_down(&home.registry, id);
@@ -481,6 +484,30 @@ struct PeerSession<'a> {
     chain: Chain,
     /// Past its rate, nothing more is read from the peer until then.
     hold: Option<std::time::Instant>,
+    /// Items the peer took, to drop from the queue in one store job once
+    /// nothing else is ready (one job per message cost the store a
+    /// savepoint and a hand-off each).
+    taken: Vec<u64>,
+}
+
+impl PeerSession<'_> {
+    /// Drops the items the peer took from the forward queue. Lazy, and no
+    /// one waits: an item a power cut brings back is forwarded again, and
+    /// the peer drops it by id.
+    fn drop_taken(&mut self) {
+        if self.taken.is_empty() {
+            return;
+        }
+        let (peer, ns) = (self.peer.to_owned(), std::mem::take(&mut self.taken));
+        self.home.store.submit_lazy(move |s| {
+            for n in ns {
+                s.remove(n).inspect_err(|e| {
+                    tracing::error!(peer, n, "storing a peer's ack failed: {e}")
+                })?;
+            }
+            Ok(())
+        });
+    }
 }
 
 enum PeerWake {
@@ -612,16 +639,7 @@ impl PeerSession<'_> {
                     kick.notify.notify_one();
                 }
                 match refused {
-                    // Lazy, and no one waits: an item a power cut brings back
-                    // is forwarded again, and the peer drops it by id.
-                    None => {
-                        let peer = peer.to_owned();
-                        store.submit_lazy(move |s| {
-                            s.remove(n).map(drop).inspect_err(|e| {
-                                tracing::error!(peer, n, "storing a peer's ack failed: {e}")
-                            })
-                        });
-                    }
+                    None => self.taken.push(n),
                     Some(r) => {
                         tracing::warn!(peer, n, "peer refused an item: {}", r.message);
                         let reason = match r.code {
@@ -670,6 +688,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> for PeerSession<'_> {
 
     fn hold_reading(&self) -> Option<std::time::Instant> {
         self.hold
+    }
+
+    fn idle_due(&self) -> bool {
+        !self.taken.is_empty()
+    }
+
+    async fn idle(&mut self, _: &mut Link<S>) -> Result<(), End> {
+        self.drop_taken();
+        Ok(())
     }
 
     fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<PeerWake> {
