@@ -1245,6 +1245,28 @@ mod tests {
     }
 
     #[test]
+    fn an_item_no_home_took_in_time_fails_with_the_reason() {
+        on_every_store("expire", |s| {
+            users(s, &["alice"]);
+            let mut fx = Effects::default();
+            let m = msg(12, "alice", "zed");
+            accept_send(s, &m, Some("home-z"), CAP, &mut fx).unwrap();
+            let mut fx = Effects::default();
+            let why = |d: Option<&str>| format!("{} took nothing", d.unwrap_or("no home"));
+            assert_eq!(expire(s, i64::MAX, 1000, why, &mut fx).unwrap(), 1);
+            assert!(queued(s, Some("home-z")).unwrap().is_empty());
+            assert_eq!(s.sent(&m.id).unwrap().unwrap().state, Delivery::Failed);
+            assert!(
+                fx.pushes[0].event.contains("home-z took nothing"),
+                "{:?}",
+                fx.pushes
+            );
+            let mut fx = Effects::default();
+            assert_eq!(expire(s, i64::MAX, 1000, why, &mut fx).unwrap(), 0);
+        });
+    }
+
+    #[test]
     fn a_message_with_a_known_route_never_overtakes_an_unrouted_one_for_the_same_person() {
         on_every_store("order", |s| {
             users(s, &["alice"]);
