@@ -10,9 +10,12 @@
 
 use std::time::{Duration, Instant};
 
-use popupd_e2e::{Agent, HOME_A, Layout, Network, TestDir, bin, popupd, raw_agent, secret_of};
+use popupd_e2e::{
+    Agent, HOME_A, Layout, Network, TestDir, bin, http_get, metric_sample, popupd, raw_agent,
+    secret_of,
+};
 use popupd_protocol::net::{self, Dial, Recv, tls};
-use popupd_protocol::{AGENT_PATH, AgentFrame, ErrorCode, HomeFrame, PROTOCOL_VERSION};
+use popupd_protocol::{AGENT_PATH, AgentFrame, ErrorCode, HomeFrame, PROTOCOL_VERSION, new_id};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -150,6 +153,55 @@ async fn silent_sockets_from_one_address_lock_nobody_out() {
         "the refusals are logged once: {}",
         log.lines().filter(|l| l.contains("127.0.0.3")).count()
     );
+}
+
+/// An agent that acks without end costs the store a job per burst of
+/// acks, not one per ack: what one connection can make the store do stays
+/// bounded (acks are cumulative, so nothing is lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_without_end_cost_the_store_little() {
+    let dir = TestDir::new("acks");
+    let layout = Layout {
+        metrics: true,
+        ..Layout::default()
+    };
+    let net = Network::start_laid_out(&dir.path, layout).await.unwrap();
+    let cfg = net.add_user(0, "alice").unwrap();
+    net.add_user(0, "bob").unwrap();
+    let mut link = raw_agent(&net, 0, "alice", &cfg).await.unwrap();
+    let jobs = || {
+        let (_, _, m) = http_get(&net.metrics_addrs[1], "/metrics", None);
+        metric_sample(&m, "popupd_store_batch_jobs_sum").unwrap()
+    };
+    let before = jobs();
+    for seq in 1..=20_000u64 {
+        link.feed(&AgentFrame::Ack { seq }).await.unwrap();
+    }
+    // A message after them: its answer comes once the home has read them.
+    let id = new_id();
+    link.send(&AgentFrame::Send {
+        id: id.clone(),
+        from: None,
+        to: "bob".into(),
+        text: "after the acks".into(),
+        reply_to: None,
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        assert!(Instant::now() < deadline, "no answer to the message");
+        match tokio::time::timeout(T, link.recv::<HomeFrame>()).await {
+            Ok(Ok(Recv::Frame(HomeFrame::Accepted { id: got, .. }))) if got == id => break,
+            Ok(Ok(Recv::Frame(HomeFrame::Error { message, .. }))) => panic!("{message}"),
+            Ok(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ran = jobs() - before;
+    println!("20,000 acks and a message: {ran} store jobs");
+    assert!(ran < 2_000.0, "{ran} store jobs for 20,000 acks");
 }
 
 /// bob's mailbox holds 5; alice's sixth message fails, and she is told his

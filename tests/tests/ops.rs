@@ -13,39 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use popupd_e2e::{HOME_A, HOME_B, Layout, Proc, TestDir, have, popupd, skip, two_people_on};
+use popupd_e2e::{
+    HOME_A, HOME_B, Layout, Proc, TestDir, have, http_get, metric_sample, popupd, skip,
+    two_people_on,
+};
 
 const T: Duration = Duration::from_secs(20);
-
-/// A GET on loopback: (status code, headers, body).
-fn get(addr: &str, path: &str, accept: Option<&str>) -> (u16, String, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let accept = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, head.to_string(), body.to_string())
-}
-
-/// The value of the sample `series` (name and labels as printed).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
 
 /// The metric families a scrape names (`# TYPE` lines).
 fn families(text: &str) -> BTreeSet<String> {
@@ -94,10 +67,13 @@ async fn metrics_show_a_message_crossing_homes() {
     let [global, home_a, home_b] = [0, 1, 2].map(|i| net.metrics_addrs[i].clone());
 
     // Before: nothing sent.
-    let (code, head, before) = get(&home_a, "/metrics", None);
+    let (code, head, before) = http_get(&home_a, "/metrics", None);
     assert_eq!(code, 200, "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    assert_eq!(sample(&before, "popupd_messages_accepted_total"), Some(0.0));
+    assert_eq!(
+        metric_sample(&before, "popupd_messages_accepted_total"),
+        Some(0.0)
+    );
 
     let id = alice
         .proxy()
@@ -121,82 +97,82 @@ async fn metrics_show_a_message_crossing_homes() {
     // Home A took both messages, heard the first was delivered and failed
     // the second (no such user); the login counted; the store committed
     // batches.
-    let (_, _, a) = get(&home_a, "/metrics", None);
+    let (_, _, a) = http_get(&home_a, "/metrics", None);
     assert_eq!(
-        sample(&a, "popupd_messages_accepted_total"),
+        metric_sample(&a, "popupd_messages_accepted_total"),
         Some(2.0),
         "{a}"
     );
     assert_eq!(
-        sample(&a, "popupd_messages_delivered_total"),
+        metric_sample(&a, "popupd_messages_delivered_total"),
         Some(1.0),
         "{a}"
     );
     assert_eq!(
-        sample(&a, r#"popupd_messages_failed_total{reason="not_accepted"}"#),
+        metric_sample(&a, r#"popupd_messages_failed_total{reason="not_accepted"}"#),
         Some(1.0),
         "{a}"
     );
     assert_eq!(
-        sample(&a, r#"popupd_messages_failed_total{reason="mailbox_full"}"#),
+        metric_sample(&a, r#"popupd_messages_failed_total{reason="mailbox_full"}"#),
         Some(0.0)
     );
     assert!(
-        sample(&a, r#"popupd_logins_total{outcome="ok"}"#) >= Some(1.0),
+        metric_sample(&a, r#"popupd_logins_total{outcome="ok"}"#) >= Some(1.0),
         "{a}"
     );
     assert!(
-        sample(&a, "popupd_store_batch_jobs_count") > Some(0.0),
+        metric_sample(&a, "popupd_store_batch_jobs_count") > Some(0.0),
         "{a}"
     );
     assert!(
-        sample(&a, "popupd_store_sync_seconds_count") > Some(0.0),
+        metric_sample(&a, "popupd_store_sync_seconds_count") > Some(0.0),
         "{a}"
     );
     assert_eq!(
-        sample(&a, r#"popupd_connections{kind="agent"}"#),
+        metric_sample(&a, r#"popupd_connections{kind="agent"}"#),
         Some(1.0),
         "{a}"
     );
     assert!(
-        sample(&a, "popupd_connections_accepted_total") >= Some(1.0),
+        metric_sample(&a, "popupd_connections_accepted_total") >= Some(1.0),
         "{a}"
     );
     // alice came online: a presence change of one of home A's users.
     assert!(
-        sample(&a, r#"popupd_presence_events_total{kind="changes"}"#) >= Some(1.0),
+        metric_sample(&a, r#"popupd_presence_events_total{kind="changes"}"#) >= Some(1.0),
         "{a}"
     );
     let expiry = format!(
         r#"popupd_certificate_expiry_timestamp_seconds{{file="{}"}}"#,
         net.dir.join("pki").join(format!("{HOME_A}.crt")).display()
     );
-    assert!(sample(&a, &expiry) > Some(1.7e9), "{expiry} in {a}");
+    assert!(metric_sample(&a, &expiry) > Some(1.7e9), "{expiry} in {a}");
     // Home B: a login, nothing sent by its users.
-    let (_, _, b) = get(&home_b, "/metrics", None);
+    let (_, _, b) = http_get(&home_b, "/metrics", None);
     assert!(
-        sample(&b, r#"popupd_logins_total{outcome="ok"}"#) >= Some(1.0),
+        metric_sample(&b, r#"popupd_logins_total{outcome="ok"}"#) >= Some(1.0),
         "{b}"
     );
     assert_eq!(
-        sample(&b, "popupd_messages_accepted_total"),
+        metric_sample(&b, "popupd_messages_accepted_total"),
         Some(0.0),
         "{b}"
     );
     // The global server answered the homes' lookups.
-    let (_, _, g) = get(&global, "/metrics", None);
+    let (_, _, g) = http_get(&global, "/metrics", None);
     assert!(
-        sample(&g, "popupd_global_lookups_total") >= Some(1.0),
+        metric_sample(&g, "popupd_global_lookups_total") >= Some(1.0),
         "{g}"
     );
     assert_eq!(
-        sample(&g, r#"popupd_connections{kind="peer"}"#),
+        metric_sample(&g, r#"popupd_connections{kind="peer"}"#),
         Some(2.0),
         "{g}"
     );
 
     // OpenMetrics, when asked for.
-    let (code, head, om) = get(
+    let (code, head, om) = http_get(
         &home_a,
         "/metrics",
         Some("application/openmetrics-text; version=1.0.0"),
@@ -210,7 +186,7 @@ async fn metrics_show_a_message_crossing_homes() {
     );
     assert!(om.contains("popupd_messages_accepted_total 2"), "{om}");
     // Anything else is refused.
-    assert_eq!(get(&home_a, "/", None).0, 404);
+    assert_eq!(http_get(&home_a, "/", None).0, 404);
 
     // The docs, the alerts and the dashboard name only metrics that exist.
     let seen: BTreeSet<String> = families(&a).union(&families(&g)).cloned().collect();

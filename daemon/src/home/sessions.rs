@@ -365,6 +365,7 @@ pub fn serve(
             ignored: 0,
             presence_at: Some(Instant::now()),
             presence_pending: None,
+            ack: None,
             presence_timer: None,
         };
         let why = Box::pin(conn.run(&mut link)).await;
@@ -431,9 +432,27 @@ struct AgentConn {
     presence_at: Option<Instant>,
     presence_pending: Option<PresenceReport>,
     presence_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The highest ack heard and not yet stored: acks are cumulative, so
+    /// one store job once nothing else is ready stands for every ack of a
+    /// burst (a job per ack let an agent queue store work without bound).
+    ack: Option<u64>,
 }
 
 impl AgentConn {
+    /// Stores the highest ack heard, if any. Lazy: if a power cut undoes
+    /// it, the events after the older ack are sent again and the agent
+    /// drops what it has. Nothing comes back to this connection.
+    fn store_ack(&mut self) {
+        let Some(seq) = self.ack.take() else { return };
+        let (h, d, feed) = (self.handle.clone(), self.device.clone(), self.home.feed());
+        self.home.store.lazy_then(move |s| {
+            let mut fx = Effects::default();
+            rules::ack(&mut **s, &h, &d, seq, &mut fx)
+                .inspect_err(|e| tracing::error!(handle = %h, "storing an ack failed: {e}"))?;
+            Ok(feed.at_commit(fx))
+        });
+    }
+
     async fn run(&mut self, link: &mut Link<ServerTls>) -> End {
         if let Err(e) = Box::pin(self.replay(link)).await {
             return e.into();
@@ -450,6 +469,7 @@ impl AgentConn {
         };
         let shutdown = self.home.shutdown.clone();
         let end = session::run(link, self, &mut jobs, ka, &shutdown).await;
+        self.store_ack();
         // Jobs still pending when the link fails have their effects all the
         // same: at commit, on the store thread.
         while jobs.next().await.is_some() {}
@@ -552,19 +572,7 @@ impl AgentConn {
                 });
                 pending.push_back(Box::pin(async move { Done::Accepted(id, p.await) }));
             }
-            AgentFrame::Ack { seq } => {
-                // Lazy: if a power cut undoes the ack, the events after the
-                // older ack are sent again and the agent drops what it has.
-                // Nothing comes back to this connection.
-                let (h, d, feed) = (self.handle.clone(), self.device.clone(), self.home.feed());
-                store.lazy_then(move |s| {
-                    let mut fx = Effects::default();
-                    rules::ack(&mut **s, &h, &d, seq, &mut fx).inspect_err(
-                        |e| tracing::error!(handle = %h, "storing an ack failed: {e}"),
-                    )?;
-                    Ok(feed.at_commit(fx))
-                });
-            }
+            AgentFrame::Ack { seq } => self.ack = Some(self.ack.map_or(seq, |a| a.max(seq))),
             AgentFrame::Read { id, req } => {
                 let (h, feed) = (self.handle.clone(), self.home.feed());
                 let p = store.chain_then(&self.chain, move |s| {
@@ -842,6 +850,15 @@ impl Handler<ServerTls> for AgentConn {
     type Wake = Wake;
     const MAX_BAD_FRAMES: Option<u32> = Some(MAX_BAD_FRAMES);
     const MAX_JOBS: usize = MAX_IN_FLIGHT;
+
+    fn idle_due(&self) -> bool {
+        self.ack.is_some()
+    }
+
+    async fn idle(&mut self, _: &mut Link<ServerTls>) -> Result<(), End> {
+        self.store_ack();
+        Ok(())
+    }
 
     fn hold_reading(&self) -> Option<Instant> {
         self.hold()
