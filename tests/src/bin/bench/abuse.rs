@@ -10,7 +10,8 @@
 //!    itself sends above the default), so what holds the flooder back is
 //!    the per-connection bound on work in flight and TCP backpressure;
 //! 3. while 1,000 sockets from 127.0.0.3 connect and say nothing, and
-//!    connect again 100 ms after the home closes them.
+//!    connect again 100 ms after the home closes them (from a process of
+//!    their own, as an attacker's are).
 //!
 //! Then logins/s of 2,000 honest agents (50 from each of 40 addresses),
 //! alone and while one address
@@ -170,14 +171,35 @@ async fn victims(
                 });
             }
             "silent sockets" => {
-                let target: std::net::SocketAddr = net.home_addrs[0].parse()?;
-                for _ in 0..SILENT {
-                    let connects = connects.clone();
-                    attack.spawn(async move {
-                        silent(target, "127.0.0.3", end, &connects).await;
-                        Ok(())
-                    });
-                }
+                // In a process of its own, as an attacker is: its 1,000
+                // tasks must not stall the victim's in this runtime.
+                let mut child = tokio::process::Command::new("nice")
+                    .args(["-n", "19"])
+                    .arg(std::env::current_exe()?)
+                    .args(["silent-worker", &net.home_addrs[0], "127.0.0.3"])
+                    .arg(SILENT.to_string())
+                    .arg(format!(
+                        "{}",
+                        end.saturating_duration_since(Instant::now()).as_millis()
+                    ))
+                    .stdout(std::process::Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()?;
+                let connects = connects.clone();
+                attack.spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut out = String::new();
+                    if let Some(mut o) = child.stdout.take() {
+                        o.read_to_string(&mut out).await?;
+                    }
+                    child.wait().await?;
+                    let n = out
+                        .trim()
+                        .parse()
+                        .context("the silent-socket worker's count")?;
+                    connects.store(n, Ordering::Relaxed);
+                    Ok(())
+                });
                 // Let the pending pool fill first.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -629,6 +651,27 @@ async fn receive_n(
         }
     }
     Ok(got)
+}
+
+/// `popupd-bench silent-worker TARGET SOURCE_IP COUNT MILLIS`: COUNT
+/// silent sockets from SOURCE_IP against TARGET for MILLIS ms; prints how
+/// many connections were made.
+pub(crate) async fn silent_worker() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let [target, source, count, millis] = args.as_slice() else {
+        bail!("usage: popupd-bench silent-worker TARGET SOURCE_IP COUNT MILLIS");
+    };
+    let target: std::net::SocketAddr = target.parse()?;
+    let end = Instant::now() + Duration::from_millis(millis.parse()?);
+    let connects = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..count.parse::<usize>()? {
+        let (connects, source) = (connects.clone(), source.clone());
+        tasks.spawn(async move { silent(target, &source, end, &connects).await });
+    }
+    while tasks.join_next().await.is_some() {}
+    println!("{}", connects.load(Ordering::Relaxed));
+    Ok(())
 }
 
 /// One silent socket from `source`: connects, says nothing, and when the

@@ -535,6 +535,9 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("presence-worker") {
         return presence::worker().await;
     }
+    if std::env::args().nth(1).as_deref() == Some("silent-worker") {
+        return abuse::silent_worker().await;
+    }
     let a = parse_args()?;
     // Measure daemons as installed: a home logs at info by default, while
     // the tests' debug level writes a line per message. The presence
