@@ -120,8 +120,8 @@ impl Feed {
 
     /// Sends what the last batch caused to [`apply_commits`]: one wake-up
     /// per batch. (A send per job woke the receiver, and so preempted the
-    /// store thread, up to once per job: a fifth more CPU per message
-    /// between two homes.)
+    /// store thread, up to once per job; docs/performance.md has the
+    /// figures.)
     fn hand_on(&self, to: &mpsc::UnboundedSender<Vec<Commit>>) {
         let batch = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
         if !batch.is_empty() {
