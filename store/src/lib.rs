@@ -1,4 +1,5 @@
-//! popupd's storage machinery: SQLite on disk with group commit. The
+//! popupd's storage machinery: SQLite on disk (or PostgreSQL, [`pg`])
+//! with group commit. The
 //! stores themselves (the agent's, the home's, the global server's) live
 //! with the daemon and are built on this; this crate knows nothing of
 //! messages or roles.
@@ -42,6 +43,9 @@ use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
+pub mod pg;
+#[cfg(feature = "test-server")]
+pub mod pg_test_server;
 mod stats;
 pub use stats::{Health, Observer};
 
@@ -54,6 +58,10 @@ pub enum StoreError {
     /// The disk (or the file system's quota) has no room for the change.
     #[error("database: the disk is full: {0}")]
     Full(String),
+    /// The database cannot be reached (a database server that is down
+    /// or restarting); the same change may work once it is back.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     #[error("storage thread has stopped")]
     Closed,
     /// Not run: an earlier job of the same [`Chain`] failed.
@@ -77,7 +85,11 @@ impl StoreError {
     pub fn is_failure(&self) -> bool {
         matches!(
             self,
-            StoreError::Db(_) | StoreError::Full(_) | StoreError::Closed | StoreError::Aborted
+            StoreError::Db(_)
+                | StoreError::Full(_)
+                | StoreError::Unavailable(_)
+                | StoreError::Closed
+                | StoreError::Aborted
         )
     }
 
@@ -86,6 +98,7 @@ impl StoreError {
     pub fn client_reason(&self) -> &'static str {
         match self {
             StoreError::Full(_) => "its disk is full",
+            StoreError::Unavailable(_) => "its database is temporarily unavailable",
             StoreError::Closed => "it is shutting down",
             _ => "its storage failed",
         }

@@ -33,8 +33,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::accept::{self, Pool};
-use crate::config::HomeConfig;
+use crate::config::{HomeConfig, Storage};
 use crate::storage::home::{HomeStore, SqliteHome};
+use crate::storage::home_pg::PgHome;
 use crate::task::Shutdown;
 use popupd_protocol::net::tls;
 use popupd_protocol::{AGENT_PATH, PEER_PATH};
@@ -312,13 +313,27 @@ async fn drop_revoked(home: Arc<Home>) {
 
 /// Opens the store of a home.
 pub fn open_store(cfg: &HomeConfig, obs: Arc<dyn popupd_store::Observer>) -> anyhow::Result<Store> {
-    let path = cfg.data_dir.join("home.sqlite");
-    let s = SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(Batcher::spawn_observed(
-        &cfg.name,
-        Box::new(s) as Box<dyn HomeStore>,
-        obs,
-    )?)
+    let s = open_records(cfg)?;
+    Ok(Batcher::spawn_observed(&cfg.name, s, obs)?)
+}
+
+/// Opens a home's records where its config says (`storage:`). A client
+/// of PostgreSQL is made off the Tokio runtime, and must be used and
+/// dropped off it too: on a store thread, or in [`admin`]'s.
+pub fn open_records(cfg: &HomeConfig) -> anyhow::Result<Box<dyn HomeStore>> {
+    match &cfg.storage {
+        Storage::Sqlite => {
+            let path = cfg.data_dir.join("home.sqlite");
+            let s =
+                SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(Box::new(s))
+        }
+        Storage::Postgres(target) => {
+            let s = popupd_store::pg::off_runtime(|| PgHome::open(target, &cfg.name))
+                .with_context(|| format!("opening the database {}", target.describe()))?;
+            Ok(Box::new(s))
+        }
+    }
 }
 
 fn tls_configs(

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::Home;
+use crate::config::Storage;
 use crate::status::{self, Connections, PeerLink, Report};
 
 /// Items in the forward queue, by destination home, and those with none
@@ -45,8 +46,15 @@ fn db_path(home: &Home) -> std::path::PathBuf {
 }
 
 async fn depths(home: &Home) -> (HashMap<String, u64>, u64) {
+    let storage = home.cfg.storage.clone();
     let db = db_path(home);
-    match tokio::task::spawn_blocking(move || queue_depths(&db)).await {
+    let read = move || match storage {
+        Storage::Sqlite => queue_depths(&db).map_err(|e| e.to_string()),
+        Storage::Postgres(t) => {
+            crate::storage::home_pg::queue_depths(&t).map_err(|e| e.to_string())
+        }
+    };
+    match tokio::task::spawn_blocking(read).await {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => {
             tracing::warn!(home = %home.cfg.name, "reading the forward queue's depth: {e}");

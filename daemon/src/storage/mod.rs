@@ -1,11 +1,12 @@
-//! The daemon's stores, each on SQLite behind the group commit of
-//! `popupd-store`: [`agent`] (history, outbox, requests, signals),
-//! [`home`] (accounts, devices, mailboxes, forward queue, contacts) and
-//! [`global`] (the directory).
+//! The daemon's stores, each behind the group commit of `popupd-store`:
+//! [`agent`] (history, outbox, requests, signals) on SQLite, [`home`]
+//! (accounts, devices, mailboxes, forward queue, contacts) on SQLite or,
+//! in [`home_pg`], PostgreSQL, and [`global`] (the directory) on SQLite.
 
 pub mod agent;
 pub mod global;
 pub mod home;
+pub mod home_pg;
 
 /// Hex of SHA-256, for device secrets (high-entropy tokens need no slow hash).
 pub fn secret_hash(secret: &str) -> String {
