@@ -119,7 +119,19 @@ impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
         let text = match e.as_db_error() {
             Some(db) => format!("{} ({})", db.message(), db.code().code()),
-            None => e.to_string(),
+            None => {
+                // The cause ("Connection refused") is in the source chain.
+                let mut t = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    let more = c.to_string();
+                    if !t.contains(&more) {
+                        t = format!("{t}: {more}");
+                    }
+                    cause = c.source();
+                }
+                t
+            }
         };
         match e.code().map(|c| c.code()) {
             // disk_full, out_of_memory... (class 53: insufficient resources)

@@ -160,8 +160,9 @@ impl TestServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // The client is dropped where it was made, off any runtime.
             let up = crate::pg::off_runtime(|| {
-                postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+                postgres::Client::connect(&self.url("postgres"), postgres::NoTls).map(drop)
             });
             match up {
                 Ok(_) => return Ok(()),

@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 
 pub mod faults;
 pub mod netns;
+pub mod pg;
 use futures_util::StreamExt;
 use popupd_ipc::Agent1Proxy;
 
@@ -306,6 +307,9 @@ pub struct HomeLayout {
     pub prefix: Vec<String>,
     /// Its data folder, if not under the network's folder.
     pub data_dir: Option<PathBuf>,
+    /// Lines added to its section only (indented two spaces), after the
+    /// network's `home_yaml`: e.g. [`pg::storage_yaml`].
+    pub yaml: String,
 }
 
 impl Default for HomeLayout {
@@ -316,6 +320,7 @@ impl Default for HomeLayout {
             global_ip: "127.0.0.1".into(),
             prefix: Vec::new(),
             data_dir: None,
+            yaml: String::new(),
         }
     }
 }
@@ -417,13 +422,14 @@ impl Network {
             std::fs::write(
                 &file,
                 format!(
-                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}:{port}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n{}{}",
+                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}:{port}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n{}{}{}",
                     h.listen_ip,
                     h.public_ip,
                     data_dir.display(),
                     layout.idle_timeout,
                     h.global_ip,
                     layout.home_yaml,
+                    h.yaml,
                     metrics_line(i + 1),
                 ),
             )?;

@@ -764,7 +764,7 @@ impl Cx {
             None
         };
         if let Some(what) = missing {
-            return Err(self.err(&s.postgres, &field, format!("names no {what}"), hint));
+            return Err(self.err(&s.postgres, &field, format!("does not name {what}"), hint));
         }
         let roots = match &s.ca {
             Some(ca) => self.ca(ca, &format!("{sec}.storage.ca"))?,

@@ -329,6 +329,13 @@ pub fn open_records(cfg: &HomeConfig) -> anyhow::Result<Box<dyn HomeStore>> {
             Ok(Box::new(s))
         }
         Storage::Postgres(target) => {
+            // The data folder still holds the admin socket.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&cfg.data_dir)
+                .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
             let s = popupd_store::pg::off_runtime(|| PgHome::open(target, &cfg.name))
                 .with_context(|| format!("opening the database {}", target.describe()))?;
             Ok(Box::new(s))
