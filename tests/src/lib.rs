@@ -288,6 +288,8 @@ pub struct Layout {
     pub home_yaml: String,
     /// The address the global server listens on.
     pub global_ip: String,
+    /// Lines added to the global server's section (indented two spaces).
+    pub global_yaml: String,
     /// Home A, then home B.
     pub homes: [HomeLayout; 2],
     /// Each server serves metrics on a port of its own on 127.0.0.1.
@@ -331,6 +333,7 @@ impl Default for Layout {
             idle_timeout: "10s".into(),
             home_yaml: String::new(),
             global_ip: "127.0.0.1".into(),
+            global_yaml: String::new(),
             homes: Default::default(),
             metrics: false,
         }
@@ -394,8 +397,9 @@ impl Network {
         std::fs::write(
             dir.join("global.yaml"),
             format!(
-                "global:\n  name: global.test\n  listen: {}:{global_port}\n  cert: pki/global.test.crt\n  key: pki/global.test.key\n  ca: pki/ca.crt\n  data_dir: data/global\n{}",
+                "global:\n  name: global.test\n  listen: {}:{global_port}\n  cert: pki/global.test.crt\n  key: pki/global.test.key\n  ca: pki/ca.crt\n  data_dir: data/global\n{}{}",
                 layout.global_ip,
+                layout.global_yaml,
                 metrics_line(0),
             ),
         )?;

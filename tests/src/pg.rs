@@ -33,10 +33,13 @@ pub fn storage_yaml(pg: &TestServer, db: &str) -> anyhow::Result<String> {
     Ok(format!("  storage:\n    postgres: \"{url}\"\n"))
 }
 
-/// The default layout with the homes `on` (0: home A, 1: home B) on
-/// databases of their own on `pg`.
-pub fn layout(pg: &TestServer, on: &[usize]) -> anyhow::Result<Layout> {
+/// The default layout with the homes `on` (0: home A, 1: home B), and
+/// the global server if `global`, on databases of their own on `pg`.
+pub fn layout(pg: &TestServer, on: &[usize], global: bool) -> anyhow::Result<Layout> {
     let mut l = Layout::default();
+    if global {
+        l.global_yaml = storage_yaml(pg, "global")?;
+    }
     for &i in on {
         l.homes[i].yaml = storage_yaml(pg, &format!("home{i}"))?;
     }

@@ -24,13 +24,15 @@ const T: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_crosses_between_postgres_homes_and_its_receipts_and_reply_come_back() {
+    // The global server is on PostgreSQL too: the handles claimed by
+    // `user add` and the lookups of both homes go through it.
     const NAME: &str =
         "a_message_crosses_between_postgres_homes_and_its_receipts_and_reply_come_back";
     let dir = TestDir::new("pg-reply");
     let Some(server) = pg::server(&dir.path, NAME) else {
         return;
     };
-    let layout = pg::layout(&server, &[0, 1]).unwrap();
+    let layout = pg::layout(&server, &[0, 1], true).unwrap();
     let (net, alice, bob) = two_people_on(&dir.path, layout, "", "").await;
 
     let id = alice
@@ -66,9 +68,14 @@ async fn a_message_crosses_between_postgres_homes_and_its_receipts_and_reply_com
     assert_eq!(statuses, ["accepted", "delivered", "read"]);
     bob.wait_status(&reply_id, "delivered", T).await.unwrap();
 
-    // The homes kept it all in PostgreSQL, and nothing in SQLite.
-    for name in [popupd_e2e::HOME_A, popupd_e2e::HOME_B] {
-        let file = net.dir.join("data").join(name).join("home.sqlite");
+    // The homes and the global server kept it all in PostgreSQL, and
+    // nothing in SQLite.
+    for (name, file) in [
+        (popupd_e2e::HOME_A, "home.sqlite"),
+        (popupd_e2e::HOME_B, "home.sqlite"),
+        ("global", "global.sqlite"),
+    ] {
+        let file = net.dir.join("data").join(name).join(file);
         assert!(!file.exists(), "{} was made", file.display());
     }
     let users = popupd(&["user", "list", "-c", net.home_config(0).to_str().unwrap()]);
@@ -85,7 +92,7 @@ async fn an_offline_recipient_on_postgres_gets_what_waited_in_order_once() {
     let Some(server) = pg::server(&dir.path, NAME) else {
         return;
     };
-    let layout = pg::layout(&server, &[0, 1]).unwrap();
+    let layout = pg::layout(&server, &[0, 1], false).unwrap();
     let (_net, alice, mut bob) = two_people_on(&dir.path, layout, "", "").await;
     bob.proc.stop();
     let p = alice.proxy().await.unwrap();
@@ -129,7 +136,7 @@ async fn kill9_of_a_postgres_home_under_a_counted_stream_loses_doubles_and_reord
     let Some(server) = pg::server(&dir.path, NAME) else {
         return;
     };
-    let layout = pg::layout(&server, &[0, 1]).unwrap();
+    let layout = pg::layout(&server, &[0, 1], false).unwrap();
     let mut cast = Cast::start_on(&dir.path, layout).await;
     let mut total = Counts::default();
     for round in 0..2 {
@@ -158,7 +165,7 @@ async fn postgres_stopped_holds_sends_in_the_outbox_with_the_reason_until_it_is_
     let Some(mut server) = pg::server(&dir.path, NAME) else {
         return;
     };
-    let layout = pg::layout(&server, &[0]).unwrap();
+    let layout = pg::layout(&server, &[0], false).unwrap();
     let (_net, alice, bob) = two_people_on(&dir.path, layout, "", "").await;
     let ap = alice.proxy().await.unwrap();
     let first = ap.send("bob", "before").await.unwrap();

@@ -50,8 +50,13 @@ pub struct GlobalFile {
     pub key: Spanned<PathBuf>,
     /// The network CA certificate; homes must present a certificate under it.
     pub ca: Spanned<PathBuf>,
-    /// Where the directory database lives.
+    /// Where the directory database lives (with SQLite), and the admin
+    /// socket.
     pub data_dir: Spanned<PathBuf>,
+    /// The database: left out, SQLite in `data_dir`; `postgres:` for a
+    /// PostgreSQL database.
+    #[serde(default)]
+    pub storage: Option<StorageFile>,
     /// Limits for what connects (see `LimitsFile`).
     #[serde(default)]
     pub limits: Option<LimitsFile>,

@@ -94,6 +94,8 @@ pub struct GlobalConfig {
     /// Path of the CA certificate.
     pub ca_path: PathBuf,
     pub data_dir: PathBuf,
+    /// Where the directory lives.
+    pub storage: Storage,
     pub limits: Limits,
     /// Names of revoked homes: refused, their links closed.
     pub revoked: Arc<std::collections::HashSet<String>>,
@@ -108,6 +110,17 @@ pub enum Storage {
     Sqlite,
     /// A PostgreSQL database.
     Postgres(Box<popupd_store::pg::PgTarget>),
+}
+
+impl Storage {
+    /// Which database, in words (never a password): `sqlite`, or the
+    /// PostgreSQL target.
+    pub fn label(&self) -> String {
+        match self {
+            Storage::Sqlite => "sqlite".into(),
+            Storage::Postgres(t) => t.describe(),
+        }
+    }
 }
 
 /// What a server's open port takes (`limits:`).
@@ -604,6 +617,7 @@ impl Cx {
             ca: self.ca(&g.ca, "global.ca")?,
             ca_path: self.path(&g.ca),
             data_dir: self.path(&g.data_dir),
+            storage: self.storage(g.storage.as_ref(), "global")?,
             limits: self.limits(g.limits.as_ref(), "global")?,
             revoked: self.revoked(g.revoked.as_ref(), &g.ca, "global.revoked")?,
             metrics: g

@@ -402,6 +402,7 @@ async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>)
             ("listen", old.listen != new.listen),
             ("public_address", old.public_address != new.public_address),
             ("data_dir", old.data_dir != new.data_dir),
+            ("storage", old.storage.label() != new.storage.label()),
             (
                 "global",
                 old.global.name != new.global.name || old.global.address != new.global.address,

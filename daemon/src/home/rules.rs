@@ -1071,7 +1071,7 @@ mod tests {
     /// PostgreSQL (where the test process can start one).
     fn on_every_store(name: &str, test: fn(&mut dyn HomeStore)) {
         test(&mut Memory::default());
-        if let Some(t) = crate::storage::home_pg::tests::target(&format!("rules_{name}")) {
+        if let Some(t) = crate::storage::test_pg(&format!("rules_{name}")) {
             let mut s = crate::storage::home_pg::PgHome::open(&t, "home-test").unwrap();
             s.begin().unwrap();
             s.job_begin().unwrap();

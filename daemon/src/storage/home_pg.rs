@@ -705,29 +705,10 @@ pub fn queue_depths(target: &PgTarget) -> Result<(HashMap<String, u64>, u64), St
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use popupd_protocol::net::tls;
+    use crate::storage::test_pg as target;
     use popupd_store::Batcher;
-    use popupd_store::pg_test_server::{required, shared};
-
-    /// A fresh database `name` on the test process's own PostgreSQL, or
-    /// `None` when there is none: the test says "skipped" and why (and
-    /// fails instead under CI, where PostgreSQL is installed).
-    pub(crate) fn target(name: &str) -> Option<PgTarget> {
-        match shared().and_then(|s| s.create_db(name)) {
-            Ok(url) => Some(PgTarget {
-                config: url.parse().expect("test URL"),
-                tls: tls::client_config(tls::system_roots(), None).expect("TLS config"),
-            }),
-            Err(why) if required() => panic!("{name}: PostgreSQL is needed under CI: {why}"),
-            Err(why) => {
-                println!("skipped: {name}: {why}");
-                eprintln!("skipped: {name}: {why}");
-                None
-            }
-        }
-    }
 
     fn version(t: &PgTarget) -> (String, i32) {
         let mut c = connect(t, "test").unwrap();
