@@ -16,6 +16,8 @@ pub struct TestServer {
     as_user: Vec<String>,
     pub port: u16,
     child: Option<Child>,
+    /// Serves TLS with `server.crt` and `server.key` in `dir`.
+    tls: bool,
 }
 
 /// The user a server started by root runs as.
@@ -129,6 +131,7 @@ impl TestServer {
             as_user,
             port: free_port()?,
             child: None,
+            tls: false,
         };
         s.start_again()?;
         Ok(s)
@@ -152,6 +155,18 @@ impl TestServer {
             .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "max_connections=40", "-c", "shared_buffers=32MB"])
+            .args(if self.tls {
+                &[
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    "ssl_cert_file=server.crt",
+                    "-c",
+                    "ssl_key_file=server.key",
+                ][..]
+            } else {
+                &[]
+            })
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -181,6 +196,33 @@ impl TestServer {
                 ));
             }
         }
+    }
+
+    /// Restarts the server serving TLS (beside plain connections) with
+    /// the certificate chain and key of these PEM files.
+    pub fn enable_tls(&mut self, cert: &Path, key: &Path) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        self.stop();
+        let data = self.dir.join("data");
+        for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = data.join(to);
+            std::fs::copy(from, &to).map_err(|e| format!("{}: {e}", from.display()))?;
+            // PostgreSQL wants its key private to its own user.
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| e.to_string())?;
+            if is_root() {
+                let ok = Command::new("chown")
+                    .arg(format!("{USER}:{GROUP}"))
+                    .arg(&to)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    return Err(format!("cannot give {} to {USER}", to.display()));
+                }
+            }
+        }
+        self.tls = true;
+        self.start_again()
     }
 
     /// Stops the server (a fast shutdown: clients are cut off).

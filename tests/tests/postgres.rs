@@ -286,3 +286,82 @@ fn a_bad_storage_section_is_refused_with_its_file_line_and_field() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Home A reaches its database over TLS (`sslmode=require`), verified
+/// under the CA its `storage.ca` names; a server whose certificate that CA
+/// did not sign is refused, and the home says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_reaches_postgres_over_verified_tls_only() {
+    const NAME: &str = "a_home_reaches_postgres_over_verified_tls_only";
+    let dir = TestDir::new("pg-tls");
+    let Some(mut server) = pg::server(&dir.path, NAME) else {
+        return;
+    };
+    // The database server's certificate, for the name the homes dial.
+    let db_pki = dir.path.join("db-pki");
+    let s = db_pki.to_str().unwrap();
+    assert!(popupd(&["ca", "init", "--dir", s]).status.success());
+    assert!(
+        popupd(&["ca", "issue", "localhost", "--dir", s])
+            .status
+            .success()
+    );
+    server
+        .enable_tls(&db_pki.join("localhost.crt"), &db_pki.join("localhost.key"))
+        .unwrap();
+    server.create_db("home0").unwrap();
+    let url = format!(
+        "postgresql://popupd@localhost:{}/home0?sslmode=require",
+        server.port
+    );
+    let mut layout = popupd_e2e::Layout::default();
+    layout.homes[0].yaml = format!(
+        "  storage:\n    postgres: \"{url}\"\n    ca: {}\n",
+        db_pki.join("ca.crt").display()
+    );
+    let (net, alice, bob) = two_people_on(&dir.path, layout, "", "").await;
+    let id = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("bob", "over TLS")
+        .await
+        .unwrap();
+    bob.wait_for("the message", T, |s| s.received.iter().any(|r| r.0 == id))
+        .await
+        .unwrap();
+    alice.wait_status(&id, "delivered", T).await.unwrap();
+    // The server says the home's connection is encrypted.
+    let admin = server.url("home0");
+    let tls: Vec<bool> = popupd_store::pg::off_runtime(move || {
+        let mut c =
+            popupd_store::pg::postgres::Client::connect(&admin, popupd_store::pg::postgres::NoTls)
+                .unwrap();
+        c.query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
+             WHERE a.application_name = 'popupd home'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    });
+    assert_eq!(tls, [true], "the home's connection");
+
+    // Under another CA (the network's), the same server is refused.
+    let home = net.home_config(0);
+    let yaml = std::fs::read_to_string(&home).unwrap().replace(
+        &db_pki.join("ca.crt").display().to_string(),
+        &net.dir.join("pki/ca.crt").display().to_string(),
+    );
+    let other = dir.path.join("home-wrong-ca.yaml");
+    std::fs::write(&other, yaml).unwrap();
+    let o = popupd(&["user", "list", "-c", other.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("localhost") && e.to_lowercase().contains("certificate"),
+        "refused, saying why: {e}"
+    );
+    println!("with the wrong CA: {e}");
+}
