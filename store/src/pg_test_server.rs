@@ -225,6 +225,44 @@ impl TestServer {
         self.start_again()
     }
 
+    /// CPU time the server has used so far (user + system): its postmaster
+    /// with the children it waited for, and the children running now
+    /// (connections, the WAL writer, the checkpointer), from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return Duration::ZERO;
+        };
+        // Fields after the command name (which may hold spaces) start at ')'.
+        let stat = |p: &str| -> Option<Vec<u64>> {
+            let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let rest = s.rsplit_once(')')?.1;
+            Some(
+                rest.split_whitespace()
+                    .map(|x| x.parse().unwrap_or(0))
+                    .collect(),
+            )
+        };
+        // After ')': ppid is field 1, utime 11, stime 12, cutime 13, cstime 14.
+        let mut ticks = stat(&pid.to_string())
+            .map(|f| f[11..15].iter().sum::<u64>())
+            .unwrap_or(0);
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let Some(p) = name
+                    .to_str()
+                    .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                else {
+                    continue;
+                };
+                if let Some(f) = stat(p).filter(|f| f.len() > 12 && f[1] == u64::from(pid)) {
+                    ticks += f[11] + f[12];
+                }
+            }
+        }
+        Duration::from_millis(ticks * 10)
+    }
+
     /// Stops the server (a fast shutdown: clients are cut off).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
