@@ -106,6 +106,13 @@ pub fn connect(t: &PgTarget, app: &str) -> Result<postgres::Client, StoreError> 
     Ok(c)
 }
 
+/// The size of the target's database, on a connection of its own.
+pub fn database_bytes(t: &PgTarget) -> Result<u64, StoreError> {
+    let mut c = connect(t, "popupd status")?;
+    let r = c.query_one("SELECT pg_database_size(current_database())", &[])?;
+    Ok(r.get::<_, i64>(0).max(0) as u64)
+}
+
 fn unavailable(t: &PgTarget, e: postgres::Error) -> StoreError {
     match StoreError::from(e) {
         StoreError::Unavailable(m) => {

@@ -57,12 +57,15 @@ struct Global {
     cfg: GlobalConfig,
 }
 
+/// The directory's SQLite file in the data folder.
+const DB_FILE: &str = "global.sqlite";
+
 /// Opens the directory where the config says (`storage:`). A client of
 /// PostgreSQL is made off the Tokio runtime and lives on the store thread.
 fn open_store(cfg: &GlobalConfig) -> anyhow::Result<Box<dyn GlobalStore>> {
     match &cfg.storage {
         Storage::Sqlite => {
-            let path = cfg.data_dir.join("global.sqlite");
+            let path = cfg.data_dir.join(DB_FILE);
             let s =
                 SqliteGlobal::open(&path).with_context(|| format!("opening {}", path.display()))?;
             Ok(Box::new(s))
@@ -221,9 +224,11 @@ async fn refresh(g: Arc<Global>) {
             .get_or_create(&[("kind", kind.to_owned())])
             .set(n);
     }
-    let db = g.cfg.data_dir.join("global.sqlite");
-    let (size, wal) = crate::status::db_sizes(&db);
-    m.store_levels(g.store.health(), &[("db", size), ("wal", wal)]);
+    let at = crate::status::StoreAt::of(&g.cfg.data_dir, DB_FILE, &g.cfg.storage).await;
+    m.store_levels(
+        g.store.health(),
+        &[("db", at.database_bytes), ("wal", at.log_bytes)],
+    );
     for c in crate::status::certificates(&g.cfg.cert_path, &g.cfg.ca_path) {
         l.cert_expiry
             .get_or_create(&[("file", c.file)])
@@ -260,7 +265,7 @@ async fn report(g: Arc<Global>) -> crate::status::Report {
         started: g.started,
         cert_path: &g.cfg.cert_path,
         ca_path: &g.cfg.ca_path,
-        db: &g.cfg.data_dir.join("global.sqlite"),
+        db: status::StoreAt::of(&g.cfg.data_dir, DB_FILE, &g.cfg.storage).await,
         health: g.store.health(),
     };
     let connections = Connections {

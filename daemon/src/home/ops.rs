@@ -45,6 +45,10 @@ fn db_path(home: &Home) -> std::path::PathBuf {
     home.cfg.data_dir.join("home.sqlite")
 }
 
+async fn store_at(home: &Home) -> status::StoreAt {
+    status::StoreAt::of(&home.cfg.data_dir, "home.sqlite", &home.cfg.storage).await
+}
+
 async fn depths(home: &Home) -> (HashMap<String, u64>, u64) {
     let storage = home.cfg.storage.clone();
     let db = db_path(home);
@@ -90,8 +94,11 @@ pub async fn refresh(home: Arc<Home>) {
             .set(*n as i64);
     }
     l.unrouted.set(unrouted as i64);
-    let (db, wal) = status::db_sizes(&db_path(&home));
-    m.store_levels(home.store.health(), &[("db", db), ("wal", wal)]);
+    let at = store_at(&home).await;
+    m.store_levels(
+        home.store.health(),
+        &[("db", at.database_bytes), ("wal", at.log_bytes)],
+    );
     for c in status::certificates(&home.cfg.cert_path, &home.cfg.ca_path) {
         l.cert_expiry
             .get_or_create(&[("file", c.file)])
@@ -138,7 +145,7 @@ pub async fn report(home: Arc<Home>) -> Report {
         started: home.started,
         cert_path: &home.cfg.cert_path,
         ca_path: &home.cfg.ca_path,
-        db: &db_path(&home),
+        db: store_at(&home).await,
         health: home.store.health(),
     };
     let connections = Connections {
