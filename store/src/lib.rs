@@ -156,6 +156,11 @@ pub trait Batchable: Send {
     fn idle(&mut self) -> Option<std::time::Duration> {
         None
     }
+    /// Most jobs in one transaction ([`MAX_BATCH`] unless the store says
+    /// fewer).
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
 }
 
 /// See [`Batchable::syncer`].
@@ -182,6 +187,9 @@ impl<T: Batchable + ?Sized> Batchable for Box<T> {
     }
     fn idle(&mut self) -> Option<std::time::Duration> {
         (**self).idle()
+    }
+    fn max_batch(&self) -> usize {
+        (**self).max_batch()
     }
 }
 
@@ -218,8 +226,8 @@ struct Ran {
     done: Completion,
 }
 
-/// Most jobs in one transaction.
-const MAX_BATCH: usize = 2048;
+/// Most jobs in one transaction, by default.
+pub const MAX_BATCH: usize = 2048;
 
 /// A handle to a store's thread. Cheap to clone.
 pub struct Batcher<S> {
@@ -314,7 +322,8 @@ impl<S: Batchable + 'static> Batcher<S> {
                         Err(mpsc::TryRecvError::Disconnected) => break,
                     };
                     let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
+                    let max = store.max_batch();
+                    while batch.len() < max {
                         match rx.try_recv() {
                             Ok(j) => batch.push(j),
                             Err(_) => break,

@@ -154,6 +154,13 @@ impl From<postgres::Error> for StoreError {
     }
 }
 
+/// Most jobs in one PostgreSQL transaction. Each job's savepoint that
+/// writes is a subtransaction, and past 64 of them in one transaction
+/// (`PGPROC_MAX_CACHED_SUBXIDS`) every snapshot taken meanwhile must look
+/// them up in `pg_subtrans`: the server's CPU per change grows with the
+/// batch. More commits of at most this many cost less.
+pub const MAX_BATCH: usize = 64;
+
 /// One step of a PostgreSQL schema: SQL run in the transaction that
 /// records the version it makes. Step `i` (from 0) makes version `i + 1`.
 pub type PgStep = &'static str;

@@ -177,6 +177,9 @@ impl Batchable for PgHome {
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
         self.batch.job_end(&mut self.client, ok)
     }
+    fn max_batch(&self) -> usize {
+        popupd_store::pg::MAX_BATCH
+    }
 }
 
 impl Accounts for PgHome {
