@@ -512,17 +512,33 @@ fn run_batch<S: Batchable>(store: &mut S, batch: Vec<Job<S>>) -> Batch {
             tracing::error!("storage: savepoint: {e}");
         }
         let ran = (job.run)(store, go);
+        // A job that said Ok may still have been undone (a statement of it
+        // failed on a server that then needs the rollback): its caller
+        // hears why, and its commit work is not done.
+        let mut undone = None;
         if let Err(e) = store.job_end(ran.ok) {
-            tracing::error!("storage: release savepoint: {e}");
+            tracing::error!("storage: ending a job: {e}");
+            if ran.ok {
+                undone = Some(e);
+            }
         }
         if let Some(c) = job.chain {
-            if ran.failed {
+            if ran.failed || undone.as_ref().is_some_and(StoreError::is_failure) {
                 c.break_it();
             }
             chains.push(c);
         }
-        thens.extend(ran.then);
-        done.push((job.when, ran.done));
+        let done_job = ran.done;
+        match undone {
+            None => {
+                thens.extend(ran.then);
+                done.push((job.when, done_job));
+            }
+            Some(e) => {
+                let c: Completion = Box::new(move |commit| done_job(commit.and(Err(e))));
+                done.push((job.when, c));
+            }
+        }
     }
     let commit = store.commit();
     if let Err(e) = &commit {

@@ -281,11 +281,19 @@ impl PgBatch {
         self.open_job = true;
         Ok(())
     }
+    /// Ends the job; `Err` if it said `ok` but one of its statements
+    /// failed, so its changes were rolled back after all.
     pub fn job_end(&mut self, c: &mut postgres::Client, ok: bool) -> Result<(), StoreError> {
-        if !ok || self.poisoned {
-            self.open_job = false;
-            self.poisoned = false;
-            c.batch_execute("ROLLBACK TO job; RELEASE job")?;
+        let poisoned = std::mem::take(&mut self.poisoned);
+        if ok && !poisoned {
+            return Ok(());
+        }
+        self.open_job = false;
+        c.batch_execute("ROLLBACK TO job; RELEASE job")?;
+        if ok {
+            return Err(StoreError::Db(
+                "a statement of this change failed, so none of it was kept".into(),
+            ));
         }
         Ok(())
     }
