@@ -2,19 +2,26 @@
 //! what its errors mean to a caller, schema versions, and the savepoints a
 //! [`Batcher`](crate::Batcher) batch needs.
 //!
-//! The client is the `postgres` crate: tokio-postgres (the same author's
-//! async client) with a runtime of its own for each connection, driven by
-//! whichever thread calls it. A store runs on one [`Batcher`](crate::Batcher)
-//! thread that takes every job waiting, runs them in one transaction (a
-//! savepoint each) and answers after the one commit: that thread needs one
-//! connection it can call synchronously, not a pool of connections shared
-//! by tasks. A pool would split a batch over connections and lose the group
-//! commit (one WAL flush for the batch). Readers off the store thread (an
+//! The client is tokio-postgres, driven synchronously ([`PgConn`]): a
+//! current-thread runtime of its own per connection, which runs only while
+//! a call waits. A store runs on one [`Batcher`](crate::Batcher) thread that
+//! takes every job waiting, runs them in one transaction (a savepoint each)
+//! and answers after the one commit: that thread needs one connection it
+//! can call synchronously, not a pool of connections shared by tasks. A
+//! pool would split a batch over connections and lose the group commit
+//! (one WAL flush for the batch). Readers off the store thread (an
 //! operator's scrape) open a connection of their own.
 //!
-//! A client must be made, used and dropped where no Tokio runtime drives
-//! the thread (its own runtime would be nested): the store thread, a
-//! blocking task, or [`off_runtime`].
+//! Each statement waited for is a round trip to the server, so writes
+//! whose answer the caller does not need are sent without waiting
+//! ([`PgConn::send`]): tokio-postgres pipelines them ahead of the next
+//! statement on the connection, and the server runs them in order. A
+//! failure among them aborts the transaction, which the next statement
+//! waited for (at the latest the job's end, [`PgBatch::job_end`]) finds.
+//!
+//! A connection must be made, used and dropped where no Tokio runtime
+//! drives the thread (its own runtime would be nested): the store thread,
+//! a blocking task, or [`off_runtime`].
 //!
 //! **Durability:** a commit returns once PostgreSQL has flushed its WAL
 //! (`synchronous_commit = on`, which [`connect`] sets for the session), so
@@ -22,7 +29,7 @@
 
 use std::sync::Arc;
 
-pub use postgres;
+pub use tokio_postgres as postgres;
 
 use crate::StoreError;
 
@@ -87,7 +94,7 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Opens a connection for `application_name` `app`.
-pub fn connect(t: &PgTarget, app: &str) -> Result<postgres::Client, StoreError> {
+pub fn connect(t: &PgTarget, app: &str) -> Result<PgConn, StoreError> {
     let mut cfg = t.config.clone();
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(CONNECT_TIMEOUT);
@@ -98,23 +105,150 @@ pub fn connect(t: &PgTarget, app: &str) -> Result<postgres::Client, StoreError> 
     if cfg.get_application_name().is_none() {
         cfg.application_name(app);
     }
-    let mut c = cfg
-        .connect(MakeRustls(t.tls.clone()))
-        .map_err(|e| unavailable(t, e))?;
-    c.batch_execute("SET synchronous_commit = on")
-        .map_err(StoreError::from)?;
+    let mut c = PgConn::start(&cfg, MakeRustls(t.tls.clone())).map_err(|e| unavailable(t, e))?;
+    c.batch_execute("SET synchronous_commit = on")?;
     Ok(c)
 }
+
+/// Opens a connection without TLS, from a URL: for a server on loopback
+/// (tests).
+pub fn connect_plain(url: &str) -> Result<PgConn, StoreError> {
+    let cfg: postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::Db(format!("{url}: {e}")))?;
+    PgConn::start(&cfg, postgres::NoTls)
+}
+
+/// One connection, called synchronously (see the module's docs).
+pub struct PgConn {
+    rt: tokio::runtime::Runtime,
+    client: postgres::Client,
+    /// Statements prepared on this connection, by their text.
+    prepared: std::collections::HashMap<&'static str, postgres::Statement>,
+    /// Writes were sent that nothing waited for since.
+    unsynced: bool,
+}
+
+impl PgConn {
+    /// Connects without TLS (a test server on loopback), or with the
+    /// given TLS.
+    pub fn start<T>(cfg: &postgres::Config, tls: T) -> Result<PgConn, StoreError>
+    where
+        T: postgres::tls::MakeTlsConnect<postgres::Socket> + 'static + Send,
+        T::TlsConnect: Send,
+        T::Stream: Send,
+        <T::TlsConnect as postgres::tls::TlsConnect<postgres::Socket>>::Future: Send,
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Db(format!("cannot start a database client: {e}")))?;
+        let (client, conn) = rt.block_on(cfg.connect(tls))?;
+        rt.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("database connection ended: {e}");
+            }
+        });
+        Ok(PgConn {
+            rt,
+            client,
+            prepared: Default::default(),
+            unsynced: false,
+        })
+    }
+
+    /// Whether the connection is gone (the server closed it, or it broke).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, postgres::Error> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.rt.block_on(self.client.prepare(sql))?;
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    /// Runs a prepared statement and returns its rows.
+    pub fn query(
+        &mut self,
+        sql: &'static str,
+        p: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<postgres::Row>, postgres::Error> {
+        let st = self.statement(sql)?;
+        self.unsynced = false;
+        self.rt.block_on(self.client.query(&st, p))
+    }
+
+    /// Runs a prepared statement and returns its row, if any.
+    pub fn query_opt(
+        &mut self,
+        sql: &'static str,
+        p: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Option<postgres::Row>, postgres::Error> {
+        let st = self.statement(sql)?;
+        self.unsynced = false;
+        self.rt.block_on(self.client.query_opt(&st, p))
+    }
+
+    /// Runs a prepared statement and returns how many rows it changed.
+    pub fn execute(
+        &mut self,
+        sql: &'static str,
+        p: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        let st = self.statement(sql)?;
+        self.unsynced = false;
+        self.rt.block_on(self.client.execute(&st, p))
+    }
+
+    /// Sends a prepared statement and does not wait for its answer: it
+    /// runs before whatever is sent next, and if it fails, the next
+    /// statement waited for fails too (the transaction is aborted).
+    pub fn send(
+        &mut self,
+        sql: &'static str,
+        p: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<(), postgres::Error> {
+        let st = self.statement(sql)?;
+        // The first poll encodes the statement and queues it on the
+        // connection; the answer is read, and dropped, by the connection
+        // task at the next call that waits.
+        let fut = self.client.execute(&st, p);
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(Err(e)) = fut.as_mut().poll(&mut cx) {
+            return Err(e);
+        }
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Whether writes were sent that nothing waited for since.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Runs SQL without parameters (several statements, simple protocol).
+    pub fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        self.unsynced = false;
+        self.rt.block_on(self.client.batch_execute(sql))
+    }
+}
+
+use std::future::Future as _;
 
 /// The size of the target's database, on a connection of its own.
 pub fn database_bytes(t: &PgTarget) -> Result<u64, StoreError> {
     let mut c = connect(t, "popupd status")?;
-    let r = c.query_one("SELECT pg_database_size(current_database())", &[])?;
-    Ok(r.get::<_, i64>(0).max(0) as u64)
+    let r = c.query_opt("SELECT pg_database_size(current_database())", &[])?;
+    Ok(r.map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
 }
 
-fn unavailable(t: &PgTarget, e: postgres::Error) -> StoreError {
-    match StoreError::from(e) {
+fn unavailable(t: &PgTarget, e: StoreError) -> StoreError {
+    match e {
         StoreError::Unavailable(m) => {
             StoreError::Unavailable(format!("connecting to {}: {m}", t.describe()))
         }
@@ -172,7 +306,25 @@ pub type PgStep = &'static str;
 /// one transaction with its version, and a database of a newer popupd, or
 /// of another server, is refused.
 pub fn pg_migrate(
-    c: &mut postgres::Client,
+    c: &mut PgConn,
+    target: &PgTarget,
+    store: &str,
+    owner: &str,
+    steps: &[PgStep],
+) -> Result<(), StoreError> {
+    c.batch_execute("BEGIN")?;
+    let r = migrate_in(c, target, store, owner, steps);
+    match r {
+        Ok(()) => Ok(c.batch_execute("COMMIT")?),
+        Err(e) => {
+            let _ = c.batch_execute("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn migrate_in(
+    c: &mut PgConn,
     target: &PgTarget,
     store: &str,
     owner: &str,
@@ -180,17 +332,16 @@ pub fn pg_migrate(
 ) -> Result<(), StoreError> {
     let at = target.describe();
     let fail = |what: String| StoreError::Db(format!("{at}: {what}"));
-    let mut tx = c.transaction()?;
     // One key for every popupd schema change in this database.
-    tx.execute("SELECT pg_advisory_xact_lock(7034117)", &[])?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS popupd_schema(
+    c.batch_execute(
+        "SELECT pg_advisory_xact_lock(7034117);
+         CREATE TABLE IF NOT EXISTS popupd_schema(
             store TEXT PRIMARY KEY,
             owner TEXT NOT NULL,
             version INTEGER NOT NULL
          )",
     )?;
-    let row = tx.query_opt(
+    let row = c.query_opt(
         "SELECT owner, version FROM popupd_schema WHERE store = $1",
         &[&store],
     )?;
@@ -206,7 +357,7 @@ pub fn pg_migrate(
             v
         }
         None => {
-            tx.execute(
+            c.execute(
                 "INSERT INTO popupd_schema(store, owner, version) VALUES ($1, $2, 0)",
                 &[&store, &owner],
             )?;
@@ -220,9 +371,9 @@ pub fn pg_migrate(
     }
     for (i, step) in steps.iter().enumerate().skip(have as usize) {
         let v = i as i32 + 1;
-        tx.batch_execute(step)
+        c.batch_execute(step)
             .and_then(|()| {
-                tx.execute(
+                c.execute(
                     "UPDATE popupd_schema SET version = $2 WHERE store = $1",
                     &[&store, &v],
                 )
@@ -232,7 +383,6 @@ pub fn pg_migrate(
             tracing::info!(database = %at, store, version = v, "database schema upgraded");
         }
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -241,56 +391,79 @@ pub fn pg_migrate(
 ///
 /// Each round trip to the server costs the store thread a wait, so the
 /// statements of the machinery travel together where they can: a job's
-/// `RELEASE` goes with the next job's `SAVEPOINT` (or is left to the
-/// `COMMIT`, which ends every savepoint). A statement that failed aborts
-/// PostgreSQL's transaction until its savepoint is rolled back, so a job
-/// whose statement failed is rolled back even if it went on to succeed.
+/// `RELEASE` goes with the next job's `SAVEPOINT`; a job that sent writes
+/// without waiting ends with that pair, which also finds whether they all
+/// succeeded. A statement that failed aborts PostgreSQL's transaction until
+/// its savepoint is rolled back, so a job whose statement failed is rolled
+/// back even if it went on to succeed, and [`job_end`](Self::job_end) says
+/// so.
 #[derive(Default)]
 pub struct PgBatch {
-    /// A job's savepoint is open and may be released.
+    /// The savepoint of a finished job is open and may be released.
     open_job: bool,
+    /// A fresh savepoint is open for the next job already.
+    ready: bool,
     /// A statement of the current job failed.
     poisoned: bool,
 }
 
 impl PgBatch {
-    pub fn begin(&mut self, c: &mut postgres::Client) -> Result<(), StoreError> {
-        self.open_job = false;
-        self.poisoned = false;
+    pub fn begin(&mut self, c: &mut PgConn) -> Result<(), StoreError> {
+        *self = PgBatch::default();
         c.batch_execute("BEGIN")?;
         Ok(())
     }
-    pub fn commit(&mut self, c: &mut postgres::Client) -> Result<(), StoreError> {
-        self.open_job = false;
+    pub fn commit(&mut self, c: &mut PgConn) -> Result<(), StoreError> {
+        if c.unsynced() {
+            // Writes sent outside a job (an admin command's): COMMIT of an
+            // aborted transaction is a silent rollback, so look first.
+            c.batch_execute("SELECT 1")?;
+        }
+        *self = PgBatch::default();
         c.batch_execute("COMMIT")?;
         Ok(())
     }
-    pub fn rollback(&mut self, c: &mut postgres::Client) {
-        self.open_job = false;
+    pub fn rollback(&mut self, c: &mut PgConn) {
+        *self = PgBatch::default();
         if !c.is_closed() {
             let _ = c.batch_execute("ROLLBACK");
         }
     }
-    pub fn job_begin(&mut self, c: &mut postgres::Client) -> Result<(), StoreError> {
+    pub fn job_begin(&mut self, c: &mut PgConn) -> Result<(), StoreError> {
         self.poisoned = false;
-        if self.open_job {
+        if std::mem::take(&mut self.ready) {
+            return Ok(());
+        }
+        if std::mem::take(&mut self.open_job) {
             c.batch_execute("RELEASE job; SAVEPOINT job")?;
         } else {
             c.batch_execute("SAVEPOINT job")?;
         }
-        self.open_job = true;
         Ok(())
     }
     /// Ends the job; `Err` if it said `ok` but one of its statements
     /// failed, so its changes were rolled back after all.
-    pub fn job_end(&mut self, c: &mut postgres::Client, ok: bool) -> Result<(), StoreError> {
-        let poisoned = std::mem::take(&mut self.poisoned);
+    pub fn job_end(&mut self, c: &mut PgConn, ok: bool) -> Result<(), StoreError> {
+        let mut poisoned = std::mem::take(&mut self.poisoned);
         if ok && !poisoned {
-            return Ok(());
+            if !c.unsynced() {
+                self.open_job = true;
+                return Ok(());
+            }
+            // Its writes were sent without waiting: this pair finds
+            // whether they took, and opens the next job's savepoint.
+            match c.batch_execute("RELEASE job; SAVEPOINT job") {
+                Ok(()) => {
+                    self.ready = true;
+                    return Ok(());
+                }
+                Err(_) => poisoned = true,
+            }
         }
         self.open_job = false;
+        self.ready = false;
         c.batch_execute("ROLLBACK TO job; RELEASE job")?;
-        if ok {
+        if ok && poisoned {
             return Err(StoreError::Db(
                 "a statement of this change failed, so none of it was kept".into(),
             ));
@@ -304,28 +477,9 @@ impl PgBatch {
             StoreError::from(e)
         })
     }
-}
-
-/// Statements prepared once per connection, by their text.
-#[derive(Default)]
-pub struct Prepared(std::collections::HashMap<&'static str, postgres::Statement>);
-
-impl Prepared {
-    pub fn get(
-        &mut self,
-        c: &mut postgres::Client,
-        sql: &'static str,
-    ) -> Result<postgres::Statement, postgres::Error> {
-        if let Some(s) = self.0.get(sql) {
-            return Ok(s.clone());
-        }
-        let s = c.prepare(sql)?;
-        self.0.insert(sql, s.clone());
-        Ok(s)
-    }
-    /// Forgets them all (a new connection).
-    pub fn clear(&mut self) {
-        self.0.clear()
+    /// After connecting again: the old connection's transaction is gone.
+    pub fn reset(&mut self) {
+        *self = PgBatch::default();
     }
 }
 

@@ -177,7 +177,7 @@ impl TestServer {
         loop {
             // The client is dropped where it was made, off any runtime.
             let up = crate::pg::off_runtime(|| {
-                postgres::Client::connect(&self.url("postgres"), postgres::NoTls).map(drop)
+                crate::pg::connect_plain(&self.url("postgres")).map(drop)
             });
             match up {
                 Ok(_) => return Ok(()),
@@ -374,7 +374,7 @@ impl ServerInfo {
     pub fn create_db(&self, name: &str) -> Result<String, String> {
         let admin = self.url("postgres");
         crate::pg::off_runtime(|| {
-            let mut c = postgres::Client::connect(&admin, postgres::NoTls)
+            let mut c = crate::pg::connect_plain(&admin)
                 .map_err(|e| format!("connecting to the test server: {e}"))?;
             c.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\"; "))
                 .and_then(|()| c.batch_execute(&format!("CREATE DATABASE \"{name}\"")))

@@ -334,9 +334,7 @@ async fn a_home_reaches_postgres_over_verified_tls_only() {
     // The server says the home's connection is encrypted.
     let admin = server.url("home0");
     let tls: Vec<bool> = popupd_store::pg::off_runtime(move || {
-        let mut c =
-            popupd_store::pg::postgres::Client::connect(&admin, popupd_store::pg::postgres::NoTls)
-                .unwrap();
+        let mut c = popupd_store::pg::connect_plain(&admin).unwrap();
         c.query(
             "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
              WHERE a.application_name = 'popupd home'",

@@ -5,8 +5,8 @@
 use rusqlite::{OptionalExtension, params};
 
 use popupd_protocol::{Route, now_ms};
-use popupd_store::pg::postgres::{self, Row, types::ToSql};
-use popupd_store::pg::{PgBatch, PgStep, PgTarget, Prepared, connect, pg_migrate};
+use popupd_store::pg::postgres::{Row, types::ToSql};
+use popupd_store::pg::{PgBatch, PgConn, PgStep, PgTarget, connect, pg_migrate};
 use popupd_store::{Batchable, Step, StoreError, migrate, open_sqlite, sqlite_batchable};
 
 /// The directory, on one store with group commit. Methods run inside the
@@ -180,8 +180,7 @@ CREATE TABLE handles(
 /// runtime (the store thread, or [`popupd_store::pg::off_runtime`]).
 pub struct PgGlobal {
     target: PgTarget,
-    client: postgres::Client,
-    prep: Prepared,
+    conn: PgConn,
     batch: PgBatch,
 }
 
@@ -191,60 +190,53 @@ impl PgGlobal {
     /// Connects and brings the schema up to date; the tables are global
     /// server `name`'s.
     pub fn open(target: &PgTarget, name: &str) -> Result<Self, StoreError> {
-        let mut client = connect(target, "popupd global")?;
-        pg_migrate(&mut client, target, "global", name, PG_STEPS)?;
+        let mut conn = connect(target, "popupd global")?;
+        pg_migrate(&mut conn, target, "global", name, PG_STEPS)?;
         Ok(PgGlobal {
             target: target.clone(),
-            client,
-            prep: Prepared::default(),
+            conn,
             batch: PgBatch::default(),
         })
     }
 
     fn row(&mut self, sql: &'static str, p: Params<'_>) -> Result<Option<Row>, StoreError> {
-        let r = match self.prep.get(&mut self.client, sql) {
-            Ok(st) => self.client.query_opt(&st, p),
-            Err(e) => Err(e),
-        };
+        let r = self.conn.query_opt(sql, p);
         self.batch.watch(r)
     }
 
     fn exec(&mut self, sql: &'static str, p: Params<'_>) -> Result<u64, StoreError> {
-        let r = match self.prep.get(&mut self.client, sql) {
-            Ok(st) => self.client.execute(&st, p),
-            Err(e) => Err(e),
-        };
+        let r = self.conn.execute(sql, p);
         self.batch.watch(r)
     }
 }
 
 impl Batchable for PgGlobal {
     fn begin(&mut self) -> Result<(), StoreError> {
-        if self.client.is_closed() {
-            self.client = connect(&self.target, "popupd global")?;
-            self.prep.clear();
+        if self.conn.is_closed() {
+            self.conn = connect(&self.target, "popupd global")?;
+            self.batch.reset();
         }
-        match self.batch.begin(&mut self.client) {
+        match self.batch.begin(&mut self.conn) {
             // The connection died since the last batch: a new one may work.
-            Err(_) if self.client.is_closed() => {
-                self.client = connect(&self.target, "popupd global")?;
-                self.prep.clear();
-                self.batch.begin(&mut self.client)
+            Err(_) if self.conn.is_closed() => {
+                self.conn = connect(&self.target, "popupd global")?;
+                self.batch.reset();
+                self.batch.begin(&mut self.conn)
             }
             r => r,
         }
     }
     fn commit(&mut self) -> Result<(), StoreError> {
-        self.batch.commit(&mut self.client)
+        self.batch.commit(&mut self.conn)
     }
     fn rollback(&mut self) {
-        self.batch.rollback(&mut self.client)
+        self.batch.rollback(&mut self.conn)
     }
     fn job_begin(&mut self) -> Result<(), StoreError> {
-        self.batch.job_begin(&mut self.client)
+        self.batch.job_begin(&mut self.conn)
     }
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
-        self.batch.job_end(&mut self.client, ok)
+        self.batch.job_end(&mut self.conn, ok)
     }
 }
 

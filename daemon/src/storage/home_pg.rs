@@ -14,9 +14,9 @@
 use std::collections::{HashMap, HashSet};
 
 use popupd_protocol::{Delivery, Relation, now_ms};
+use popupd_store::pg::postgres::Row;
 use popupd_store::pg::postgres::types::ToSql;
-use popupd_store::pg::postgres::{self, Row};
-use popupd_store::pg::{PgBatch, PgStep, PgTarget, Prepared, connect, pg_migrate};
+use popupd_store::pg::{PgBatch, PgConn, PgStep, PgTarget, connect, pg_migrate};
 use popupd_store::{Batchable, StoreError};
 
 use super::home::{
@@ -93,8 +93,7 @@ CREATE INDEX contacts_peer_home ON contacts(owner, peer_home, relation);
 /// runtime ([`popupd_store::pg::off_runtime`], or the store thread).
 pub struct PgHome {
     target: PgTarget,
-    client: postgres::Client,
-    prep: Prepared,
+    conn: PgConn,
     batch: PgBatch,
 }
 
@@ -104,44 +103,41 @@ impl PgHome {
     /// Connects, and brings the schema up to date; the tables are home
     /// `name`'s (another home's database is refused).
     pub fn open(target: &PgTarget, name: &str) -> Result<Self, StoreError> {
-        let mut client = connect(target, "popupd home")?;
-        pg_migrate(&mut client, target, "home", name, STEPS)?;
+        let mut conn = connect(target, "popupd home")?;
+        pg_migrate(&mut conn, target, "home", name, STEPS)?;
         Ok(PgHome {
             target: target.clone(),
-            client,
-            prep: Prepared::default(),
+            conn,
             batch: PgBatch::default(),
         })
     }
 
     fn reconnect(&mut self) -> Result<(), StoreError> {
-        self.client = connect(&self.target, "popupd home")?;
-        self.prep.clear();
+        self.conn = connect(&self.target, "popupd home")?;
+        self.batch.reset();
         tracing::info!(database = %self.target.describe(), "storage: connected to the database again");
         Ok(())
     }
 
     fn rows(&mut self, sql: &'static str, p: Params<'_>) -> Result<Vec<Row>, StoreError> {
-        let r = match self.prep.get(&mut self.client, sql) {
-            Ok(st) => self.client.query(&st, p),
-            Err(e) => Err(e),
-        };
+        let r = self.conn.query(sql, p);
         self.batch.watch(r)
     }
 
     fn row(&mut self, sql: &'static str, p: Params<'_>) -> Result<Option<Row>, StoreError> {
-        let r = match self.prep.get(&mut self.client, sql) {
-            Ok(st) => self.client.query_opt(&st, p),
-            Err(e) => Err(e),
-        };
+        let r = self.conn.query_opt(sql, p);
+        self.batch.watch(r)
+    }
+
+    /// A write whose answer nothing needs: sent without waiting (a
+    /// failure shows at the next statement waited for, or the job's end).
+    fn send(&mut self, sql: &'static str, p: Params<'_>) -> Result<(), StoreError> {
+        let r = self.conn.send(sql, p);
         self.batch.watch(r)
     }
 
     fn exec(&mut self, sql: &'static str, p: Params<'_>) -> Result<u64, StoreError> {
-        let r = match self.prep.get(&mut self.client, sql) {
-            Ok(st) => self.client.execute(&st, p),
-            Err(e) => Err(e),
-        };
+        let r = self.conn.execute(sql, p);
         self.batch.watch(r)
     }
 }
@@ -152,30 +148,30 @@ fn no_user(handle: &str) -> StoreError {
 
 impl Batchable for PgHome {
     fn begin(&mut self) -> Result<(), StoreError> {
-        if self.client.is_closed() {
+        if self.conn.is_closed() {
             self.reconnect()?;
         }
-        match self.batch.begin(&mut self.client) {
+        match self.batch.begin(&mut self.conn) {
             // The server restarted (or the link dropped) since the last
             // batch: the old connection is gone, a new one may work.
-            Err(StoreError::Unavailable(_)) | Err(StoreError::Db(_)) if self.client.is_closed() => {
+            Err(StoreError::Unavailable(_)) | Err(StoreError::Db(_)) if self.conn.is_closed() => {
                 self.reconnect()?;
-                self.batch.begin(&mut self.client)
+                self.batch.begin(&mut self.conn)
             }
             r => r,
         }
     }
     fn commit(&mut self) -> Result<(), StoreError> {
-        self.batch.commit(&mut self.client)
+        self.batch.commit(&mut self.conn)
     }
     fn rollback(&mut self) {
-        self.batch.rollback(&mut self.client)
+        self.batch.rollback(&mut self.conn)
     }
     fn job_begin(&mut self) -> Result<(), StoreError> {
-        self.batch.job_begin(&mut self.client)
+        self.batch.job_begin(&mut self.conn)
     }
     fn job_end(&mut self, ok: bool) -> Result<(), StoreError> {
-        self.batch.job_end(&mut self.client, ok)
+        self.batch.job_end(&mut self.conn, ok)
     }
     fn max_batch(&self) -> usize {
         popupd_store::pg::MAX_BATCH
@@ -203,8 +199,8 @@ impl Accounts for PgHome {
     }
 
     fn remove_user(&mut self, handle: &str) -> Result<bool, StoreError> {
-        self.exec("DELETE FROM mailbox WHERE handle = $1", &[&handle])?;
-        self.exec(
+        self.send("DELETE FROM mailbox WHERE handle = $1", &[&handle])?;
+        self.send(
             "DELETE FROM contacts WHERE owner = $1 OR peer = $1",
             &[&handle],
         )?;
@@ -304,7 +300,7 @@ impl Accounts for PgHome {
     }
 
     fn set_device_acked(&mut self, handle: &str, device: &str, seq: u64) -> Result<(), StoreError> {
-        self.exec(
+        self.send(
             "UPDATE devices SET acked_seq = $3 WHERE handle = $1 AND device = $2",
             &[&handle, &device, &(seq as i64)],
         )?;
@@ -346,7 +342,7 @@ impl Mailbox for PgHome {
             };
         };
         let seq: i64 = taken.get(0);
-        self.exec(
+        self.send(
             "INSERT INTO mailbox(handle, seq, msg_id, event) VALUES ($1, $2, $3, $4)",
             &[&handle, &seq, &msg_id, &event_json],
         )?;
@@ -393,7 +389,7 @@ impl Mailbox for PgHome {
     fn forget_stored(&mut self, handle: &str) -> Result<(), StoreError> {
         // One round trip: what every device has goes, and the counters
         // move by what went.
-        self.exec(
+        self.send(
             "WITH gone AS (
                 DELETE FROM mailbox WHERE handle = $1
                   AND seq <= (SELECT min(acked_seq) FROM devices WHERE handle = $1)
@@ -431,7 +427,7 @@ impl SentLog for PgHome {
         recipient: &str,
         dest_home: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.exec(
+        self.send(
             "INSERT INTO sent(id, sender, recipient, state, at, dest_home)
              VALUES ($1, $2, $3, 'accepted', $4, $5)",
             &[&id, &sender, &recipient, &now_ms(), &dest_home],
@@ -440,7 +436,7 @@ impl SentLog for PgHome {
     }
 
     fn set_sent_state(&mut self, id: &str, state: Delivery) -> Result<(), StoreError> {
-        self.exec(
+        self.send(
             "UPDATE sent SET state = $2 WHERE id = $1",
             &[&id, &state.as_str()],
         )?;
@@ -448,7 +444,7 @@ impl SentLog for PgHome {
     }
 
     fn set_sent_home(&mut self, id: &str, dest_home: &str) -> Result<(), StoreError> {
-        self.exec(
+        self.send(
             "UPDATE sent SET dest_home = $2 WHERE id = $1",
             &[&id, &dest_home],
         )?;
@@ -486,17 +482,17 @@ impl ReceivedLog for PgHome {
     }
 
     fn forget_received(&mut self, id: &str) -> Result<(), StoreError> {
-        self.exec("DELETE FROM received WHERE id = $1", &[&id])?;
+        self.send("DELETE FROM received WHERE id = $1", &[&id])?;
         Ok(())
     }
 
     fn set_delivered(&mut self, id: &str) -> Result<(), StoreError> {
-        self.exec("UPDATE received SET delivered = true WHERE id = $1", &[&id])?;
+        self.send("UPDATE received SET delivered = true WHERE id = $1", &[&id])?;
         Ok(())
     }
 
     fn set_read(&mut self, id: &str) -> Result<(), StoreError> {
-        self.exec(
+        self.send(
             "UPDATE received SET read = true, delivered = true WHERE id = $1",
             &[&id],
         )?;
@@ -632,7 +628,7 @@ impl ContactBook for PgHome {
         relation: Relation,
         peer_home: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.exec(
+        self.send(
             "INSERT INTO contacts(owner, peer, relation, peer_home, at) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (owner, peer) DO UPDATE SET relation = $3,
                 peer_home = coalesce($4, contacts.peer_home), at = $5",
@@ -642,7 +638,7 @@ impl ContactBook for PgHome {
     }
 
     fn delete_contact(&mut self, owner: &str, peer: &str) -> Result<(), StoreError> {
-        self.exec(
+        self.send(
             "DELETE FROM contacts WHERE owner = $1 AND peer = $2",
             &[&owner, &peer],
         )?;
@@ -716,10 +712,11 @@ mod tests {
     fn version(t: &PgTarget) -> (String, i32) {
         let mut c = connect(t, "test").unwrap();
         let r = c
-            .query_one(
+            .query_opt(
                 "SELECT owner, version FROM popupd_schema WHERE store = 'home'",
                 &[],
             )
+            .unwrap()
             .unwrap();
         (r.get(0), r.get(1))
     }
