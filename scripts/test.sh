@@ -22,6 +22,11 @@ command -v xdotool >/dev/null || need+=(xdotool)
 # service neither started nor enabled (see below).
 quiet=()
 command -v prometheus >/dev/null || quiet+=(prometheus)
+# Homes on PostgreSQL (tests/tests/postgres.rs and the store's unit tests):
+# each test starts its own server from Debian's PostgreSQL 15 programs in a
+# temporary folder, so the package's own cluster service stays off, as
+# prometheus's does.
+[ -x /usr/lib/postgresql/15/bin/postgres ] || quiet+=(postgresql)
 # The package installation test boots Debian 12 in a container (root only).
 if [ "$(id -u)" = 0 ]; then
   command -v systemd-nspawn >/dev/null || need+=(systemd-container)

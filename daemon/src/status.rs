@@ -64,8 +64,56 @@ pub struct Server<'a> {
     pub started: std::time::Instant,
     pub cert_path: &'a Path,
     pub ca_path: &'a Path,
-    pub db: &'a Path,
+    pub db: StoreAt,
     pub health: &'a popupd_store::Health,
+}
+
+/// Where a server's store is, and how big.
+pub struct StoreAt {
+    /// The SQLite file, or the PostgreSQL database in words.
+    pub path: String,
+    pub database_bytes: u64,
+    /// SQLite's write-ahead log; 0 on PostgreSQL (its WAL is the server's).
+    pub log_bytes: u64,
+}
+
+impl StoreAt {
+    /// The store of a server whose SQLite file would be `data_dir/file`,
+    /// on `storage`. PostgreSQL is asked for the database's size, on a
+    /// connection of its own off the runtime (0 if it does not answer).
+    pub async fn of(data_dir: &Path, file: &str, storage: &crate::config::Storage) -> StoreAt {
+        use crate::config::Storage;
+        match storage {
+            Storage::Sqlite => {
+                let db = data_dir.join(file);
+                let (database_bytes, log_bytes) = db_sizes(&db);
+                StoreAt {
+                    path: db.display().to_string(),
+                    database_bytes,
+                    log_bytes,
+                }
+            }
+            Storage::Postgres(t) => {
+                let t2 = t.clone();
+                let size =
+                    tokio::task::spawn_blocking(move || popupd_store::pg::database_bytes(&t2))
+                        .await;
+                let database_bytes = match size {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => {
+                        tracing::debug!("database size: {e}");
+                        0
+                    }
+                    Err(_) => 0,
+                };
+                StoreAt {
+                    path: t.describe(),
+                    database_bytes,
+                    log_bytes: 0,
+                }
+            }
+        }
+    }
 }
 
 impl Report {
@@ -258,10 +306,14 @@ pub fn db_sizes(db: &Path) -> (u64, u64) {
 }
 
 /// A store's health now.
-pub fn store_health(db: &Path, h: &popupd_store::Health) -> StoreHealth {
-    let (database_bytes, log_bytes) = db_sizes(db);
+pub fn store_health(db: StoreAt, h: &popupd_store::Health) -> StoreHealth {
+    let StoreAt {
+        path,
+        database_bytes,
+        log_bytes,
+    } = db;
     StoreHealth {
-        path: db.display().to_string(),
+        path,
         last_commit_age_seconds: h
             .last_commit_ms()
             .map(|t| (popupd_protocol::now_ms() - t).max(0) as f64 / 1000.0),

@@ -1,4 +1,5 @@
-//! popupd's storage machinery: SQLite on disk with group commit. The
+//! popupd's storage machinery: SQLite on disk (or PostgreSQL, [`pg`])
+//! with group commit. The
 //! stores themselves (the agent's, the home's, the global server's) live
 //! with the daemon and are built on this; this crate knows nothing of
 //! messages or roles.
@@ -42,6 +43,9 @@ use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
+pub mod pg;
+#[cfg(feature = "test-server")]
+pub mod pg_test_server;
 mod stats;
 pub use stats::{Health, Observer};
 
@@ -54,6 +58,10 @@ pub enum StoreError {
     /// The disk (or the file system's quota) has no room for the change.
     #[error("database: the disk is full: {0}")]
     Full(String),
+    /// The database cannot be reached (a database server that is down
+    /// or restarting); the same change may work once it is back.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     #[error("storage thread has stopped")]
     Closed,
     /// Not run: an earlier job of the same [`Chain`] failed.
@@ -77,7 +85,11 @@ impl StoreError {
     pub fn is_failure(&self) -> bool {
         matches!(
             self,
-            StoreError::Db(_) | StoreError::Full(_) | StoreError::Closed | StoreError::Aborted
+            StoreError::Db(_)
+                | StoreError::Full(_)
+                | StoreError::Unavailable(_)
+                | StoreError::Closed
+                | StoreError::Aborted
         )
     }
 
@@ -86,6 +98,7 @@ impl StoreError {
     pub fn client_reason(&self) -> &'static str {
         match self {
             StoreError::Full(_) => "its disk is full",
+            StoreError::Unavailable(_) => "its database is temporarily unavailable",
             StoreError::Closed => "it is shutting down",
             _ => "its storage failed",
         }
@@ -143,6 +156,11 @@ pub trait Batchable: Send {
     fn idle(&mut self) -> Option<std::time::Duration> {
         None
     }
+    /// Most jobs in one transaction ([`MAX_BATCH`] unless the store says
+    /// fewer).
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
 }
 
 /// See [`Batchable::syncer`].
@@ -169,6 +187,9 @@ impl<T: Batchable + ?Sized> Batchable for Box<T> {
     }
     fn idle(&mut self) -> Option<std::time::Duration> {
         (**self).idle()
+    }
+    fn max_batch(&self) -> usize {
+        (**self).max_batch()
     }
 }
 
@@ -205,8 +226,8 @@ struct Ran {
     done: Completion,
 }
 
-/// Most jobs in one transaction.
-const MAX_BATCH: usize = 2048;
+/// Most jobs in one transaction, by default.
+pub const MAX_BATCH: usize = 2048;
 
 /// A handle to a store's thread. Cheap to clone.
 pub struct Batcher<S> {
@@ -312,7 +333,8 @@ impl<S: Batchable + 'static> Batcher<S> {
                         Err(mpsc::TryRecvError::Disconnected) => break,
                     };
                     let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
+                    let max = store.max_batch();
+                    while batch.len() < max {
                         match rx.try_recv() {
                             Ok(j) => batch.push(j),
                             Err(_) => break,
@@ -502,17 +524,33 @@ fn run_batch<S: Batchable>(store: &mut S, batch: Vec<Job<S>>) -> Batch {
             tracing::error!("storage: savepoint: {e}");
         }
         let ran = (job.run)(store, go);
+        // A job that said Ok may still have been undone (a statement of it
+        // failed on a server that then needs the rollback): its caller
+        // hears why, and its commit work is not done.
+        let mut undone = None;
         if let Err(e) = store.job_end(ran.ok) {
-            tracing::error!("storage: release savepoint: {e}");
+            tracing::error!("storage: ending a job: {e}");
+            if ran.ok {
+                undone = Some(e);
+            }
         }
         if let Some(c) = job.chain {
-            if ran.failed {
+            if ran.failed || undone.as_ref().is_some_and(StoreError::is_failure) {
                 c.break_it();
             }
             chains.push(c);
         }
-        thens.extend(ran.then);
-        done.push((job.when, ran.done));
+        let done_job = ran.done;
+        match undone {
+            None => {
+                thens.extend(ran.then);
+                done.push((job.when, done_job));
+            }
+            Some(e) => {
+                let c: Completion = Box::new(move |commit| done_job(commit.and(Err(e))));
+                done.push((job.when, c));
+            }
+        }
     }
     let commit = store.commit();
     if let Err(e) = &commit {

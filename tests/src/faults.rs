@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::{Agent, Network, two_people};
+use crate::{Agent, Layout, Network, two_people_on};
 
 /// What a round kills.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +50,12 @@ pub struct Cast {
 
 impl Cast {
     pub async fn start(dir: &Path) -> Cast {
-        let (net, alice, bob) = two_people(dir, "", "").await;
+        Cast::start_on(dir, Layout::default()).await
+    }
+
+    /// On a network laid out as `layout` says.
+    pub async fn start_on(dir: &Path, layout: Layout) -> Cast {
+        let (net, alice, bob) = two_people_on(dir, layout, "", "").await;
         Cast { net, alice, bob }
     }
 
@@ -291,7 +296,7 @@ pub async fn cut_between_homes(
         public_ip: ns.inner_ip.clone(),
         global_ip: ns.host_ip.clone(),
         prefix: ns.prefix(),
-        data_dir: None,
+        ..HomeLayout::default()
     };
     let net = Network::start_laid_out(dir, layout).await?;
     let global_port: u16 = net

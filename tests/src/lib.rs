@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 
 pub mod faults;
 pub mod netns;
+pub mod pg;
 use futures_util::StreamExt;
 use popupd_ipc::Agent1Proxy;
 
@@ -287,6 +288,8 @@ pub struct Layout {
     pub home_yaml: String,
     /// The address the global server listens on.
     pub global_ip: String,
+    /// Lines added to the global server's section (indented two spaces).
+    pub global_yaml: String,
     /// Home A, then home B.
     pub homes: [HomeLayout; 2],
     /// Each server serves metrics on a port of its own on 127.0.0.1.
@@ -306,6 +309,9 @@ pub struct HomeLayout {
     pub prefix: Vec<String>,
     /// Its data folder, if not under the network's folder.
     pub data_dir: Option<PathBuf>,
+    /// Lines added to its section only (indented two spaces), after the
+    /// network's `home_yaml`: e.g. [`pg::storage_yaml`].
+    pub yaml: String,
 }
 
 impl Default for HomeLayout {
@@ -316,6 +322,7 @@ impl Default for HomeLayout {
             global_ip: "127.0.0.1".into(),
             prefix: Vec::new(),
             data_dir: None,
+            yaml: String::new(),
         }
     }
 }
@@ -326,6 +333,7 @@ impl Default for Layout {
             idle_timeout: "10s".into(),
             home_yaml: String::new(),
             global_ip: "127.0.0.1".into(),
+            global_yaml: String::new(),
             homes: Default::default(),
             metrics: false,
         }
@@ -389,8 +397,9 @@ impl Network {
         std::fs::write(
             dir.join("global.yaml"),
             format!(
-                "global:\n  name: global.test\n  listen: {}:{global_port}\n  cert: pki/global.test.crt\n  key: pki/global.test.key\n  ca: pki/ca.crt\n  data_dir: data/global\n{}",
+                "global:\n  name: global.test\n  listen: {}:{global_port}\n  cert: pki/global.test.crt\n  key: pki/global.test.key\n  ca: pki/ca.crt\n  data_dir: data/global\n{}{}",
                 layout.global_ip,
+                layout.global_yaml,
                 metrics_line(0),
             ),
         )?;
@@ -417,13 +426,14 @@ impl Network {
             std::fs::write(
                 &file,
                 format!(
-                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}:{port}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n{}{}",
+                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}:{port}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n{}{}{}",
                     h.listen_ip,
                     h.public_ip,
                     data_dir.display(),
                     layout.idle_timeout,
                     h.global_ip,
                     layout.home_yaml,
+                    h.yaml,
                     metrics_line(i + 1),
                 ),
             )?;

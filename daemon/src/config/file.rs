@@ -50,8 +50,13 @@ pub struct GlobalFile {
     pub key: Spanned<PathBuf>,
     /// The network CA certificate; homes must present a certificate under it.
     pub ca: Spanned<PathBuf>,
-    /// Where the directory database lives.
+    /// Where the directory database lives (with SQLite), and the admin
+    /// socket.
     pub data_dir: Spanned<PathBuf>,
+    /// The database: left out, SQLite in `data_dir`; `postgres:` for a
+    /// PostgreSQL database.
+    #[serde(default)]
+    pub storage: Option<StorageFile>,
     /// Limits for what connects (see `LimitsFile`).
     #[serde(default)]
     pub limits: Option<LimitsFile>,
@@ -133,8 +138,13 @@ pub struct HomeFile {
     pub key: Spanned<PathBuf>,
     /// The network CA certificate.
     pub ca: Spanned<PathBuf>,
-    /// Where accounts and the message queue live.
+    /// Where accounts and the message queue live (with SQLite), and the
+    /// admin socket.
     pub data_dir: Spanned<PathBuf>,
+    /// The database: left out, SQLite in `data_dir`; `postgres:` for a
+    /// PostgreSQL database of this home's own.
+    #[serde(default)]
+    pub storage: Option<StorageFile>,
     /// The global directory server.
     pub global: RemoteFile,
     /// Drop an agent that sent nothing (not even a ping) for this long.
@@ -160,6 +170,19 @@ pub struct HomeFile {
     /// metrics unless set.
     #[serde(default)]
     pub metrics: Option<Spanned<String>>,
+}
+
+/// `storage:` of a server: a PostgreSQL database instead of SQLite.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageFile {
+    /// `postgresql://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=require`, or
+    /// `key=value` pairs (libpq's connection strings).
+    pub postgres: Spanned<String>,
+    /// CA certificate (PEM) that signs the database server's certificate
+    /// (default: the system's trusted roots).
+    #[serde(default)]
+    pub ca: Option<Spanned<PathBuf>>,
 }
 
 /// A server to dial.

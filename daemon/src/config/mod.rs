@@ -94,11 +94,33 @@ pub struct GlobalConfig {
     /// Path of the CA certificate.
     pub ca_path: PathBuf,
     pub data_dir: PathBuf,
+    /// Where the directory lives.
+    pub storage: Storage,
     pub limits: Limits,
     /// Names of revoked homes: refused, their links closed.
     pub revoked: Arc<std::collections::HashSet<String>>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+}
+
+/// Where a server keeps its records (`storage:`).
+#[derive(Debug, Clone)]
+pub enum Storage {
+    /// SQLite, in the server's `data_dir`.
+    Sqlite,
+    /// A PostgreSQL database.
+    Postgres(Box<popupd_store::pg::PgTarget>),
+}
+
+impl Storage {
+    /// Which database, in words (never a password): `sqlite`, or the
+    /// PostgreSQL target.
+    pub fn label(&self) -> String {
+        match self {
+            Storage::Sqlite => "sqlite".into(),
+            Storage::Postgres(t) => t.describe(),
+        }
+    }
 }
 
 /// What a server's open port takes (`limits:`).
@@ -167,6 +189,8 @@ pub struct HomeConfig {
     /// Path of the CA certificate (written into agent configs).
     pub ca_path: PathBuf,
     pub data_dir: PathBuf,
+    /// Where the home's records live.
+    pub storage: Storage,
     pub global: Remote,
     /// An agent silent this long is dropped.
     pub idle_timeout: Duration,
@@ -593,6 +617,7 @@ impl Cx {
             ca: self.ca(&g.ca, "global.ca")?,
             ca_path: self.path(&g.ca),
             data_dir: self.path(&g.data_dir),
+            storage: self.storage(g.storage.as_ref(), "global")?,
             limits: self.limits(g.limits.as_ref(), "global")?,
             revoked: self.revoked(g.revoked.as_ref(), &g.ca, "global.revoked")?,
             metrics: g
@@ -729,6 +754,44 @@ impl Cx {
         }
     }
 
+    fn storage(&self, s: Option<&file::StorageFile>, sec: &str) -> Result<Storage, ConfigError> {
+        let Some(s) = s else {
+            return Ok(Storage::Sqlite);
+        };
+        let field = format!("{sec}.storage.postgres");
+        let hint = "write postgresql://USER:PASSWORD@HOST:PORT/DATABASE (add ?sslmode=require to insist on TLS), or libpq's key=value pairs";
+        let config: popupd_store::pg::postgres::Config = s.postgres.value.parse().map_err(|e| {
+            self.err(
+                &s.postgres,
+                &field,
+                format!("not a PostgreSQL connection string: {e}"),
+                hint,
+            )
+        })?;
+        let missing = if config.get_hosts().is_empty() {
+            Some("a host")
+        } else if config.get_user().is_none() {
+            Some("a user")
+        } else if config.get_dbname().is_none() {
+            Some("a database")
+        } else {
+            None
+        };
+        if let Some(what) = missing {
+            return Err(self.err(&s.postgres, &field, format!("does not name {what}"), hint));
+        }
+        let roots = match &s.ca {
+            Some(ca) => self.ca(ca, &format!("{sec}.storage.ca"))?,
+            None => tls::system_roots(),
+        };
+        let tls = tls::client_config(roots, None)
+            .map_err(|e| self.err(&s.postgres, &field, format!("TLS setup: {e}"), ""))?;
+        Ok(Storage::Postgres(Box::new(popupd_store::pg::PgTarget {
+            config,
+            tls,
+        })))
+    }
+
     fn home(&self, h: file::HomeFile, sec: &str) -> Result<HomeConfig, ConfigError> {
         let listen = self.listen(&h.listen, &format!("{sec}.listen"))?;
         let public_address = match &h.public_address {
@@ -750,6 +813,7 @@ impl Cx {
             ca: self.ca(&h.ca, &format!("{sec}.ca"))?,
             ca_path: self.path(&h.ca),
             data_dir: self.path(&h.data_dir),
+            storage: self.storage(h.storage.as_ref(), sec)?,
             global: Remote {
                 name: self.name(&h.global.name, &format!("{sec}.global.name"))?,
                 address: self.host_port(&h.global.address, &format!("{sec}.global.address"))?,

@@ -18,8 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::accept::{self, Pool};
 use crate::config::GlobalConfig;
+use crate::config::Storage;
 use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
-use crate::storage::global::GlobalStore;
+use crate::storage::global::{GlobalStore, PgGlobal, SqliteGlobal};
 use crate::task::Shutdown;
 use popupd_protocol::net::{self, Link, Recv, ServerTls, tls};
 use popupd_protocol::{
@@ -36,7 +37,7 @@ struct Linked {
 }
 
 struct Global {
-    store: Batcher<GlobalStore>,
+    store: Batcher<Box<dyn GlobalStore>>,
     /// Slots of linked homes (`limits.peer_links`).
     slots: Pool,
     /// Handles one home may hold (`limits.handles_per_home`).
@@ -56,6 +57,34 @@ struct Global {
     cfg: GlobalConfig,
 }
 
+/// The directory's SQLite file in the data folder.
+const DB_FILE: &str = "global.sqlite";
+
+/// Opens the directory where the config says (`storage:`). A client of
+/// PostgreSQL is made off the Tokio runtime and lives on the store thread.
+fn open_store(cfg: &GlobalConfig) -> anyhow::Result<Box<dyn GlobalStore>> {
+    match &cfg.storage {
+        Storage::Sqlite => {
+            let path = cfg.data_dir.join(DB_FILE);
+            let s =
+                SqliteGlobal::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(Box::new(s))
+        }
+        Storage::Postgres(target) => {
+            // The data folder still holds the admin socket.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&cfg.data_dir)
+                .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+            let s = popupd_store::pg::off_runtime(|| PgGlobal::open(target, &cfg.name))
+                .with_context(|| format!("opening the database {}", target.describe()))?;
+            Ok(Box::new(s))
+        }
+    }
+}
+
 /// Runs the global server until `shutdown`. Calls `ready` once listening;
 /// a config sent on `reload` replaces its certificates for new connections.
 pub async fn run(
@@ -64,8 +93,7 @@ pub async fn run(
     ready: impl FnOnce(),
     mut reload: tokio::sync::watch::Receiver<GlobalConfig>,
 ) -> anyhow::Result<()> {
-    let path = cfg.data_dir.join("global.sqlite");
-    let store = GlobalStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let store = open_store(&cfg)?;
     let server_tls = tls::server_config(&cfg.identity, cfg.ca.clone(), tls::ClientAuth::Required)?;
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -148,9 +176,10 @@ pub async fn run(
                     || new.data_dir != cfg.data_dir
                     || new.name != cfg.name
                     || new.metrics != cfg.metrics
+                    || new.storage.label() != cfg.storage.label()
                 {
                     tracing::warn!(
-                        "reload: name, listen, data_dir or metrics changed; restart the service to apply"
+                        "reload: name, listen, data_dir, storage or metrics changed; restart the service to apply"
                     );
                 }
             }
@@ -195,9 +224,11 @@ async fn refresh(g: Arc<Global>) {
             .get_or_create(&[("kind", kind.to_owned())])
             .set(n);
     }
-    let db = g.cfg.data_dir.join("global.sqlite");
-    let (size, wal) = crate::status::db_sizes(&db);
-    m.store_levels(g.store.health(), &[("db", size), ("wal", wal)]);
+    let at = crate::status::StoreAt::of(&g.cfg.data_dir, DB_FILE, &g.cfg.storage).await;
+    m.store_levels(
+        g.store.health(),
+        &[("db", at.database_bytes), ("wal", at.log_bytes)],
+    );
     for c in crate::status::certificates(&g.cfg.cert_path, &g.cfg.ca_path) {
         l.cert_expiry
             .get_or_create(&[("file", c.file)])
@@ -234,7 +265,7 @@ async fn report(g: Arc<Global>) -> crate::status::Report {
         started: g.started,
         cert_path: &g.cfg.cert_path,
         ca_path: &g.cfg.ca_path,
-        db: &g.cfg.data_dir.join("global.sqlite"),
+        db: status::StoreAt::of(&g.cfg.data_dir, DB_FILE, &g.cfg.storage).await,
         health: g.store.health(),
     };
     let connections = Connections {

@@ -1,5 +1,6 @@
 //! `popupd user ...` and `popupd device ...`: account administration, run on
-//! the home's machine beside the live daemon (SQLite's WAL lets both write).
+//! the home's machine beside the live daemon (SQLite's WAL lets both write;
+//! PostgreSQL serves both).
 //!
 //! A handle is claimed at the global server before the account is created,
 //! so handles stay unique in the network.
@@ -10,11 +11,11 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 
 use super::directory::{DirError, ask_many, ask_once};
-use crate::config::{Config, HomeConfig};
-use crate::storage::home::{Accounts, SqliteHome, UserInfo};
+use crate::config::{Config, HomeConfig, Storage};
+use crate::storage::home::{HomeStore, UserInfo};
 use crate::storage::{new_secret, secret_hash};
 use popupd_protocol::{ErrorCode, valid_handle};
-use popupd_store::{Batchable, StoreError};
+use popupd_store::StoreError;
 
 /// Picks the home a command is about.
 pub fn select_home<'a>(cfg: &'a Config, name: Option<&str>) -> anyhow::Result<&'a HomeConfig> {
@@ -32,11 +33,21 @@ pub fn select_home<'a>(cfg: &'a Config, name: Option<&str>) -> anyhow::Result<&'
     }
 }
 
-fn open(home: &HomeConfig) -> anyhow::Result<SqliteHome> {
-    let path = home.data_dir.join("home.sqlite");
-    let s = SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    give_to_dir_owner(&home.data_dir);
-    Ok(s)
+/// Runs `f` on the home's records in one committed transaction (rolled
+/// back if it fails), on a thread of its own: a PostgreSQL client must not
+/// run on the Tokio runtime.
+fn with_store<R: Send>(
+    home: &HomeConfig,
+    f: impl FnOnce(&mut dyn HomeStore) -> anyhow::Result<R> + Send,
+) -> anyhow::Result<R> {
+    let r = popupd_store::pg::off_runtime(|| {
+        let mut s = super::open_records(home)?;
+        tx(&mut *s, f)
+    });
+    if matches!(home.storage, Storage::Sqlite) {
+        give_to_dir_owner(&home.data_dir);
+    }
+    r
 }
 
 /// Run as root beside a service that runs as its own user (the package's
@@ -59,8 +70,8 @@ fn give_to_dir_owner(dir: &Path) {
 
 /// Runs `f` in one committed transaction.
 fn tx<R>(
-    s: &mut SqliteHome,
-    f: impl FnOnce(&mut SqliteHome) -> anyhow::Result<R>,
+    s: &mut dyn HomeStore,
+    f: impl FnOnce(&mut dyn HomeStore) -> anyhow::Result<R>,
 ) -> anyhow::Result<R> {
     s.begin()?;
     match f(s) {
@@ -94,8 +105,7 @@ pub async fn add_user(
         bail!("{handle:?} is not a handle: use 1-64 lowercase letters, digits, '.', '-' or '_'");
     }
     check_device_name(device)?;
-    let mut s = open(home)?;
-    if s.user_exists(handle)? {
+    if with_store(home, |s| Ok(s.user_exists(handle)?))? {
         bail!(
             "{handle} already exists on {}; add a device with `popupd device add {handle}`",
             home.name
@@ -110,7 +120,7 @@ pub async fn add_user(
         ),
     }
     let secret = new_secret();
-    tx(&mut s, |s| {
+    with_store(home, |s| {
         s.add_user(handle)?;
         s.add_device(handle, device, &secret_hash(&secret))?;
         Ok(())
@@ -139,15 +149,22 @@ pub async fn add_many(
             "{bad:?} is not a handle: the prefix must be lowercase letters, digits, '.', '-' or '_'"
         );
     }
-    let mut s = open(home)?;
-    if let Some(h) = handles.iter().find(|h| s.user_exists(h).unwrap_or(false)) {
+    let taken = with_store(home, |s| {
+        for h in &handles {
+            if s.user_exists(h)? {
+                return Ok(Some(h.clone()));
+            }
+        }
+        Ok(None)
+    })?;
+    if let Some(h) = taken {
         bail!("{h} already exists on {}", home.name);
     }
     ask_many(home, true, &handles)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let creds: Vec<(String, String)> = handles.into_iter().map(|h| (h, new_secret())).collect();
-    tx(&mut s, |s| {
+    with_store(home, |s| {
         for (h, secret) in &creds {
             s.add_user(h)?;
             s.add_device(h, device, &secret_hash(secret))?;
@@ -179,8 +196,7 @@ pub fn import_contacts(home: &HomeConfig, text: &str) -> anyhow::Result<usize> {
         let peer_home = f.get(2).filter(|h| **h != home.name).map(|h| h.to_string());
         pairs.push((i + 1, f[0].to_owned(), f[1].to_owned(), peer_home));
     }
-    let mut s = open(home)?;
-    tx(&mut s, |s| {
+    with_store(home, |s| {
         for (line, owner, peer, peer_home) in &pairs {
             super::rules::link_contacts(s, owner, peer, peer_home.as_deref())
                 .map_err(|e| StoreError::NotFound(format!("line {line}: {e}")))?;
@@ -198,9 +214,8 @@ pub fn add_device(
     ca_for_agent: &Path,
 ) -> anyhow::Result<NewDevice> {
     check_device_name(device)?;
-    let mut s = open(home)?;
     let secret = new_secret();
-    tx(&mut s, |s| {
+    with_store(home, |s| {
         Ok(s.add_device(handle, device, &secret_hash(&secret))?)
     })?;
     Ok(NewDevice {
@@ -224,14 +239,12 @@ fn check_device_name(d: &str) -> anyhow::Result<()> {
 
 /// Lists users and their devices.
 pub fn list_users(home: &HomeConfig) -> anyhow::Result<Vec<UserInfo>> {
-    let mut s = open(home)?;
-    Ok(s.list_users()?)
+    with_store(home, |s| Ok(s.list_users()?))
 }
 
 /// Removes a user, their devices and mailbox, and releases the handle.
 pub async fn remove_user(home: &HomeConfig, handle: &str) -> anyhow::Result<()> {
-    let mut s = open(home)?;
-    if !tx(&mut s, |s| Ok(s.remove_user(handle)?))? {
+    if !with_store(home, |s| Ok(s.remove_user(handle)?))? {
         bail!("no user {handle} on {}", home.name);
     }
     if let Err(e) = ask_once(home, false, handle).await {
@@ -245,8 +258,7 @@ pub async fn remove_user(home: &HomeConfig, handle: &str) -> anyhow::Result<()> 
 /// Revokes one device; a running home closes its connection within 10 s
 /// (`home::REVOKE_CHECK`) and refuses it from then on.
 pub fn revoke_device(home: &HomeConfig, handle: &str, device: &str) -> anyhow::Result<()> {
-    let mut s = open(home)?;
-    if !tx(&mut s, |s| Ok(s.revoke_device(handle, device)?))? {
+    if !with_store(home, |s| Ok(s.revoke_device(handle, device)?))? {
         bail!("{handle} has no device {device} on {}", home.name);
     }
     Ok(())

@@ -33,8 +33,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::accept::{self, Pool};
-use crate::config::HomeConfig;
+use crate::config::{HomeConfig, Storage};
 use crate::storage::home::{HomeStore, SqliteHome};
+use crate::storage::home_pg::PgHome;
 use crate::task::Shutdown;
 use popupd_protocol::net::tls;
 use popupd_protocol::{AGENT_PATH, PEER_PATH};
@@ -333,14 +334,36 @@ fn open_store(
     feed: Feed,
     commits: mpsc::UnboundedSender<Vec<Commit>>,
 ) -> anyhow::Result<Store> {
-    let path = cfg.data_dir.join("home.sqlite");
-    let s = SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(Batcher::spawn_with(
-        &cfg.name,
-        Box::new(s) as Box<dyn HomeStore>,
-        obs,
-        move || feed.hand_on(&commits),
-    )?)
+    let s = open_records(cfg)?;
+    Ok(Batcher::spawn_with(&cfg.name, s, obs, move || {
+        feed.hand_on(&commits)
+    })?)
+}
+
+/// Opens a home's records where its config says (`storage:`). A client
+/// of PostgreSQL is made off the Tokio runtime, and must be used and
+/// dropped off it too: on a store thread, or in [`admin`]'s.
+pub fn open_records(cfg: &HomeConfig) -> anyhow::Result<Box<dyn HomeStore>> {
+    match &cfg.storage {
+        Storage::Sqlite => {
+            let path = cfg.data_dir.join("home.sqlite");
+            let s =
+                SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(Box::new(s))
+        }
+        Storage::Postgres(target) => {
+            // The data folder still holds the admin socket.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&cfg.data_dir)
+                .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+            let s = popupd_store::pg::off_runtime(|| PgHome::open(target, &cfg.name))
+                .with_context(|| format!("opening the database {}", target.describe()))?;
+            Ok(Box::new(s))
+        }
+    }
 }
 
 fn tls_configs(
@@ -402,6 +425,7 @@ async fn apply_reloads(home: Arc<Home>, mut reload: watch::Receiver<HomeConfig>)
             ("listen", old.listen != new.listen),
             ("public_address", old.public_address != new.public_address),
             ("data_dir", old.data_dir != new.data_dir),
+            ("storage", old.storage.label() != new.storage.label()),
             (
                 "global",
                 old.global.name != new.global.name || old.global.address != new.global.address,

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::Home;
+use crate::config::Storage;
 use crate::status::{self, Connections, PeerLink, Report};
 
 /// Items in the forward queue, by destination home, and those with none
@@ -44,9 +45,20 @@ fn db_path(home: &Home) -> std::path::PathBuf {
     home.cfg.data_dir.join("home.sqlite")
 }
 
+async fn store_at(home: &Home) -> status::StoreAt {
+    status::StoreAt::of(&home.cfg.data_dir, "home.sqlite", &home.cfg.storage).await
+}
+
 async fn depths(home: &Home) -> (HashMap<String, u64>, u64) {
+    let storage = home.cfg.storage.clone();
     let db = db_path(home);
-    match tokio::task::spawn_blocking(move || queue_depths(&db)).await {
+    let read = move || match storage {
+        Storage::Sqlite => queue_depths(&db).map_err(|e| e.to_string()),
+        Storage::Postgres(t) => {
+            crate::storage::home_pg::queue_depths(&t).map_err(|e| e.to_string())
+        }
+    };
+    match tokio::task::spawn_blocking(read).await {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => {
             tracing::warn!(home = %home.cfg.name, "reading the forward queue's depth: {e}");
@@ -82,8 +94,11 @@ pub async fn refresh(home: Arc<Home>) {
             .set(*n as i64);
     }
     l.unrouted.set(unrouted as i64);
-    let (db, wal) = status::db_sizes(&db_path(&home));
-    m.store_levels(home.store.health(), &[("db", db), ("wal", wal)]);
+    let at = store_at(&home).await;
+    m.store_levels(
+        home.store.health(),
+        &[("db", at.database_bytes), ("wal", at.log_bytes)],
+    );
     for c in status::certificates(&home.cfg.cert_path, &home.cfg.ca_path) {
         l.cert_expiry
             .get_or_create(&[("file", c.file)])
@@ -130,7 +145,7 @@ pub async fn report(home: Arc<Home>) -> Report {
         started: home.started,
         cert_path: &home.cfg.cert_path,
         ca_path: &home.cfg.ca_path,
-        db: &db_path(&home),
+        db: store_at(&home).await,
         health: home.store.health(),
     };
     let connections = Connections {

@@ -1067,9 +1067,18 @@ mod tests {
         }
     }
 
-    /// Each rule test, on every backend: in memory and on SQLite.
+    /// Each rule test, on every backend: in memory, on SQLite and on
+    /// PostgreSQL (where the test process can start one).
     fn on_every_store(name: &str, test: fn(&mut dyn HomeStore)) {
         test(&mut Memory::default());
+        if let Some(t) = crate::storage::test_pg(&format!("rules_{name}")) {
+            let mut s = crate::storage::home_pg::PgHome::open(&t, "home-test").unwrap();
+            s.begin().unwrap();
+            s.job_begin().unwrap();
+            test(&mut s);
+            s.job_end(true).unwrap();
+            s.commit().unwrap();
+        }
         let dir = std::env::temp_dir().join(format!("popupd-rules-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut s = SqliteHome::open(&dir.join("home.sqlite")).unwrap();

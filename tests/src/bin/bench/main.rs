@@ -39,6 +39,8 @@ mod storm;
 struct Args {
     /// Recipients on the senders' home instead of the other one.
     one_home: bool,
+    /// Home A on PostgreSQL.
+    postgres: bool,
     /// Idle-connection sizes, cumulative.
     sizes: Vec<usize>,
     senders: usize,
@@ -70,6 +72,10 @@ struct Cli {
     /// Recipients on the senders' home instead of the other one.
     #[arg(long)]
     one_home: bool,
+    /// Home A keeps its records in a PostgreSQL server of the bench's own
+    /// (throughput), whose CPU per message is shown beside the home's.
+    #[arg(long)]
+    postgres: bool,
     /// Idle connections held (idle), cumulative sizes.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     connections: Vec<usize>,
@@ -126,6 +132,7 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     Ok(Args {
         one_home: c.one_home,
+        postgres: c.postgres,
         sizes: c.connections,
         senders: c.senders,
         recipients: c.recipients,
@@ -192,7 +199,23 @@ async fn login(
 
 async fn throughput(a: &Args) -> anyhow::Result<()> {
     let dir = TestDir::new("bench-throughput");
-    let net = Network::start_with(&dir.path, "10s").await?;
+    let pg = if a.postgres {
+        let s =
+            popupd_e2e::pg::TestServer::start(&dir.path.join("pg"), &dir.path.join("postgres.log"))
+                .map_err(|e| anyhow::anyhow!("--postgres: {e}"))?;
+        Some(s)
+    } else {
+        None
+    };
+    let mut layout = popupd_e2e::Layout {
+        idle_timeout: "10s".into(),
+        home_yaml: popupd_e2e::LOAD_LIMITS.into(),
+        ..Default::default()
+    };
+    if let Some(pg) = &pg {
+        layout.homes[0].yaml = popupd_e2e::pg::storage_yaml(pg, "home0")?;
+    }
+    let net = Network::start_laid_out(&dir.path, layout).await?;
     let ca = dir.path.join("pki/ca.crt");
     let rhome = if a.one_home { 0 } else { 1 };
     let mut senders = Vec::new();
@@ -277,6 +300,7 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         links.push(login(&net, 0, HOME_A, h, s, &ca).await?);
     }
     let cpu0: Vec<Duration> = net.homes.iter().map(|h| h.cpu_time()).collect();
+    let pg_cpu0 = pg.as_ref().map(|s| s.cpu_time());
     let t0 = Instant::now();
     let mut stasks = Vec::new();
     for (i, mut link) in links.into_iter().enumerate() {
@@ -372,6 +396,10 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         .zip(&cpu0)
         .map(|(h, c)| h.cpu_time().saturating_sub(*c))
         .collect();
+    let pg_cpu = pg
+        .as_ref()
+        .zip(pg_cpu0)
+        .map(|(s, c)| s.cpu_time().saturating_sub(c));
     let mut acc = acc_lat.lock().unwrap_or_else(|e| e.into_inner()).clone();
     acc.sort();
     let mut l = lat.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -380,19 +408,23 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
     for t in rtasks {
         t.abort();
     }
-    let scenario = match (a.one_home, a.rate_set) {
+    let mut scenario = match (a.one_home, a.rate_set) {
         (true, true) => format!("throughput-one-home-{}", a.rate),
         (true, false) => "throughput-one-home".to_string(),
         (false, true) => format!("throughput-{}", a.rate),
         (false, false) => "throughput".to_string(),
     };
+    if a.postgres {
+        scenario.push_str("-postgres");
+    }
     let mut t = report::Table::new(
         &scenario,
         &format!(
-            "throughput: {} senders on {HOME_A} → {} recipients on {}, 100-byte-ish messages, fsync'd group commit",
+            "throughput: {} senders on {HOME_A} → {} recipients on {}, 100-byte-ish messages, fsync'd group commit, {HOME_A} on {}",
             a.senders,
             a.recipients,
-            [HOME_A, HOME_B][rhome]
+            [HOME_A, HOME_B][rhome],
+            if a.postgres { "PostgreSQL" } else { "SQLite" },
         ),
     );
     t.text("messages accepted", &format!("{accepted} of {total}"));
@@ -416,6 +448,14 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         "µs",
         &format!("{:.1} µs", per_msg(cpu[0], accepted)),
     );
+    if let Some(c) = pg_cpu {
+        t.row(
+            "PostgreSQL CPU per message (home A's)",
+            per_msg(c, accepted),
+            "µs",
+            &format!("{:.1} µs", per_msg(c, accepted)),
+        );
+    }
     if !a.one_home {
         t.row(
             "home B CPU per message",
