@@ -218,7 +218,10 @@ where
             // answer with a reset, which can swallow the error just sent,
             // so the raw bytes are read and dropped until the other side
             // stops or the time is up.
-            let mut buf = [0u8; 16 * 1024];
+            // On the heap: an array here would sit in the state of every
+            // session future that can linger, idle or not (16 KiB a
+            // connection).
+            let mut buf = vec![0u8; 16 * 1024];
             while let Ok(n) = self.ws.get_mut().read(&mut buf).await {
                 if n == 0 {
                     return;
