@@ -18,7 +18,6 @@ use tokio::sync::mpsc;
 
 use crate::accept::{self, Pool};
 use crate::config::GlobalConfig;
-use crate::config::Storage;
 use crate::session::{self, Clock, End, Handler, Jobs, Keepalive};
 use crate::storage::global::{GlobalStore, PgGlobal, SqliteGlobal};
 use crate::task::Shutdown;
@@ -63,26 +62,13 @@ const DB_FILE: &str = "global.sqlite";
 /// Opens the directory where the config says (`storage:`). A client of
 /// PostgreSQL is made off the Tokio runtime and lives on the store thread.
 fn open_store(cfg: &GlobalConfig) -> anyhow::Result<Box<dyn GlobalStore>> {
-    match &cfg.storage {
-        Storage::Sqlite => {
-            let path = cfg.data_dir.join(DB_FILE);
-            let s =
-                SqliteGlobal::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            Ok(Box::new(s))
-        }
-        Storage::Postgres(target) => {
-            // The data folder still holds the admin socket.
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&cfg.data_dir)
-                .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-            let s = popupd_store::pg::off_runtime(|| PgGlobal::open(target, &cfg.name))
-                .with_context(|| format!("opening the database {}", target.describe()))?;
-            Ok(Box::new(s))
-        }
-    }
+    crate::storage::open_records::<dyn GlobalStore>(
+        &cfg.storage,
+        &cfg.data_dir,
+        DB_FILE,
+        |path| Ok(Box::new(SqliteGlobal::open(path)?)),
+        |target| Ok(Box::new(PgGlobal::open(target, &cfg.name)?)),
+    )
 }
 
 /// Runs the global server until `shutdown`. Calls `ready` once listening;

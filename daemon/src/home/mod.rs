@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::accept::{self, Pool};
-use crate::config::{HomeConfig, Storage};
+use crate::config::HomeConfig;
 use crate::storage::home::{HomeStore, SqliteHome};
 use crate::storage::home_pg::PgHome;
 use crate::task::Shutdown;
@@ -344,26 +344,13 @@ fn open_store(
 /// of PostgreSQL is made off the Tokio runtime, and must be used and
 /// dropped off it too: on a store thread, or in [`admin`]'s.
 pub fn open_records(cfg: &HomeConfig) -> anyhow::Result<Box<dyn HomeStore>> {
-    match &cfg.storage {
-        Storage::Sqlite => {
-            let path = cfg.data_dir.join("home.sqlite");
-            let s =
-                SqliteHome::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            Ok(Box::new(s))
-        }
-        Storage::Postgres(target) => {
-            // The data folder still holds the admin socket.
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&cfg.data_dir)
-                .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-            let s = popupd_store::pg::off_runtime(|| PgHome::open(target, &cfg.name))
-                .with_context(|| format!("opening the database {}", target.describe()))?;
-            Ok(Box::new(s))
-        }
-    }
+    crate::storage::open_records::<dyn HomeStore>(
+        &cfg.storage,
+        &cfg.data_dir,
+        "home.sqlite",
+        |path| Ok(Box::new(SqliteHome::open(path)?)),
+        |target| Ok(Box::new(PgHome::open(target, &cfg.name)?)),
+    )
 }
 
 fn tls_configs(

@@ -8,6 +8,40 @@ pub mod global;
 pub mod home;
 pub mod home_pg;
 
+/// Opens a server's records where its config says: the SQLite file `file`
+/// in `data_dir`, or PostgreSQL. A PostgreSQL client is made off the Tokio
+/// runtime, and must be used and dropped off it too (on a store thread).
+/// The data folder is made either way: it holds the admin socket.
+pub fn open_records<T: ?Sized>(
+    storage: &crate::config::Storage,
+    data_dir: &std::path::Path,
+    file: &str,
+    sqlite: impl FnOnce(&std::path::Path) -> Result<Box<T>, popupd_store::StoreError>,
+    postgres: impl FnOnce(&popupd_store::pg::PgTarget) -> Result<Box<T>, popupd_store::StoreError>
+    + Send,
+) -> anyhow::Result<Box<T>>
+where
+    Box<T>: Send,
+{
+    use anyhow::Context as _;
+    match storage {
+        crate::config::Storage::Sqlite => {
+            let path = data_dir.join(file);
+            sqlite(&path).with_context(|| format!("opening {}", path.display()))
+        }
+        crate::config::Storage::Postgres(target) => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            popupd_store::pg::off_runtime(|| postgres(target))
+                .with_context(|| format!("opening the database {}", target.describe()))
+        }
+    }
+}
+
 /// Hex of SHA-256, for device secrets (high-entropy tokens need no slow hash).
 pub fn secret_hash(secret: &str) -> String {
     hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes()).as_ref())
