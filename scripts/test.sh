@@ -27,6 +27,9 @@ command -v prometheus >/dev/null || quiet+=(prometheus)
 # temporary folder, so the package's own cluster service stays off, as
 # prometheus's does.
 [ -x /usr/lib/postgresql/15/bin/postgres ] || quiet+=(postgresql)
+# Homes on several nodes (tests/tests/cluster.rs): each test starts its own
+# NATS server on loopback; the package's service stays off.
+command -v nats-server >/dev/null || quiet+=(nats-server)
 # The package installation test boots Debian 12 in a container (root only).
 if [ "$(id -u)" = 0 ]; then
   command -v systemd-nspawn >/dev/null || need+=(systemd-container)

@@ -158,17 +158,38 @@ pub async fn kill_round(
         tokio::time::sleep(down.saturating_sub(k.elapsed())).await;
         cast.start_again(victim).await?;
     }
+    settle_and_count(
+        &cast.alice,
+        &cast.bob,
+        &ids,
+        settle,
+        usize::from(victim == Victim::BobAgent),
+    )
+    .await
+}
+
+/// Waits (at most `settle`) until bob has shown every message of `ids` and
+/// alice has seen each delivered, then counts. `repeatable`: kills of bob's
+/// agent in the round.
+pub async fn settle_and_count(
+    alice: &Agent,
+    bob: &Agent,
+    ids: &[String],
+    settle: Duration,
+    repeatable: usize,
+) -> anyhow::Result<Counts> {
+    let n = ids.len();
     // Every message shown, and its receipt back (or the time is up).
     let deadline = Instant::now() + settle;
     loop {
         let shown = {
-            let seen = cast.bob.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = bob.seen.lock().unwrap_or_else(|e| e.into_inner());
             let got: std::collections::HashSet<&String> =
                 seen.received.iter().map(|r| &r.0).collect();
             ids.iter().filter(|i| got.contains(i)).count()
         };
         let delivered = {
-            let seen = cast.alice.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = alice.seen.lock().unwrap_or_else(|e| e.into_inner());
             ids.iter().filter(|i| seen.reached(i, "delivered")).count()
         };
         if (shown == n && delivered == n) || Instant::now() >= deadline {
@@ -178,12 +199,12 @@ pub async fn kill_round(
     }
     // Late repeats would show now.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    count(cast, &ids, victim).await
+    count(alice, bob, ids, repeatable).await
 }
 
-/// Sends one message from alice, trying again while her agent is away
-/// (killed, or not yet on the bus).
-async fn send(alice: &Agent, text: &str) -> anyhow::Result<String> {
+/// Sends one message from alice to bob, trying again while her agent is
+/// away (killed, or not yet on the bus).
+pub async fn send(alice: &Agent, text: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = async {
@@ -203,10 +224,15 @@ async fn send(alice: &Agent, text: &str) -> anyhow::Result<String> {
     }
 }
 
-async fn count(cast: &Cast, ids: &[String], victim: Victim) -> anyhow::Result<Counts> {
+async fn count(
+    alice: &Agent,
+    bob: &Agent,
+    ids: &[String],
+    repeatable: usize,
+) -> anyhow::Result<Counts> {
     let pos: HashMap<&String, usize> = ids.iter().enumerate().map(|(i, id)| (id, i)).collect();
     let (order, doubled) = {
-        let seen = cast.bob.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = bob.seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut first = Vec::new();
         let mut times: HashMap<&String, usize> = HashMap::new();
         for (id, _, _) in &seen.received {
@@ -226,10 +252,10 @@ async fn count(cast: &Cast, ids: &[String], victim: Victim) -> anyhow::Result<Co
         reordered += order[i + 1..].iter().filter(|b| *b < a).count();
     }
     let shown: std::collections::HashSet<usize> = order.iter().copied().collect();
-    let bob = cast.bob.proxy().await?;
+    let bob_p = bob.proxy().await?;
     let (mut lost, mut unsignalled) = (0, 0);
     for (i, id) in ids.iter().enumerate() {
-        let stored = bob.message(id).await.is_ok();
+        let stored = bob_p.message(id).await.is_ok();
         match (stored, shown.contains(&i)) {
             (false, _) => lost += 1,
             (true, false) => unsignalled += 1,
@@ -237,7 +263,7 @@ async fn count(cast: &Cast, ids: &[String], victim: Victim) -> anyhow::Result<Co
         }
     }
     let no_receipt = {
-        let seen = cast.alice.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = alice.seen.lock().unwrap_or_else(|e| e.into_inner());
         ids.iter().filter(|i| !seen.reached(i, "delivered")).count()
     };
     Ok(Counts {
@@ -248,7 +274,7 @@ async fn count(cast: &Cast, ids: &[String], victim: Victim) -> anyhow::Result<Co
         reordered,
         unsignalled,
         no_receipt,
-        repeatable: usize::from(victim == Victim::BobAgent),
+        repeatable,
     })
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+pub mod cluster;
 pub mod faults;
 pub mod netns;
 pub mod pg;
@@ -312,6 +313,10 @@ pub struct HomeLayout {
     /// Lines added to its section only (indented two spaces), after the
     /// network's `home_yaml`: e.g. [`pg::storage_yaml`].
     pub yaml: String,
+    /// The port it listens on (default: a free one).
+    pub port: Option<u16>,
+    /// Its `public_address` (default: `public_ip` and its port).
+    pub public_address: Option<String>,
 }
 
 impl Default for HomeLayout {
@@ -323,6 +328,8 @@ impl Default for HomeLayout {
             prefix: Vec::new(),
             data_dir: None,
             yaml: String::new(),
+            port: None,
+            public_address: None,
         }
     }
 }
@@ -417,7 +424,7 @@ impl Network {
         let mut home_addrs = Vec::new();
         for (i, name) in [HOME_A, HOME_B].iter().enumerate() {
             let h = &layout.homes[i];
-            let port = free_port();
+            let port = h.port.unwrap_or_else(free_port);
             let file = dir.join(format!("home{i}.yaml"));
             let data_dir = h
                 .data_dir
@@ -426,9 +433,11 @@ impl Network {
             std::fs::write(
                 &file,
                 format!(
-                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}:{port}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n{}{}{}",
+                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n{}{}{}",
                     h.listen_ip,
-                    h.public_ip,
+                    h.public_address
+                        .clone()
+                        .unwrap_or_else(|| format!("{}:{port}", h.public_ip)),
                     data_dir.display(),
                     layout.idle_timeout,
                     h.global_ip,

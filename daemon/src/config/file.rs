@@ -170,6 +170,20 @@ pub struct HomeFile {
     /// metrics unless set.
     #[serde(default)]
     pub metrics: Option<Spanned<String>>,
+    /// One node of a home that runs on several (needs `storage: postgres`).
+    #[serde(default)]
+    pub cluster: Option<ClusterFile>,
+}
+
+/// `cluster:` of a home: this node's name, and the NATS server that
+/// carries what one node tells the others.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// Unique among the nodes of this home.
+    pub node: Spanned<String>,
+    /// `nats://HOST:PORT` (`tls://` for TLS), or several comma-separated.
+    pub nats: Spanned<String>,
 }
 
 /// `storage:` of a server: a PostgreSQL database instead of SQLite.

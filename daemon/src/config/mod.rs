@@ -206,6 +206,17 @@ pub struct HomeConfig {
     pub presence_grace: Duration,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// If this is one node of several (`cluster:`).
+    pub cluster: Option<Cluster>,
+}
+
+/// One node of a home that runs on several.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// This node's name, unique among the home's nodes.
+    pub node: String,
+    /// The NATS servers, as `async-nats` takes them.
+    pub nats: String,
 }
 
 /// A server this one dials.
@@ -511,17 +522,23 @@ impl Cx {
         })
     }
 
+    /// `HOST:PORT`, or several comma-separated (the nodes of one server).
     fn host_port(&self, s: &Spanned<String>, field: &str) -> Result<String, ConfigError> {
-        let ok = s
-            .value
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
-        if !ok {
+        let one = |a: &str| {
+            a.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+        };
+        let mut list = popupd_protocol::net::address_list(&s.value).peekable();
+        let bad = match list.peek() {
+            None => Some(s.value.as_str()),
+            Some(_) => list.find(|a| !one(a)),
+        };
+        if let Some(bad) = bad {
             return Err(self.err(
                 s,
                 field,
-                format!("{:?} is not a host:port address", s.value),
-                "write HOST:PORT, e.g. home.example.org:443 or 127.0.0.1:4431",
+                format!("{bad:?} is not a host:port address"),
+                "write HOST:PORT, e.g. home.example.org:443 or 127.0.0.1:4431, or several comma-separated (the nodes of one home)",
             ));
         }
         Ok(s.value.clone())
@@ -844,7 +861,57 @@ impl Cx {
                 .as_ref()
                 .map(|m| self.listen(m, &format!("{sec}.metrics")))
                 .transpose()?,
+            cluster: self.cluster(&h, sec)?,
         })
+    }
+
+    fn cluster(&self, h: &file::HomeFile, sec: &str) -> Result<Option<Cluster>, ConfigError> {
+        let Some(c) = &h.cluster else { return Ok(None) };
+        if h.storage.is_none() {
+            return Err(self.err(
+                &c.node,
+                &format!("{sec}.cluster"),
+                "the nodes of a home share its records, and SQLite is one machine's".into(),
+                "put the home on PostgreSQL (`storage: postgres: URL`), the same database for every node",
+            ));
+        }
+        let node = &c.node.value;
+        if node.is_empty()
+            || node.len() > 64
+            || !node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(self.err(
+                &c.node,
+                &format!("{sec}.cluster.node"),
+                format!("{node:?} is not a node name"),
+                "1-64 letters, digits, '-' or '_', unique among the home's nodes",
+            ));
+        }
+        let nats = &c.nats.value;
+        let bad = popupd_protocol::net::address_list(nats).find(|a| {
+            let rest = a
+                .strip_prefix("nats://")
+                .or_else(|| a.strip_prefix("tls://"))
+                .unwrap_or(a);
+            let host = rest.rsplit_once('@').map_or(rest, |x| x.1);
+            !host
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+        });
+        if bad.is_some() || nats.trim().is_empty() {
+            return Err(self.err(
+                &c.nats,
+                &format!("{sec}.cluster.nats"),
+                format!("{nats:?} is not a NATS server address"),
+                "write nats://HOST:PORT (tls://HOST:PORT for TLS), or several comma-separated",
+            ));
+        }
+        Ok(Some(Cluster {
+            node: node.clone(),
+            nats: nats.clone(),
+        }))
     }
 
     fn agent(&self, a: file::AgentFile) -> Result<AgentConfig, ConfigError> {

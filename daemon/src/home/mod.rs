@@ -12,10 +12,12 @@
 //!   routes what waits for an answer.
 //! - [`rules`]: what a message, an ack, a receipt or a contact change does
 //!   to the home's records (plain code over `storage::home`).
+//! - [`cluster`]: what the nodes of one home tell each other (`cluster:`).
 //! - [`admin`]: `popupd user ...` commands, run beside a live home.
 //! - [`ops`]: what the metrics read when scraped, and `popupd status`.
 
 pub mod admin;
+pub mod cluster;
 pub mod directory;
 pub mod limits;
 pub mod ops;
@@ -61,6 +63,8 @@ pub struct Home {
     pub peers: peers::Peers,
     /// Presence of our users and of the remote users they watch.
     pub hub: presence::Hub,
+    /// The other nodes of this home, if it runs on several.
+    pub cluster: Option<Arc<cluster::Cluster>>,
     /// TLS for connections we accept; a reload swaps it.
     pub server_tls: tls::Swap<rustls::ServerConfig>,
     /// TLS (with our client certificate) for links we dial.
@@ -157,6 +161,15 @@ impl Home {
     /// devices and wakes whoever forwards queued items.
     fn apply(self: &Arc<Self>, fx: Effects) {
         self.metrics.count(&fx.tally);
+        if let Some(c) = &self.cluster {
+            c.pushes(&fx.pushes);
+            for h in &fx.forget {
+                c.forget(h);
+            }
+            if !fx.contacts.is_empty() {
+                c.contacts(&fx.contacts);
+            }
+        }
         for p in fx.pushes {
             self.registry.push(p);
         }
@@ -201,7 +214,7 @@ async fn apply_commits(home: Arc<Home>, mut rx: mpsc::UnboundedReceiver<Vec<Comm
 /// After contact lists changed: each online user gets their new list (with
 /// presence) and the hub watches what it says; homes that may no longer
 /// see a user lose their subscription.
-async fn refresh_contacts(home: Arc<Home>, users: Vec<String>) {
+pub(crate) async fn refresh_contacts(home: Arc<Home>, users: Vec<String>) {
     for u in users {
         send_contacts(&home, &u).await;
         for h in home.hub.subscriber_homes(&u) {
@@ -449,6 +462,10 @@ pub async fn run(
         to_apply,
     )?;
     let (server_tls, client_tls) = tls_configs(&cfg)?;
+    let cluster = match &cfg.cluster {
+        Some(c) => Some(cluster::start(&cfg.name, c).await?),
+        None => None,
+    };
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("home {}: cannot listen on {}", cfg.name, cfg.listen))?;
@@ -460,6 +477,7 @@ pub async fn run(
         dir: directory::Directory::new(&cfg),
         peers: peers::Peers::default(),
         hub: presence::Hub::default(),
+        cluster: cluster.as_ref().map(|c| c.0.clone()),
         server_tls: tls::Swap::new(server_tls),
         client_tls: tls::Swap::new(client_tls),
         registry: sessions::Registry::default(),
@@ -493,6 +511,9 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(directory::run(home.clone()));
     tasks.spawn(apply_commits(home.clone(), commits));
+    if let Some((_, starter)) = cluster {
+        tasks.spawn(cluster::run(home.clone(), starter));
+    }
     tasks.spawn(router::run(home.clone()));
     tasks.spawn(peers::resume_queued(home.clone()));
     tasks.spawn(report_status(home.clone()));

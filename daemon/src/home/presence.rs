@@ -338,6 +338,21 @@ impl Hub {
         g.recompute(reg, &self.stats, handle);
     }
 
+    /// The devices connected to this node (not another's: their numbers
+    /// have the high bit set), with what each reports.
+    pub fn local_devices(&self) -> Vec<(String, String, u64, PresenceReport)> {
+        let g = self.lock();
+        let mut v = Vec::new();
+        for (handle, u) in &g.users {
+            for (device, d) in &u.devices {
+                if let Some(c) = d.conn.filter(|c| c >> 63 == 0) {
+                    v.push((handle.clone(), device.clone(), c, d.report.clone()));
+                }
+            }
+        }
+        v
+    }
+
     /// Connection `conn` of a device closed. The device still counts until
     /// [`Hub::expire`] (after the grace period) unless it reconnects.
     pub fn device_down(&self, handle: &str, device: &str, conn: u64) {

@@ -52,6 +52,9 @@ const GRID: std::time::Duration = std::time::Duration::from_secs(1);
 pub enum Out {
     Event(Arc<Push>),
     Frame(Arc<str>),
+    /// Events may have been missed (another node's news was lost): read
+    /// the mailbox, and if `true` the contact list too.
+    Reread(bool),
 }
 
 struct Conn {
@@ -130,6 +133,25 @@ impl Registry {
                 c.lag.store(true, Ordering::Release);
             }
         }
+    }
+
+    /// Tells every connection to read its mailbox (and if `full` its
+    /// contact list) again.
+    pub fn reread_all(&self, full: bool) {
+        let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for c in map.values().flatten() {
+            if c.tx.try_send(Out::Reread(full)).is_err() {
+                c.lag.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Whether a device of `handle` is connected here.
+    pub fn is_online(&self, handle: &str) -> bool {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(handle)
     }
 
     /// A mark to pass to [`Registry::keep_only`]: connections made after it
@@ -346,6 +368,9 @@ pub fn serve(
             state: PresenceState::Online,
             text: String::new(),
         });
+        if let Some(c) = &home.cluster {
+            c.device_up(&handle, &device, reg.id, &report);
+        }
         home.hub
             .device_up(&home.registry, &handle, &device, reg.id, report);
         Box::pin(super::send_contacts(&home, &handle)).await;
@@ -389,6 +414,9 @@ pub fn serve(
         home.tasks.spawn(async move {
             if !crate::task::sleep_or_shutdown(grace, &h.shutdown).await {
                 h.hub.expire(&h.registry, &handle, &device, id);
+                if let Some(c) = &h.cluster {
+                    c.device_gone(&handle, &device, id);
+                }
             }
         });
     }
@@ -758,6 +786,9 @@ impl AgentConn {
     fn set_presence(&mut self, report: PresenceReport) {
         self.presence_at = Some(Instant::now());
         let h = &self.home;
+        if let Some(c) = &h.cluster {
+            c.device_set(&self.handle, &self.device, self.conn, &report);
+        }
         h.hub
             .device_set(&h.registry, &self.handle, &self.device, self.conn, report);
     }
@@ -918,6 +949,12 @@ impl Handler<ServerTls> for AgentConn {
         match w {
             Wake::Out(Out::Event(p)) => Ok(self.on_push(link, &p).await?),
             Wake::Out(Out::Frame(f)) => Ok(link.feed_text(f.to_string()).await?),
+            Wake::Out(Out::Reread(full)) => {
+                if full {
+                    super::send_contacts(&self.home, &self.handle).await;
+                }
+                Ok(self.replay(link).await?)
+            }
             Wake::Lag => {
                 tracing::debug!(handle = %self.handle, "connection fell behind: reading its mailbox from disk");
                 // Frames may have been dropped too: resend the list.

@@ -342,7 +342,9 @@ impl Backoff {
 /// Where and how to dial.
 #[derive(Clone, Debug)]
 pub struct Dial {
-    /// `host:port` to connect to.
+    /// `host:port` to connect to, or several, comma-separated (the nodes
+    /// of one server): tried in random order until one answers. A host
+    /// name with several addresses counts as several.
     pub address: String,
     /// The server's name, checked against its certificate.
     pub name: String,
@@ -353,29 +355,78 @@ pub struct Dial {
     pub proxy: Option<proxy::Proxy>,
 }
 
+/// The `host:port` entries of a comma-separated address list.
+pub fn address_list(address: &str) -> impl Iterator<Item = &str> {
+    address.split(',').map(str::trim).filter(|a| !a.is_empty())
+}
+
 /// Dials TCP (through the proxy if set), TLS and the WebSocket upgrade.
+///
+/// Every address `d.address` names or resolves to is tried in random
+/// order, each under [`HANDSHAKE_TIMEOUT`], so that a crowd of agents
+/// spreads over the nodes of a home and moves on from a node that is gone.
+/// Fails with the last address's error.
 pub async fn dial(d: &Dial) -> Result<Link<ClientTls>, LinkError> {
-    let work = async {
-        let tcp = match &d.proxy {
-            Some(p) => p.connect(&d.address).await?,
-            None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&d.address))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no TCP answer from {} within {}",
-                            d.address,
-                            humantime::format_duration(CONNECT_TIMEOUT)
-                        ),
-                    )
-                })??,
-        };
-        handshake(tcp, d).await
+    let mut targets: Vec<Target> = Vec::new();
+    let mut last = None;
+    for a in address_list(&d.address) {
+        if d.proxy.is_some() {
+            // The proxy resolves the name.
+            targets.push(Target::Name(a.to_owned()));
+            continue;
+        }
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(a)).await {
+            Ok(Ok(found)) => targets.extend(found.map(|s| Target::Addr(a.to_owned(), s))),
+            Ok(Err(e)) => last = Some(LinkError::Io(e)),
+            Err(_) => {
+                last = Some(LinkError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("cannot resolve {a}"),
+                )))
+            }
+        }
+    }
+    fastrand::shuffle(&mut targets);
+    for t in &targets {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, dial_one(t, d)).await {
+            Ok(Ok(link)) => return Ok(link),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(LinkError::Timeout),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        LinkError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{:?} names no address", d.address),
+        ))
+    }))
+}
+
+/// One address to try.
+enum Target {
+    /// Through the proxy.
+    Name(String),
+    /// As named, and as resolved.
+    Addr(String, std::net::SocketAddr),
+}
+
+async fn dial_one(t: &Target, d: &Dial) -> Result<Link<ClientTls>, LinkError> {
+    let tcp = match (t, &d.proxy) {
+        (Target::Name(a), Some(p)) => p.connect(a).await?,
+        (Target::Name(a), None) => TcpStream::connect(a.as_str()).await?,
+        (Target::Addr(a, s), _) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no TCP answer from {a} ({s}) within {}",
+                        humantime::format_duration(CONNECT_TIMEOUT)
+                    ),
+                )
+            })??,
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
-        .await
-        .map_err(|_| LinkError::Timeout)?
+    handshake(tcp, d).await
 }
 
 /// TLS and the WebSocket upgrade over a connected socket (load generators

@@ -1,0 +1,494 @@
+//! The nodes of one home (`cluster:`): what one node tells the others,
+//! over NATS core publish/subscribe.
+//!
+//! Every node serves the same home from the same PostgreSQL database, so
+//! every record is already shared; what is not is what lives in one
+//! process: which devices are connected where, and the moment a commit
+//! happened. A node therefore tells the others, on one subject of the
+//! home's (`popupd.<home>.nodes`):
+//!
+//! - the mailbox events its commits made (`Push`), so the node that holds
+//!   the recipient's connection sends them at once;
+//! - contact lists that changed and routes found wrong;
+//! - its devices' presence: up, changed, gone (after the grace period),
+//!   and all of them when a node asks (`Hello`, on start and after NATS
+//!   came back); a heartbeat every [`BEAT`], so that the devices of a node
+//!   that died are dropped after [`DEAD_AFTER`].
+//!
+//! **Architecture Invariant:** NATS carries only news; the durable copy is
+//! in PostgreSQL. A lost note costs a delay, never a message: a connection
+//! that sees a gap in its mailbox numbers reads the mailbox, and when the
+//! node may have missed notes (NATS gone, or it dropped some for a slow
+//! consumer) every connection reads its mailbox and contact list again,
+//! and while NATS is gone every [`POLL`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::Home;
+use super::rules::Push;
+use crate::config::Cluster as ClusterConfig;
+use popupd_protocol::PresenceReport;
+
+/// How often a node says it is alive.
+const BEAT: Duration = Duration::from_secs(2);
+/// A node not heard of this long is taken for dead: its devices go.
+const DEAD_AFTER: Duration = Duration::from_secs(8);
+/// While NATS is gone, how often connections read their mailboxes.
+const POLL: Duration = Duration::from_secs(2);
+/// Notes waiting for NATS, at most; past it they are dropped and the other
+/// nodes told to read everything again once NATS takes notes again.
+const QUEUE: usize = 65_536;
+/// Bytes of notes in one NATS message (NATS takes 1 MiB by default).
+const MAX_MESSAGE: usize = 256 * 1024;
+
+/// One piece of news from a node.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Note {
+    /// A committed mailbox event.
+    Push {
+        handle: String,
+        seq: u64,
+        event: String,
+    },
+    /// These users' contact lists changed.
+    Contacts { users: Vec<String> },
+    /// The cached route of `handle` is wrong.
+    Forget { handle: String },
+    /// A device connected (`conn` is the node's connection number).
+    Up {
+        handle: String,
+        device: String,
+        conn: u64,
+        report: PresenceReport,
+    },
+    /// A connected device reported a new presence.
+    Set {
+        handle: String,
+        device: String,
+        conn: u64,
+        report: PresenceReport,
+    },
+    /// A device's grace period after its connection ended is over.
+    Gone {
+        handle: String,
+        device: String,
+        conn: u64,
+    },
+    /// A node (re)joined: everyone, say your devices (`Up`).
+    Hello,
+    /// Still here.
+    Beat,
+    /// Notes were dropped: read every mailbox and contact list again.
+    Resync,
+}
+
+/// A NATS message: the notes of one node, in the order it made them.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    /// The sending process: its node name, and a number drawn at start (a
+    /// restarted node is a new process, whose connection numbers start
+    /// over).
+    node: String,
+    run: u64,
+    notes: Vec<Note>,
+}
+
+/// This node's side of the cluster.
+pub struct Cluster {
+    cfg: ClusterConfig,
+    run: u64,
+    subject: String,
+    tx: mpsc::Sender<Note>,
+    /// Notes were dropped on the way out.
+    dropped: AtomicBool,
+    /// Other processes, with when each was last heard and its devices.
+    others: Mutex<HashMap<u64, Other>>,
+    /// Whether NATS is connected now.
+    connected: AtomicBool,
+}
+
+struct Other {
+    node: String,
+    heard: Instant,
+    /// (handle, device) → its connection number there.
+    devices: HashMap<(String, String), u64>,
+}
+
+impl Cluster {
+    /// Queues a note for the other nodes; never waits.
+    fn tell(&self, n: Note) {
+        if self.tx.try_send(n).is_err() {
+            self.dropped.store(true, Ordering::Release);
+        }
+    }
+
+    /// Mailbox events committed here.
+    pub fn pushes(&self, pushes: &[Push]) {
+        for p in pushes {
+            self.tell(Note::Push {
+                handle: p.handle.clone(),
+                seq: p.seq,
+                event: p.event.clone(),
+            });
+        }
+    }
+
+    pub fn contacts(&self, users: &[String]) {
+        self.tell(Note::Contacts {
+            users: users.to_vec(),
+        });
+    }
+
+    pub fn forget(&self, handle: &str) {
+        self.tell(Note::Forget {
+            handle: handle.to_owned(),
+        });
+    }
+
+    pub fn device_up(&self, handle: &str, device: &str, conn: u64, report: &PresenceReport) {
+        self.tell(Note::Up {
+            handle: handle.to_owned(),
+            device: device.to_owned(),
+            conn,
+            report: report.clone(),
+        });
+    }
+
+    pub fn device_set(&self, handle: &str, device: &str, conn: u64, report: &PresenceReport) {
+        self.tell(Note::Set {
+            handle: handle.to_owned(),
+            device: device.to_owned(),
+            conn,
+            report: report.clone(),
+        });
+    }
+
+    pub fn device_gone(&self, handle: &str, device: &str, conn: u64) {
+        self.tell(Note::Gone {
+            handle: handle.to_owned(),
+            device: device.to_owned(),
+            conn,
+        });
+    }
+
+    /// (this node's name, other nodes heard of and alive).
+    pub fn nodes(&self) -> (String, Vec<String>) {
+        let g = self.others.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<String> = g.values().map(|o| o.node.clone()).collect();
+        v.sort();
+        (self.cfg.node.clone(), v)
+    }
+
+    /// Whether NATS is connected.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+}
+
+/// The number a device of another process has in this node's presence
+/// hub: its high bit set, so it never equals one of this node's own
+/// connection numbers (counted up from 0).
+fn remote_conn(run: u64, conn: u64) -> u64 {
+    (run ^ conn.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1 << 63
+}
+
+/// Connects to NATS (in the background: a node starts, and serves its own
+/// connections, while NATS is away) and returns this node's side.
+pub async fn start(
+    home_name: &str,
+    cfg: &ClusterConfig,
+) -> anyhow::Result<(Arc<Cluster>, Starter)> {
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let addrs = popupd_protocol::net::address_list(&cfg.nats)
+        .map(|a| a.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("cluster.nats {:?}: {e}", cfg.nats))?;
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("popupd {home_name} {}", cfg.node))
+        .no_echo()
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|n| Duration::from_millis((n as u64 * 250).clamp(100, 2000)))
+        .event_callback(move |e| {
+            let tx = events_tx.clone();
+            async move {
+                let _ = tx.send(e);
+            }
+        })
+        .connect(addrs)
+        .await?;
+    let subject = format!("popupd.{home_name}.nodes");
+    let sub = client.subscribe(subject.clone()).await?;
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let c = Arc::new(Cluster {
+        cfg: cfg.clone(),
+        run: fastrand::u64(..),
+        subject,
+        tx,
+        dropped: AtomicBool::new(false),
+        others: Mutex::new(HashMap::new()),
+        connected: AtomicBool::new(false),
+    });
+    Ok((
+        c,
+        Starter {
+            client,
+            sub,
+            rx,
+            events,
+        },
+    ))
+}
+
+/// What [`run`] takes once the home is built.
+pub struct Starter {
+    client: async_nats::Client,
+    sub: async_nats::Subscriber,
+    rx: mpsc::Receiver<Note>,
+    events: mpsc::UnboundedReceiver<async_nats::Event>,
+}
+
+/// Runs this node's side: sends what it queued, acts on what the others
+/// say, watches NATS come and go, drops the devices of dead nodes.
+pub async fn run(home: Arc<Home>, s: Starter) {
+    let Some(c) = home.cluster.clone() else {
+        return;
+    };
+    let Starter {
+        client,
+        mut sub,
+        mut rx,
+        mut events,
+    } = s;
+    tracing::info!(home = %home.cfg.name, node = %c.cfg.node, nats = %c.cfg.nats,
+        "home {}: node {} of a cluster, over NATS at {}", home.cfg.name, c.cfg.node, c.cfg.nats);
+    let weak = Arc::downgrade(&home);
+    let shutdown = home.shutdown.clone();
+    drop(home);
+    let mut beat = tokio::time::interval(BEAT);
+    let mut poll = tokio::time::interval(POLL);
+    let mut out: Vec<Note> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            n = rx.recv() => {
+                let Some(n) = n else { return };
+                out.push(n);
+                // What else is queued goes in the same message.
+                while out.len() < 4096 {
+                    match rx.try_recv() {
+                        Ok(n) => out.push(n),
+                        Err(_) => break,
+                    }
+                }
+                publish(&client, &c, std::mem::take(&mut out)).await;
+            }
+            m = sub.next() => {
+                let Some(m) = m else { return };
+                let Some(home) = weak.upgrade() else { return };
+                match serde_json::from_slice::<Envelope>(&m.payload) {
+                    Ok(env) => receive(&home, &c, env),
+                    Err(e) => tracing::warn!(home = %home.cfg.name, "a cluster note that is not one: {e}"),
+                }
+            }
+            e = events.recv() => {
+                let Some(e) = e else { return };
+                let Some(home) = weak.upgrade() else { return };
+                on_event(&home, &c, e);
+            }
+            _ = beat.tick() => {
+                let Some(home) = weak.upgrade() else { return };
+                if c.dropped.swap(false, Ordering::AcqRel) {
+                    c.tell(Note::Resync);
+                }
+                c.tell(Note::Beat);
+                bury_the_dead(&home, &c);
+            }
+            _ = poll.tick() => {
+                if !c.connected() {
+                    let Some(home) = weak.upgrade() else { return };
+                    home.registry.reread_all(false);
+                }
+            }
+        }
+    }
+}
+
+async fn publish(client: &async_nats::Client, c: &Cluster, notes: Vec<Note>) {
+    let mut chunk = Vec::new();
+    let mut size = 0;
+    let n = notes.len();
+    for (i, note) in notes.into_iter().enumerate() {
+        size += match &note {
+            Note::Push { event, .. } => event.len() + 64,
+            _ => 128,
+        };
+        chunk.push(note);
+        if size >= MAX_MESSAGE || i + 1 == n {
+            let env = Envelope {
+                node: c.cfg.node.clone(),
+                run: c.run,
+                notes: std::mem::take(&mut chunk),
+            };
+            size = 0;
+            let body = match serde_json::to_vec(&env) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("encoding cluster notes: {e}");
+                    continue;
+                }
+            };
+            // Waits while NATS is away (the client holds what it cannot
+            // send yet), so notes queue up in `tx`, not in the home.
+            if let Err(e) = client.publish(c.subject.clone(), body.into()).await {
+                tracing::debug!("publishing cluster notes: {e}");
+                c.dropped.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
+    let from = env.run;
+    let known = {
+        let mut g = c.others.lock().unwrap_or_else(|e| e.into_inner());
+        let known = g.contains_key(&from);
+        let o = g.entry(from).or_insert_with(|| Other {
+            node: env.node.clone(),
+            heard: Instant::now(),
+            devices: HashMap::new(),
+        });
+        o.heard = Instant::now();
+        known
+    };
+    if !known {
+        tracing::info!(home = %home.cfg.name, node = %env.node, "home {}: node {} joined", home.cfg.name, env.node);
+        // It may hold devices we have not heard of.
+        c.tell(Note::Hello);
+    }
+    let mut contacts = Vec::new();
+    for n in env.notes {
+        match n {
+            Note::Push { handle, seq, event } => home.registry.push(Push { handle, seq, event }),
+            Note::Contacts { users } => contacts.extend(users),
+            Note::Forget { handle } => home.router.forget(&handle),
+            Note::Up {
+                handle,
+                device,
+                conn,
+                report,
+            } => {
+                let id = remote_conn(from, conn);
+                remember(c, from, &handle, &device, Some(id));
+                home.hub
+                    .device_up(&home.registry, &handle, &device, id, report);
+            }
+            Note::Set {
+                handle,
+                device,
+                conn,
+                report,
+            } => {
+                let id = remote_conn(from, conn);
+                home.hub
+                    .device_set(&home.registry, &handle, &device, id, report);
+            }
+            Note::Gone {
+                handle,
+                device,
+                conn,
+            } => {
+                let id = remote_conn(from, conn);
+                remember(c, from, &handle, &device, None);
+                home.hub.device_down(&handle, &device, id);
+                home.hub.expire(&home.registry, &handle, &device, id);
+            }
+            Note::Hello => {
+                for (handle, device, conn, report) in home.hub.local_devices() {
+                    c.device_up(&handle, &device, conn, &report);
+                }
+            }
+            Note::Beat => {}
+            Note::Resync => home.registry.reread_all(true),
+        }
+    }
+    if !contacts.is_empty() {
+        contacts.sort();
+        contacts.dedup();
+        contacts.retain(|u| home.registry.is_online(u) || !home.hub.subscriber_homes(u).is_empty());
+        if !contacts.is_empty() {
+            tokio::spawn(super::refresh_contacts(home.clone(), contacts));
+        }
+    }
+}
+
+fn remember(c: &Cluster, from: u64, handle: &str, device: &str, id: Option<u64>) {
+    let mut g = c.others.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(o) = g.get_mut(&from) {
+        let key = (handle.to_owned(), device.to_owned());
+        match id {
+            Some(id) => {
+                o.devices.insert(key, id);
+            }
+            None => {
+                o.devices.remove(&key);
+            }
+        }
+    }
+}
+
+/// Drops the devices of processes not heard of for [`DEAD_AFTER`].
+fn bury_the_dead(home: &Arc<Home>, c: &Cluster) {
+    let dead: Vec<Other> = {
+        let mut g = c.others.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<u64> = g
+            .iter()
+            .filter(|(_, o)| o.heard.elapsed() > DEAD_AFTER)
+            .map(|(k, _)| *k)
+            .collect();
+        gone.into_iter().filter_map(|k| g.remove(&k)).collect()
+    };
+    for o in dead {
+        tracing::warn!(home = %home.cfg.name, node = %o.node, devices = o.devices.len(),
+            "home {}: node {} not heard of for {}; its devices count as gone",
+            home.cfg.name, o.node, humantime::format_duration(DEAD_AFTER));
+        for ((handle, device), id) in o.devices {
+            home.hub.device_down(&handle, &device, id);
+            home.hub.expire(&home.registry, &handle, &device, id);
+        }
+    }
+}
+
+fn on_event(home: &Arc<Home>, c: &Cluster, e: async_nats::Event) {
+    use async_nats::Event;
+    match e {
+        Event::Connected => {
+            c.connected.store(true, Ordering::Release);
+            tracing::info!(home = %home.cfg.name, "home {}: NATS connected", home.cfg.name);
+            // Whatever was said while we were away is read from the store.
+            home.registry.reread_all(true);
+            c.tell(Note::Hello);
+            for (handle, device, conn, report) in home.hub.local_devices() {
+                c.device_up(&handle, &device, conn, &report);
+            }
+        }
+        Event::Disconnected => {
+            c.connected.store(false, Ordering::Release);
+            tracing::warn!(home = %home.cfg.name,
+                "home {}: NATS is gone; the other nodes' news is read from the store every {} until it is back",
+                home.cfg.name, humantime::format_duration(POLL));
+        }
+        Event::SlowConsumer(_) => {
+            tracing::warn!(home = %home.cfg.name, "home {}: fell behind the other nodes' news; reading every mailbox again", home.cfg.name);
+            home.registry.reread_all(true);
+        }
+        other => tracing::info!(home = %home.cfg.name, "home {}: NATS: {other}", home.cfg.name),
+    }
+}

@@ -1,0 +1,265 @@
+//! End to end with home A on three nodes (`cluster:`): one PostgreSQL
+//! database, one NATS server, each started by the test on 127.0.0.1 in
+//! its folder; home B and the global server as in any test network.
+//! Without PostgreSQL or nats-server the tests say "skipped" and why;
+//! under CI (`CI=true`) they fail instead.
+//!
+//! - alice on node 1 and bob on node 2 exchange messages, receipts, a
+//!   reply, a contact request and presence; alice writes to carol on B;
+//! - `kill -9` of the node that holds bob's connection under a counted
+//!   stream: bob moves to another node, nothing lost, doubled or reordered;
+//! - NATS stopped and started under a counted stream: delivery goes on
+//!   while it is away (slower), nothing lost, doubled or reordered;
+//! - PostgreSQL stopped and started under a counted stream: the same.
+
+// Test code: an unwrap that fails is the test failing (as clippy.toml
+// allows in #[test] functions, here for their helpers too).
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use popupd_e2e::cluster::Cluster;
+use popupd_e2e::faults::{send, settle_and_count};
+use popupd_e2e::{Agent, PRESENCE_GRACE_S, TestDir};
+
+const T: Duration = Duration::from_secs(30);
+
+fn ok(o: std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "popupctl failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// alice's and bob's agents, each dialing only the nodes given.
+async fn alice_and_bob(c: &Cluster, alice_on: &[usize], bob_on: &[usize]) -> (Agent, Agent) {
+    let dir = &c.net.dir;
+    let a = c.add_user_on("alice", alice_on).unwrap();
+    let b = c.add_user_on("bob", bob_on).unwrap();
+    let alice = Agent::start(dir, "alice", &a, "", &[]).await.unwrap();
+    let bob = Agent::start(dir, "bob", &b, "", &[]).await.unwrap();
+    alice.wait_connected(true, T).await.unwrap();
+    bob.wait_connected(true, T).await.unwrap();
+    (alice, bob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_two_nodes_exchange_messages_receipts_requests_and_presence() {
+    const NAME: &str = "users_on_two_nodes_exchange_messages_receipts_requests_and_presence";
+    let dir = TestDir::new("cluster-talk");
+    let Some(mut c) = Cluster::start(&dir.path, NAME, 3).await else {
+        return;
+    };
+    let (alice, mut bob) = alice_and_bob(&c, &[0], &[1]).await;
+    assert_eq!(c.node_of("alice"), Some(0));
+    assert_eq!(c.node_of("bob"), Some(1));
+
+    // A message from node 1 to node 2, its receipts, and the reply back.
+    let id = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("bob", "lunch?")
+        .await
+        .unwrap();
+    bob.wait_for("lunch?", T, |s| {
+        s.received
+            .iter()
+            .any(|(i, f, t)| *i == id && f == "alice" && t == "lunch?")
+    })
+    .await
+    .unwrap();
+    alice.wait_status(&id, "delivered", T).await.unwrap();
+    ok(bob.popupctl(&["read", &id]));
+    alice.wait_status(&id, "read", T).await.unwrap();
+    let reply = ok(bob.popupctl(&["reply", &id, "12:30?"]));
+    let reply = reply.trim();
+    alice
+        .wait_for("the reply", T, |s| {
+            s.received.iter().any(|(i, f, _)| i == reply && f == "bob")
+        })
+        .await
+        .unwrap();
+
+    // A contact request crosses nodes; once accepted, each sees the other.
+    assert_eq!(
+        ok(alice.popupctl(&["contacts", "add", "bob"])).trim(),
+        "asked bob"
+    );
+    bob.wait_for("alice's request", T, |s| {
+        s.requests.contains(&"alice".to_string())
+    })
+    .await
+    .unwrap();
+    ok(bob.popupctl(&["contacts", "accept", "alice"]));
+    let online = |who: &'static str| {
+        move |s: &popupd_e2e::Seen| s.presence_of(who).is_some_and(|p| p.0 == "online")
+    };
+    alice
+        .wait_for("bob online", T, online("bob"))
+        .await
+        .unwrap();
+    bob.wait_for("alice online", T, online("alice"))
+        .await
+        .unwrap();
+    ok(bob.popupctl(&["presence", "busy", "in", "a", "meeting"]));
+    alice
+        .wait_for("bob busy", T, |s| {
+            s.presence_of("bob") == Some(("busy", "in a meeting"))
+        })
+        .await
+        .unwrap();
+    // Stopped: offline, on the other node too, after the grace period.
+    bob.proc.stop();
+    let grace = Duration::from_secs(PRESENCE_GRACE_S);
+    alice
+        .wait_for("bob offline", grace + T, |s| {
+            s.presence_of("bob").is_some_and(|p| p.0 == "offline")
+        })
+        .await
+        .unwrap();
+    bob.restart().await.unwrap();
+    bob.wait_connected(true, T).await.unwrap();
+    alice
+        .wait_for("bob back", T, |s| {
+            s.presence_of("bob").is_some_and(|p| p.0 == "busy")
+        })
+        .await
+        .unwrap();
+
+    // To carol on home B, from node 1.
+    let cfg = c.net.add_user(1, "carol").unwrap();
+    let carol = Agent::start(&c.net.dir, "carol", &cfg, "", &[])
+        .await
+        .unwrap();
+    carol.wait_connected(true, T).await.unwrap();
+    let id = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("carol", "hi carol")
+        .await
+        .unwrap();
+    carol
+        .wait_for("hi carol", T, |s| s.received.iter().any(|r| r.0 == id))
+        .await
+        .unwrap();
+    alice.wait_status(&id, "delivered", T).await.unwrap();
+    let o = carol.popupctl(&["reply", &id, "hi alice"]);
+    assert!(o.status.success(), "{o:?}");
+    let back = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    alice
+        .wait_for("carol's reply", T, |s| {
+            s.received
+                .iter()
+                .any(|(i, f, _)| *i == back && f == "carol")
+        })
+        .await
+        .unwrap();
+}
+
+/// alice sends `n` messages to bob, a few milliseconds apart; `at(i, c)`
+/// runs before message `i` (to break something, and mend it).
+async fn stream(
+    c: &mut Cluster,
+    alice: &Agent,
+    tag: &str,
+    n: usize,
+    mut at: impl FnMut(usize, &mut Cluster),
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        at(i, c);
+        ids.push(send(alice, &format!("{tag}-{i}")).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(8)).await;
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_node_holding_bob_loses_doubles_and_reorders_nothing() {
+    const NAME: &str = "kill9_of_the_node_holding_bob_loses_doubles_and_reorders_nothing";
+    let dir = TestDir::new("cluster-kill");
+    let Some(mut c) = Cluster::start(&dir.path, NAME, 3).await else {
+        return;
+    };
+    let (alice, bob) = alice_and_bob(&c, &[0], &[1, 2]).await;
+    let held = c.wait_node_of("bob", T).await.unwrap();
+    assert_ne!(held, 0);
+    let ids = stream(&mut c, &alice, "kill", 300, |i, c| {
+        if i == 100 {
+            c.node(held).kill9();
+        }
+    })
+    .await;
+    let counts = settle_and_count(&alice, &bob, &ids, Duration::from_secs(60), 0)
+        .await
+        .unwrap();
+    assert!(counts.held(), "{counts:?}");
+    // bob went on at the other node.
+    let now = c.node_of("bob");
+    assert!(now.is_some_and(|n| n != held && n != 0), "bob at {now:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_stopped_and_started_under_a_stream_delays_but_loses_nothing() {
+    const NAME: &str = "nats_stopped_and_started_under_a_stream_delays_but_loses_nothing";
+    let dir = TestDir::new("cluster-nats");
+    let Some(mut c) = Cluster::start(&dir.path, NAME, 2).await else {
+        return;
+    };
+    let (alice, bob) = alice_and_bob(&c, &[0], &[1]).await;
+    let shown = |bob: &Agent| bob.seen.lock().unwrap().received.len();
+    let mut during = (0, 0);
+    let ids = stream(&mut c, &alice, "nats", 300, |i, c| {
+        if i == 100 {
+            c.nats.stop();
+            during.0 = shown(&bob);
+        }
+        if i == 250 {
+            during.1 = shown(&bob);
+            c.nats.start_again().unwrap();
+        }
+    })
+    .await;
+    c.nats.wait_ready().await.unwrap();
+    let counts = settle_and_count(&alice, &bob, &ids, Duration::from_secs(60), 0)
+        .await
+        .unwrap();
+    assert!(counts.held(), "{counts:?}");
+    assert!(
+        during.1 > during.0 + 50,
+        "delivery stopped while NATS was away: {during:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_and_started_under_a_stream_loses_nothing() {
+    const NAME: &str = "postgres_stopped_and_started_under_a_stream_loses_nothing";
+    let dir = TestDir::new("cluster-pg");
+    let Some(mut c) = Cluster::start(&dir.path, NAME, 2).await else {
+        return;
+    };
+    let (alice, bob) = alice_and_bob(&c, &[0], &[1]).await;
+    let mut stopped: Option<Instant> = None;
+    let ids = stream(&mut c, &alice, "pg", 200, |i, c| {
+        if i == 60 {
+            c.pg.stop();
+            stopped = Some(Instant::now());
+        }
+        if stopped.is_some_and(|s| s.elapsed() > Duration::from_secs(2)) {
+            stopped = None;
+            c.pg.start_again().unwrap();
+        }
+    })
+    .await;
+    if stopped.is_some() {
+        c.pg.start_again().unwrap();
+    }
+    let counts = settle_and_count(&alice, &bob, &ids, Duration::from_secs(90), 0)
+        .await
+        .unwrap();
+    assert!(counts.held(), "{counts:?}");
+}
