@@ -5,7 +5,8 @@
 //! under CI (`CI=true`) they fail instead.
 //!
 //! - alice on node 1 and bob on node 2 exchange messages, receipts, a
-//!   reply, a contact request and presence; alice writes to carol on B;
+//!   reply, a contact request and presence; alice writes to carol on B,
+//!   one node carries the items to B, and another once it is killed;
 //! - `kill -9` of the node that holds bob's connection under a counted
 //!   stream: bob moves to another node, nothing lost, doubled or reordered;
 //! - NATS stopped and started under a counted stream: delivery goes on
@@ -158,6 +159,34 @@ async fn users_on_two_nodes_exchange_messages_receipts_requests_and_presence() {
         })
         .await
         .unwrap();
+    // One node carried the items to home B (whichever ranks first for it):
+    // only one dialed it.
+    let dialed: Vec<usize> = (0..3)
+        .filter(|&i| {
+            c.node(i)
+                .log_text()
+                .contains(&format!("peer link up (dialed): {}", popupd_e2e::HOME_B))
+        })
+        .collect();
+    assert_eq!(dialed.len(), 1, "nodes that dialed home B: {dialed:?}");
+
+    // The carrier dies: another node takes its items on (once the others
+    // count it dead). The node names decide which carries, and for these
+    // it is n3, a node neither alice nor bob is on.
+    assert_eq!(dialed, [2], "home B's carrier moved: fix the test's kill");
+    c.node(2).kill9();
+    let id = alice
+        .proxy()
+        .await
+        .unwrap()
+        .send("carol", "still there?")
+        .await
+        .unwrap();
+    carol
+        .wait_for("still there?", T, |s| s.received.iter().any(|r| r.0 == id))
+        .await
+        .unwrap();
+    alice.wait_status(&id, "delivered", T).await.unwrap();
 }
 
 /// alice sends `n` messages to bob, a few milliseconds apart; `at(i, c)`

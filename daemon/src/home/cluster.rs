@@ -88,6 +88,13 @@ enum Note {
     Beat,
     /// Notes were dropped: read every mailbox and contact list again.
     Resync,
+    /// Items wait for home `dest` (item `n`, or all): for node `to`, which
+    /// carries items to it.
+    Kick {
+        to: String,
+        dest: String,
+        n: Option<u64>,
+    },
 }
 
 /// A NATS message: the notes of one node, in the order it made them.
@@ -177,6 +184,45 @@ impl Cluster {
             device: device.to_owned(),
             conn,
         });
+    }
+
+    /// Asks the node that carries items to `dest` to send item `n` (or
+    /// all).
+    pub fn kick(&self, dest: &str, n: Option<u64>) {
+        self.tell(Note::Kick {
+            to: self.carrier(dest),
+            dest: dest.to_owned(),
+            n,
+        });
+    }
+
+    /// Whether this node carries the items queued for home `dest` (see
+    /// [`Cluster::carrier`]).
+    pub fn carries(&self, dest: &str) -> bool {
+        self.carrier(dest) == self.cfg.node
+    }
+
+    /// The node that carries the items queued for home `dest`: of the
+    /// nodes alive, the one that ranks first for `dest` (rendezvous
+    /// hashing), so each peer's items are taken by one node, and another
+    /// takes them on when it dies. Two nodes that briefly disagree both
+    /// send; the peer keeps the first copy, and each sends in queue order.
+    fn carrier(&self, dest: &str) -> String {
+        let rank = |node: &str| {
+            // FNV-1a: stable across processes and versions, unlike std's.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in node.bytes().chain([0]).chain(dest.bytes()) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            h
+        };
+        let g = self.others.lock().unwrap_or_else(|e| e.into_inner());
+        g.values()
+            .map(|o| &o.node)
+            .chain([&self.cfg.node])
+            .max_by_key(|n| (rank(n), *n))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// (this node's name, other nodes heard of and alive).
@@ -370,8 +416,9 @@ fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
     };
     if !known {
         tracing::info!(home = %home.cfg.name, node = %env.node, "home {}: node {} joined", home.cfg.name, env.node);
-        // It may hold devices we have not heard of.
+        // It may hold devices we have not heard of, and carry items now.
         c.tell(Note::Hello);
+        tokio::spawn(super::peers::kick_queued(home.clone()));
     }
     let mut contacts = Vec::new();
     for n in env.notes {
@@ -417,6 +464,12 @@ fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
             }
             Note::Beat => {}
             Note::Resync => home.registry.reread_all(true),
+            // Asked as the carrier: carry, even if this node does not
+            // think so (yet), or the two would pass it back and forth.
+            Note::Kick { to, dest, n } if to == c.cfg.node => {
+                super::peers::kick_here(home, &dest, n)
+            }
+            Note::Kick { .. } => {}
         }
     }
     if !contacts.is_empty() {
@@ -455,6 +508,10 @@ fn bury_the_dead(home: &Arc<Home>, c: &Cluster) {
             .collect();
         gone.into_iter().filter_map(|k| g.remove(&k)).collect()
     };
+    if !dead.is_empty() {
+        // What the dead carried is someone else's now.
+        tokio::spawn(super::peers::kick_queued(home.clone()));
+    }
     for o in dead {
         tracing::warn!(home = %home.cfg.name, node = %o.node, devices = o.devices.len(),
             "home {}: node {} not heard of for {}; its devices count as gone",

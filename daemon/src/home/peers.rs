@@ -153,8 +153,20 @@ impl Peers {
 }
 
 /// Item `n` (or, for `None`, every item) waits for `dest`: wake the link
-/// that carries items to it, or start dialing it.
+/// that carries items to it, or start dialing it; on a node of several,
+/// the node that carries items to `dest` is told instead, if it is not
+/// this one.
 pub fn kick(home: &Arc<Home>, dest: &str, n: Option<u64>) {
+    if let Some(c) = &home.cluster
+        && !c.carries(dest)
+    {
+        return c.kick(dest, n);
+    }
+    kick_here(home, dest, n)
+}
+
+/// [`kick`] on this node, whichever carries.
+pub fn kick_here(home: &Arc<Home>, dest: &str, n: Option<u64>) {
     let mut slots = home.peers.slots.lock().unwrap_or_else(|e| e.into_inner());
     let slot = slots.entry(dest.to_owned()).or_default();
     match slot.carrier() {
@@ -869,6 +881,12 @@ async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
     out: &mut Outgoing,
     wanted: Wanted,
 ) -> Result<(), LinkError> {
+    if let Some(c) = &home.cluster
+        && !c.carries(peer)
+    {
+        // Another node carries them; it was told (`kick`).
+        return Ok(());
+    }
     if wanted.all {
         let p = peer.to_owned();
         let all = home
@@ -933,18 +951,24 @@ async fn send_queued<S: AsyncRead + AsyncWrite + Unpin>(
 pub async fn resume_queued(home: Arc<Home>) {
     loop {
         expire_queued(&home).await;
-        match home.store.read(|s| s.queued_dests()).await {
-            Ok(dests) => {
-                for d in dests {
-                    kick(&home, &d, None);
-                }
-            }
-            Err(e) => tracing::error!("reading the forward queue: {e}"),
-        }
+        kick_queued(home.clone()).await;
         home.router.kick();
         if sleep_or_shutdown(SWEEP, &home.shutdown).await {
             return;
         }
+    }
+}
+
+/// Wakes the links of every home with items queued (on a node of several,
+/// the node that carries them).
+pub async fn kick_queued(home: Arc<Home>) {
+    match home.store.read(|s| s.queued_dests()).await {
+        Ok(dests) => {
+            for d in dests {
+                kick(&home, &d, None);
+            }
+        }
+        Err(e) => tracing::error!("reading the forward queue: {e}"),
     }
 }
 
