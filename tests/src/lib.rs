@@ -295,6 +295,10 @@ pub struct Layout {
     pub homes: [HomeLayout; 2],
     /// Each server serves metrics on a port of its own on 127.0.0.1.
     pub metrics: bool,
+    /// The global server's port (default: a free one).
+    pub global_port: Option<u16>,
+    /// What the homes dial for the global server (default: its address).
+    pub global_address: Option<String>,
 }
 
 /// Where one home of a test network runs.
@@ -343,6 +347,8 @@ impl Default for Layout {
             global_yaml: String::new(),
             homes: Default::default(),
             metrics: false,
+            global_port: None,
+            global_address: None,
         }
     }
 }
@@ -386,7 +392,7 @@ impl Network {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let global_port = free_port();
+        let global_port = layout.global_port.unwrap_or_else(free_port);
         let global_addr = format!("127.0.0.1:{global_port}");
         let metrics_addrs: Vec<String> = if layout.metrics {
             (0..3)
@@ -433,14 +439,17 @@ impl Network {
             std::fs::write(
                 &file,
                 format!(
-                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}:{global_port}\"\n{}{}{}",
+                    "home:\n  name: {name}\n  listen: {}:{port}\n  public_address: \"{}\"\n  cert: pki/{name}.crt\n  key: pki/{name}.key\n  ca: pki/ca.crt\n  data_dir: {}\n  idle_timeout: {}\n  presence_grace: {PRESENCE_GRACE_S}s\n  global:\n    name: global.test\n    address: \"{}\"\n{}{}{}",
                     h.listen_ip,
                     h.public_address
                         .clone()
                         .unwrap_or_else(|| format!("{}:{port}", h.public_ip)),
                     data_dir.display(),
                     layout.idle_timeout,
-                    h.global_ip,
+                    layout
+                        .global_address
+                        .clone()
+                        .unwrap_or_else(|| format!("{}:{global_port}", h.global_ip)),
                     layout.home_yaml,
                     h.yaml,
                     metrics_line(i + 1),

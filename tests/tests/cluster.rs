@@ -11,7 +11,9 @@
 //!   stream: bob moves to another node, nothing lost, doubled or reordered;
 //! - NATS stopped and started under a counted stream: delivery goes on
 //!   while it is away (slower), nothing lost, doubled or reordered;
-//! - PostgreSQL stopped and started under a counted stream: the same.
+//! - PostgreSQL stopped and started under a counted stream: the same;
+//! - two global servers over one database: either answers, and the homes
+//!   move to the other when one is killed.
 
 // Test code: an unwrap that fails is the test failing (as clippy.toml
 // allows in #[test] functions, here for their helpers too).
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use popupd_e2e::cluster::Cluster;
 use popupd_e2e::faults::{send, settle_and_count};
-use popupd_e2e::{Agent, PRESENCE_GRACE_S, TestDir};
+use popupd_e2e::{Agent, Layout, Network, PRESENCE_GRACE_S, Proc, TestDir, free_port, pg};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -291,4 +293,65 @@ async fn postgres_stopped_and_started_under_a_stream_loses_nothing() {
         .await
         .unwrap();
     assert!(counts.held(), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_global_servers_over_one_database_stand_in_for_each_other() {
+    const NAME: &str = "two_global_servers_over_one_database_stand_in_for_each_other";
+    let dir = TestDir::new("cluster-globals");
+    let Some(server) = pg::server(&dir.path, NAME) else {
+        return;
+    };
+    let ports = [free_port(), free_port()];
+    let layout = Layout {
+        global_port: Some(ports[0]),
+        global_address: Some(format!("127.0.0.1:{}, 127.0.0.1:{}", ports[0], ports[1])),
+        global_yaml: pg::storage_yaml(&server, "global").unwrap(),
+        ..Layout::default()
+    };
+    let mut net = Network::start_laid_out(&dir.path, layout).await.unwrap();
+    let second = std::fs::read_to_string(net.global_config())
+        .unwrap()
+        .replace(&format!(":{}", ports[0]), &format!(":{}", ports[1]))
+        .replace("data/global", "data/global2");
+    let file = dir.path.join("global2.yaml");
+    std::fs::write(&file, second).unwrap();
+    let argv: Vec<String> = vec![
+        popupd_e2e::bin("popupd").display().to_string(),
+        "run".into(),
+        "-c".into(),
+        file.display().to_string(),
+    ];
+    let _global2 = Proc::spawn(&argv, &dir.path.join("global2.log")).unwrap();
+    popupd_e2e::wait_port(&format!("127.0.0.1:{}", ports[1]))
+        .await
+        .unwrap();
+
+    let a = net.add_user(0, "alice").unwrap();
+    let alice = Agent::start(&dir.path, "alice", &a, "", &[]).await.unwrap();
+    alice.wait_connected(true, T).await.unwrap();
+    // Each handle claimed through either server, and looked up through
+    // either: then with the first one dead, only through the second.
+    for (round, handle) in ["bob", "dave"].iter().enumerate() {
+        if round == 1 {
+            net.global.kill9();
+        }
+        let cfg = net.add_user(1, handle).unwrap();
+        let agent = Agent::start(&dir.path, handle, &cfg, "", &[])
+            .await
+            .unwrap();
+        agent.wait_connected(true, T).await.unwrap();
+        let id = alice
+            .proxy()
+            .await
+            .unwrap()
+            .send(handle, "found you")
+            .await
+            .unwrap();
+        agent
+            .wait_for("found you", T, |s| s.received.iter().any(|r| r.0 == id))
+            .await
+            .unwrap();
+        alice.wait_status(&id, "delivered", T).await.unwrap();
+    }
 }
