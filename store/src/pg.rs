@@ -281,6 +281,10 @@ impl From<postgres::Error> for StoreError {
             Some(c) if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => {
                 StoreError::Unavailable(text)
             }
+            // Another transaction held what this one needed (a deadlock
+            // undone, a serialization failure): the same change may work at
+            // once.
+            Some("55P03" | "40P01" | "40001") => StoreError::Unavailable(text),
             Some(_) => StoreError::Db(text),
             // No answer from the server at all: the connection is down.
             None => StoreError::Unavailable(text),
@@ -408,9 +412,15 @@ pub struct PgBatch {
 }
 
 impl PgBatch {
-    pub fn begin(&mut self, c: &mut PgConn) -> Result<(), StoreError> {
+    /// Begins a batch's transaction; with `lock`, holding that advisory
+    /// lock (`pg_advisory_xact_lock`) until it ends.
+    pub fn begin(&mut self, c: &mut PgConn, lock: Option<i64>) -> Result<(), StoreError> {
         *self = PgBatch::default();
-        c.batch_execute("BEGIN")?;
+        match lock {
+            None => c.batch_execute("BEGIN")?,
+            // The number is ours, not the client's: no injection.
+            Some(k) => c.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({k})"))?,
+        }
         Ok(())
     }
     pub fn commit(&mut self, c: &mut PgConn) -> Result<(), StoreError> {

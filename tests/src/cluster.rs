@@ -81,11 +81,21 @@ impl Cluster {
     /// Starts PostgreSQL and NATS in `dir`, then the network with home A on
     /// `nodes` nodes (home B on SQLite); `None` if the test is skipped.
     pub async fn start(dir: &Path, test: &str, nodes: usize) -> Option<Cluster> {
+        Cluster::start_laid_out(dir, test, nodes, Layout::default()).await
+    }
+
+    /// [`Cluster::start`] on `layout` (home A's port, address, storage and
+    /// cluster lines are the cluster's).
+    pub async fn start_laid_out(
+        dir: &Path,
+        test: &str,
+        nodes: usize,
+        mut layout: Layout,
+    ) -> Option<Cluster> {
         let pg = pg::server(dir, test)?;
         let nats = Nats::start(dir, test).await?;
         let ports: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let mut layout = Layout::default();
         layout.homes[0].port = Some(ports[0]);
         layout.homes[0].public_address = Some(addrs.join(", "));
         layout.homes[0].yaml = format!(

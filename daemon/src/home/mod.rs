@@ -362,7 +362,13 @@ pub fn open_records(cfg: &HomeConfig) -> anyhow::Result<Box<dyn HomeStore>> {
         &cfg.data_dir,
         "home.sqlite",
         |path| Ok(Box::new(SqliteHome::open(path)?)),
-        |target| Ok(Box::new(PgHome::open(target, &cfg.name)?)),
+        |target| {
+            Ok(Box::new(PgHome::open(
+                target,
+                &cfg.name,
+                cfg.cluster.is_some(),
+            )?))
+        },
     )
 }
 

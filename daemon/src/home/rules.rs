@@ -1072,7 +1072,7 @@ mod tests {
     fn on_every_store(name: &str, test: fn(&mut dyn HomeStore)) {
         test(&mut Memory::default());
         if let Some(t) = crate::storage::test_pg(&format!("rules_{name}")) {
-            let mut s = crate::storage::home_pg::PgHome::open(&t, "home-test").unwrap();
+            let mut s = crate::storage::home_pg::PgHome::open(&t, "home-test", false).unwrap();
             s.begin().unwrap();
             s.job_begin().unwrap();
             test(&mut s);

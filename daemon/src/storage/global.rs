@@ -216,12 +216,12 @@ impl Batchable for PgGlobal {
             self.conn = connect(&self.target, "popupd global")?;
             self.batch.reset();
         }
-        match self.batch.begin(&mut self.conn) {
+        match self.batch.begin(&mut self.conn, None) {
             // The connection died since the last batch: a new one may work.
             Err(_) if self.conn.is_closed() => {
                 self.conn = connect(&self.target, "popupd global")?;
                 self.batch.reset();
-                self.batch.begin(&mut self.conn)
+                self.batch.begin(&mut self.conn, None)
             }
             r => r,
         }

@@ -41,6 +41,8 @@ struct Args {
     one_home: bool,
     /// Home A on PostgreSQL.
     postgres: bool,
+    /// Home A on this many nodes (PostgreSQL and NATS); 0: one process.
+    nodes: usize,
     /// Idle-connection sizes, cumulative.
     sizes: Vec<usize>,
     senders: usize,
@@ -76,6 +78,11 @@ struct Cli {
     /// (throughput), whose CPU per message is shown beside the home's.
     #[arg(long)]
     postgres: bool,
+    /// Home A runs as this many nodes over one PostgreSQL and a NATS server
+    /// of the bench's own (throughput, storm); each node's CPU per message
+    /// is shown, and PostgreSQL's and NATS's. Implies --postgres.
+    #[arg(long, default_value_t = 0)]
+    nodes: usize,
     /// Idle connections held (idle), cumulative sizes.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     connections: Vec<usize>,
@@ -132,7 +139,8 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     Ok(Args {
         one_home: c.one_home,
-        postgres: c.postgres,
+        postgres: c.postgres || c.nodes > 0,
+        nodes: c.nodes,
         sizes: c.connections,
         senders: c.senders,
         recipients: c.recipients,
@@ -167,16 +175,16 @@ pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-async fn login(
-    net: &Network,
-    home: usize,
+/// Logs in at `address` (a home, or one node of it).
+async fn login_at(
+    address: &str,
     name: &str,
     handle: &str,
     secret: &str,
     ca: &std::path::Path,
 ) -> anyhow::Result<net::Link<net::ClientTls>> {
     let mut link = net::dial(&Dial {
-        address: net.home_addrs[home].clone(),
+        address: address.to_owned(),
         name: name.into(),
         path: AGENT_PATH,
         tls: tls::client_config(tls::roots_from(ca)?, None)?,
@@ -199,23 +207,53 @@ async fn login(
 
 async fn throughput(a: &Args) -> anyhow::Result<()> {
     let dir = TestDir::new("bench-throughput");
-    let pg = if a.postgres {
-        let s =
-            popupd_e2e::pg::TestServer::start(&dir.path.join("pg"), &dir.path.join("postgres.log"))
-                .map_err(|e| anyhow::anyhow!("--postgres: {e}"))?;
-        Some(s)
-    } else {
-        None
-    };
     let mut layout = popupd_e2e::Layout {
         idle_timeout: "10s".into(),
         home_yaml: popupd_e2e::LOAD_LIMITS.into(),
         ..Default::default()
     };
-    if let Some(pg) = &pg {
-        layout.homes[0].yaml = popupd_e2e::pg::storage_yaml(pg, "home0")?;
+    let mut cluster = None;
+    let mut pg = None;
+    let mut single = None;
+    if a.nodes > 0 {
+        anyhow::ensure!(a.one_home, "--nodes measures one home: add --one-home");
+        cluster = Some(
+            popupd_e2e::cluster::Cluster::start_laid_out(&dir.path, "bench", a.nodes, layout)
+                .await
+                .context("--nodes needs PostgreSQL and nats-server")?,
+        );
+    } else {
+        if a.postgres {
+            let s = popupd_e2e::pg::TestServer::start(
+                &dir.path.join("pg"),
+                &dir.path.join("postgres.log"),
+            )
+            .map_err(|e| anyhow::anyhow!("--postgres: {e}"))?;
+            layout.homes[0].yaml = popupd_e2e::pg::storage_yaml(&s, "home0")?;
+            pg = Some(s);
+        }
+        single = Some(Network::start_laid_out(&dir.path, layout).await?);
     }
-    let net = Network::start_laid_out(&dir.path, layout).await?;
+    let net: &Network = match (&cluster, &single) {
+        (Some(c), _) => &c.net,
+        (None, Some(n)) => n,
+        (None, None) => unreachable!("one of the two was started"),
+    };
+    let pg = pg.as_ref().or(cluster.as_ref().map(|c| &c.pg));
+    // Where each agent logs in: home A's nodes in turn (a recipient one
+    // node on from its sender, so that most messages cross nodes), or the
+    // home's one address.
+    let node_addrs: Vec<String> = match &cluster {
+        Some(c) => c.addrs.clone(),
+        None => Vec::new(),
+    };
+    let at = |home: usize, k: usize| -> String {
+        if node_addrs.is_empty() {
+            net.home_addrs[home].clone()
+        } else {
+            node_addrs[k % node_addrs.len()].clone()
+        }
+    };
     let ca = dir.path.join("pki/ca.crt");
     let rhome = if a.one_home { 0 } else { 1 };
     let mut senders = Vec::new();
@@ -252,8 +290,8 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
 
     // Recipients: store nothing, ack everything, note latencies.
     let mut rtasks = Vec::new();
-    for (h, s) in &recips {
-        let mut link = login(&net, rhome, [HOME_A, HOME_B][rhome], h, s, &ca).await?;
+    for (j, (h, s)) in recips.iter().enumerate() {
+        let mut link = login_at(&at(rhome, j + 1), [HOME_A, HOME_B][rhome], h, s, &ca).await?;
         let lat = lat.clone();
         rtasks.push(tokio::spawn(async move {
             let mut got = 0usize;
@@ -296,11 +334,16 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
     // Every sender logs in before the clock starts: one that came later
     // would owe the messages due meanwhile and send them in a burst.
     let mut links = Vec::with_capacity(senders.len());
-    for (h, s) in &senders {
-        links.push(login(&net, 0, HOME_A, h, s, &ca).await?);
+    for (i, (h, s)) in senders.iter().enumerate() {
+        links.push(login_at(&at(0, i), HOME_A, h, s, &ca).await?);
     }
+    let nodes_cpu = |c: &popupd_e2e::cluster::Cluster| -> Vec<Duration> {
+        c.more.iter().map(|p| p.cpu_time()).collect()
+    };
     let cpu0: Vec<Duration> = net.homes.iter().map(|h| h.cpu_time()).collect();
-    let pg_cpu0 = pg.as_ref().map(|s| s.cpu_time());
+    let more0 = cluster.as_ref().map(nodes_cpu).unwrap_or_default();
+    let nats0 = cluster.as_ref().map(|c| c.nats.proc.cpu_time());
+    let pg_cpu0 = pg.map(|s| s.cpu_time());
     let t0 = Instant::now();
     let mut stasks = Vec::new();
     for (i, mut link) in links.into_iter().enumerate() {
@@ -396,10 +439,19 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         .zip(&cpu0)
         .map(|(h, c)| h.cpu_time().saturating_sub(*c))
         .collect();
-    let pg_cpu = pg
+    let pg_cpu = pg.zip(pg_cpu0).map(|(s, c)| s.cpu_time().saturating_sub(c));
+    let more: Vec<Duration> = cluster
         .as_ref()
-        .zip(pg_cpu0)
-        .map(|(s, c)| s.cpu_time().saturating_sub(c));
+        .map(nodes_cpu)
+        .unwrap_or_default()
+        .iter()
+        .zip(&more0)
+        .map(|(n, c)| n.saturating_sub(*c))
+        .collect();
+    let nats_cpu = cluster
+        .as_ref()
+        .zip(nats0)
+        .map(|(c, n0)| c.nats.proc.cpu_time().saturating_sub(n0));
     let mut acc = acc_lat.lock().unwrap_or_else(|e| e.into_inner()).clone();
     acc.sort();
     let mut l = lat.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -414,7 +466,9 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         (false, true) => format!("throughput-{}", a.rate),
         (false, false) => "throughput".to_string(),
     };
-    if a.postgres {
+    if a.nodes > 0 {
+        scenario.push_str(&format!("-{}-nodes", a.nodes));
+    } else if a.postgres {
         scenario.push_str("-postgres");
     }
     let mut t = report::Table::new(
@@ -424,7 +478,16 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
             a.senders,
             a.recipients,
             [HOME_A, HOME_B][rhome],
-            if a.postgres { "PostgreSQL" } else { "SQLite" },
+            if a.nodes > 0 {
+                format!(
+                    "{} nodes over PostgreSQL and NATS (each recipient on the node after its sender's)",
+                    a.nodes
+                )
+            } else if a.postgres {
+                "PostgreSQL".into()
+            } else {
+                "SQLite".into()
+            },
         ),
     );
     t.text("messages accepted", &format!("{accepted} of {total}"));
@@ -442,12 +505,39 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         "msg/s",
         &format!("{:.0}", per_s(delivered, t_del)),
     );
-    t.row(
-        "home A CPU per message",
-        per_msg(cpu[0], accepted),
-        "µs",
-        &format!("{:.1} µs", per_msg(cpu[0], accepted)),
-    );
+    if a.nodes > 0 {
+        let nodes: Vec<Duration> = [cpu[0]].into_iter().chain(more.iter().copied()).collect();
+        for (k, c) in nodes.iter().enumerate() {
+            t.row(
+                &format!("node n{} CPU per message", k + 1),
+                per_msg(*c, accepted),
+                "µs",
+                &format!("{:.1} µs", per_msg(*c, accepted)),
+            );
+        }
+        let all: Duration = nodes.iter().sum();
+        t.row(
+            "home A CPU per message, all nodes",
+            per_msg(all, accepted),
+            "µs",
+            &format!("{:.1} µs", per_msg(all, accepted)),
+        );
+    } else {
+        t.row(
+            "home A CPU per message",
+            per_msg(cpu[0], accepted),
+            "µs",
+            &format!("{:.1} µs", per_msg(cpu[0], accepted)),
+        );
+    }
+    if let Some(c) = nats_cpu {
+        t.row(
+            "NATS CPU per message",
+            per_msg(c, accepted),
+            "µs",
+            &format!("{:.1} µs", per_msg(c, accepted)),
+        );
+    }
     if let Some(c) = pg_cpu {
         t.row(
             "PostgreSQL CPU per message (home A's)",
