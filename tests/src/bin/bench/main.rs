@@ -970,7 +970,8 @@ pub(crate) const PER_WORKER: usize = 9000;
 pub(crate) struct Logins {
     pub(crate) creds: Vec<(String, String, String)>,
     source: std::net::IpAddr,
-    target: std::net::SocketAddr,
+    /// The home's address, or its nodes' (tried in random order).
+    targets: Vec<std::net::SocketAddr>,
     dial: Dial,
     /// Handshakes at once.
     gate: tokio::sync::Semaphore,
@@ -996,7 +997,9 @@ impl Logins {
         Ok(Logins {
             creds,
             source: v[6].parse()?,
-            target: v[0].parse()?,
+            targets: net::address_list(&v[0])
+                .map(str::parse)
+                .collect::<Result<_, _>>()?,
             dial: Dial {
                 address: v[0].clone(),
                 name: v[1].clone(),
@@ -1012,9 +1015,25 @@ impl Logins {
     pub(crate) async fn login(&self, i: usize) -> anyhow::Result<net::Link<net::ClientTls>> {
         let _permit = self.gate.acquire().await?;
         let (handle, device, secret) = self.creds[i].clone();
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind(std::net::SocketAddr::new(self.source, 0))?;
-        let tcp = sock.connect(self.target).await?;
+        // Like the agent: the nodes in random order, until one answers.
+        let mut order = self.targets.clone();
+        fastrand::shuffle(&mut order);
+        let mut tcp = None;
+        let mut last = None;
+        for t in order {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(std::net::SocketAddr::new(self.source, 0))?;
+            match sock.connect(t).await {
+                Ok(c) => {
+                    tcp = Some(c);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let Some(tcp) = tcp else {
+            return Err(last.map_or_else(|| anyhow::anyhow!("no address"), Into::into));
+        };
         let mut link = net::dial_over(tcp, &self.dial).await?;
         link.send(&AgentFrame::Hello {
             v: PROTOCOL_VERSION,
@@ -1044,8 +1063,20 @@ pub(crate) fn login_args(
     count: usize,
     ip: &str,
 ) -> Vec<String> {
+    login_args_at(&net.home_addrs[0], ca, creds, first, count, ip)
+}
+
+/// [`login_args`] for home A at `addr` (its nodes, comma-separated).
+pub(crate) fn login_args_at(
+    addr: &str,
+    ca: &std::path::Path,
+    creds: &std::path::Path,
+    first: usize,
+    count: usize,
+    ip: &str,
+) -> Vec<String> {
     vec![
-        net.home_addrs[0].clone(),
+        addr.to_owned(),
         HOME_A.into(),
         ca.display().to_string(),
         creds.display().to_string(),
@@ -1118,7 +1149,8 @@ async fn worker() -> anyhow::Result<()> {
     let logins = Arc::new(Logins::parse(&v)?);
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    // (connection, logged in?) for every login attempt that ends.
+    // (connection, logged in?) for every login attempt that ends, and
+    // (connection, false) when a live one drops.
     let (up_tx, mut up_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, bool)>();
     for i in 0..logins.creds.len() {
         let (logins, up) = (logins.clone(), up_tx.clone());
@@ -1139,6 +1171,9 @@ async fn worker() -> anyhow::Result<()> {
                                 _ = tokio::time::sleep(KEEPALIVE) => if link.ping().await.is_err() { break },
                                 r = link.recv::<HomeFrame>() => if !matches!(r, Ok(Recv::Alive) | Ok(Recv::Frame(_))) { break },
                             }
+                        }
+                        if reconnect {
+                            let _ = up.send((i, false));
                         }
                     }
                     Err(_) if first => {
@@ -1165,11 +1200,30 @@ async fn worker() -> anyhow::Result<()> {
     }
     println!("ready {ok} {failed} {:.3}", t0.elapsed().as_secs_f64());
     if reconnect {
+        // `back N` once every connection came back after a drop, and
+        // `live N` (connections up) when that changed, at most every 20 ms.
         tokio::spawn(async move {
             let mut back = std::collections::HashSet::new();
-            while let Some((i, ok)) = up_rx.recv().await {
-                if ok && back.insert(i) && back.len() == logins.creds.len() {
-                    println!("back {}", back.len());
+            let mut live = ok;
+            let mut said = live;
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                tokio::select! {
+                    e = up_rx.recv() => {
+                        let Some((i, up)) = e else { break };
+                        if up {
+                            live += 1;
+                            if back.insert(i) && back.len() == logins.creds.len() {
+                                println!("back {}", back.len());
+                            }
+                        } else {
+                            live = live.saturating_sub(1);
+                        }
+                    }
+                    _ = tick.tick() => if live != said {
+                        said = live;
+                        println!("live {live}");
+                    }
                 }
             }
         });

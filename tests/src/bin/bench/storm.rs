@@ -124,6 +124,9 @@ async fn recipient(logins: Arc<Logins>, got: Arc<Mutex<HashMap<String, u32>>>) {
 }
 
 pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
+    if a.nodes > 0 {
+        return run_cluster(a).await;
+    }
     let n = a.users;
     let dir = TestDir::new("bench-storm");
     let mut net = Network::start_with(&dir.path, "90s").await?;
@@ -162,12 +165,17 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     popupd_e2e::wait_port(&net.home_addrs[0]).await?;
     let t_listen = t_kill.elapsed();
     for r in &mut readers {
-        let left = Duration::from_secs(120).saturating_sub(t_kill.elapsed());
-        let line = tokio::time::timeout(left, r.next_line())
-            .await
-            .context("agents did not all come back within 120 s")??
-            .unwrap_or_default();
-        anyhow::ensure!(line.starts_with("back"), "worker said {line:?}");
+        loop {
+            let left = Duration::from_secs(120).saturating_sub(t_kill.elapsed());
+            let line = tokio::time::timeout(left, r.next_line())
+                .await
+                .context("agents did not all come back within 120 s")??
+                .context("a worker ended")?;
+            if line.starts_with("back") {
+                break;
+            }
+            anyhow::ensure!(line.starts_with("live"), "worker said {line:?}");
+        }
     }
     let t_back = t_kill.elapsed();
 
@@ -223,6 +231,166 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     );
     t.row(
         "delivered again after the restart (the agent drops these by id)",
+        repeats as f64,
+        "",
+        &repeats.to_string(),
+    );
+    t.finish()?;
+    if lost > 0 {
+        bail!("{lost} accepted messages were not delivered");
+    }
+    Ok(())
+}
+
+/// `storm --nodes N`: `--users` agents spread over home A's N nodes (each
+/// dials the nodes in random order, as an agent given them all does); one
+/// node is killed with SIGKILL and not started again. Prints how many
+/// agents it held and the time until every one of them is served by
+/// another node, while the stream goes on.
+async fn run_cluster(a: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(a.nodes >= 2, "--nodes: a node must be left to move to");
+    let n = a.users;
+    let dir = TestDir::new("bench-storm");
+    let layout = popupd_e2e::Layout {
+        idle_timeout: "90s".into(),
+        home_yaml: popupd_e2e::LOAD_LIMITS.into(),
+        ..Default::default()
+    };
+    let mut c = popupd_e2e::cluster::Cluster::start_laid_out(&dir.path, "bench", a.nodes, layout)
+        .await
+        .context("--nodes needs PostgreSQL and nats-server")?;
+    let creds = super::add_many(&c.net, &dir, 0, "o", n + 2)?;
+    let ca = dir.path.join("pki/ca.crt");
+    let all = c.addrs.join(",");
+    let args = |first, count, ip: &str| super::login_args_at(&all, &ca, &creds, first, count, ip);
+    let stream = Arc::new(Logins::parse(&args(0, 2, "127.0.0.2"))?);
+    let mut workers = Vec::new();
+    let mut readers = Vec::new();
+    let mut held = 2usize;
+    while held < n + 2 {
+        let count = (n + 2 - held).min(PER_WORKER);
+        let ip = format!("127.0.0.{}", 10 + workers.len());
+        let (child, lines) = super::spawn_worker(&args(held, count, &ip), true)?;
+        readers.push(lines);
+        workers.push(child);
+        held += count;
+    }
+    let failed = super::logins_failed(&mut readers).await?;
+    if failed > 0 {
+        bail!("{failed} of {n} agents could not log in");
+    }
+    // Each worker's connections up, as it last said.
+    let live: Arc<Vec<std::sync::atomic::AtomicUsize>> = Arc::new(
+        readers
+            .iter()
+            .map(|_| std::sync::atomic::AtomicUsize::new(0))
+            .collect(),
+    );
+    let counts: Vec<usize> = {
+        let mut v = Vec::new();
+        let mut h = 2;
+        while h < n + 2 {
+            let k = (n + 2 - h).min(PER_WORKER);
+            v.push(k);
+            h += k;
+        }
+        v
+    };
+    for (k, &cnt) in counts.iter().enumerate() {
+        live[k].store(cnt, Ordering::Relaxed);
+    }
+    for (k, mut r) in readers.into_iter().enumerate() {
+        let live = live.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = r.next_line().await {
+                if let Some(x) = line.strip_prefix("live ").and_then(|x| x.parse().ok()) {
+                    live[k].store(x, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    let up = || {
+        live.iter()
+            .map(|x| x.load(Ordering::Relaxed))
+            .sum::<usize>()
+    };
+
+    let got: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rtask = tokio::spawn(recipient(stream.clone(), got.clone()));
+    let stask = tokio::spawn(sender(stream.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let victim = 1;
+    let t_kill = Instant::now();
+    c.node(victim).kill9();
+    let mut lowest = n;
+    let t_back = loop {
+        let u = up();
+        lowest = lowest.min(u);
+        if u == n && lowest < n {
+            break t_kill.elapsed();
+        }
+        anyhow::ensure!(
+            t_kill.elapsed() < Duration::from_secs(120),
+            "agents did not all come back within 120 s ({u} of {n} up)"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let accepted = stask.await??;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (lost, repeats) = loop {
+        let (lost, repeats) = {
+            let g = got.lock().unwrap_or_else(|e| e.into_inner());
+            let lost = accepted.iter().filter(|id| !g.contains_key(*id)).count();
+            let repeats: u32 = g.values().map(|c| c - 1).sum();
+            (lost, repeats)
+        };
+        if lost == 0 || Instant::now() > deadline {
+            break (lost, repeats);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    rtask.abort();
+    drop(workers);
+
+    let mut t = report::Table::new(
+        &format!("storm-{}-nodes", a.nodes),
+        &format!(
+            "a node killed: {n} agents on {HOME_A}'s {} nodes (PostgreSQL, NATS), each dialing them in random order; node n{} is killed with SIGKILL and left dead; one sender streams {RATE} msg/s throughout",
+            a.nodes,
+            victim + 1
+        ),
+    );
+    t.row(
+        "agents the killed node held",
+        (n - lowest) as f64,
+        "",
+        &(n - lowest).to_string(),
+    );
+    t.row(
+        "every agent served again (by another node) after the kill",
+        t_back.as_secs_f64(),
+        "s",
+        &format!("{:.2} s", t_back.as_secs_f64()),
+    );
+    t.row(
+        "messages accepted across the kill",
+        accepted.len() as f64,
+        "",
+        &accepted.len().to_string(),
+    );
+    t.row(
+        "accepted but never delivered",
+        lost as f64,
+        "",
+        &lost.to_string(),
+    );
+    t.row(
+        "delivered again (the agent drops these by id)",
         repeats as f64,
         "",
         &repeats.to_string(),
