@@ -50,6 +50,9 @@ pub struct Report {
     pub peers: Vec<PeerLink>,
     /// Items in the forward queue waiting for a route (homes; 0 on global).
     pub unrouted: u64,
+    /// A node of a home on several: which, and what it knows of the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterState>,
     pub store: StoreHealth,
     pub certificates: Vec<Certificate>,
     /// What needs an operator, in words (empty when all is well).
@@ -147,11 +150,23 @@ impl Report {
             connections,
             peers,
             unrouted,
+            cluster: None,
             store,
             certificates,
             warnings,
         }
     }
+}
+
+/// A node of a home on several (`cluster:`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// This node's name.
+    pub node: String,
+    /// Whether its NATS connection is up.
+    pub nats_connected: bool,
+    /// The other nodes it hears from.
+    pub nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -500,6 +515,23 @@ pub fn human(r: &Report) -> String {
     }
     if r.role == "home" && r.unrouted > 0 {
         let _ = writeln!(o, "  unrouted:     {} items wait for a route", r.unrouted);
+    }
+    if let Some(c) = &r.cluster {
+        let others = if c.nodes.is_empty() {
+            "no other node heard".to_string()
+        } else {
+            format!("with {}", c.nodes.join(", "))
+        };
+        let _ = writeln!(
+            o,
+            "  cluster:      node {}, {others}; NATS {}",
+            c.node,
+            if c.nats_connected {
+                "connected"
+            } else {
+                "not connected"
+            }
+        );
     }
     let s = &r.store;
     let _ = writeln!(

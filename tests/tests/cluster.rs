@@ -58,6 +58,17 @@ async fn users_on_two_nodes_exchange_messages_receipts_requests_and_presence() {
     let (alice, mut bob) = alice_and_bob(&c, &[0], &[1]).await;
     assert_eq!(c.node_of("alice"), Some(0));
     assert_eq!(c.node_of("bob"), Some(1));
+    // Each node knows the others (a heartbeat every 2 s).
+    let deadline = Instant::now() + T;
+    loop {
+        let o = popupd_e2e::popupd(&["status", "-c", c.node_config(1).to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        if text.contains("cluster:      node n2, with n1, n3; NATS connected") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "popupd status of n2:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // A message from node 1 to node 2, its receipts, and the reply back.
     let id = alice

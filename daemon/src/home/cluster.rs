@@ -230,6 +230,8 @@ impl Cluster {
         let g = self.others.lock().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<String> = g.values().map(|o| o.node.clone()).collect();
         v.sort();
+        // A node started again is heard twice until its old self is dead.
+        v.dedup();
         (self.cfg.node.clone(), v)
     }
 

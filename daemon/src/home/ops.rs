@@ -153,5 +153,20 @@ pub async fn report(home: Arc<Home>) -> Report {
         peers: links_up(&home),
         pending: home.metrics.accepts.pending.get().max(0) as u64,
     };
-    Report::new(server, connections, peers, unrouted)
+    let mut r = Report::new(server, connections, peers, unrouted);
+    if let Some(c) = &home.cluster {
+        let (node, nodes) = c.nodes();
+        if !c.connected() {
+            r.warnings.push(format!(
+                "NATS is not connected ({}): the other nodes' news is read from the store every 2 s",
+                home.cfg.cluster.as_ref().map_or("", |c| c.nats.as_str())
+            ));
+        }
+        r.cluster = Some(status::ClusterState {
+            node,
+            nats_connected: c.connected(),
+            nodes,
+        });
+    }
+    r
 }
