@@ -20,7 +20,8 @@
 //! that sees a gap in its mailbox numbers reads the mailbox, and when the
 //! node may have missed notes (NATS gone, or it dropped some for a slow
 //! consumer) every connection reads its mailbox and contact list again,
-//! and while NATS is gone every [`POLL`].
+//! and while NATS is gone those whose mailbox moved (one read of every
+//! connected user's mailbox number every [`POLL`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,6 +121,9 @@ pub struct Cluster {
     others: Mutex<HashMap<u64, Other>>,
     /// Whether NATS is connected now.
     connected: AtomicBool,
+    /// The last mailbox number this node heard of, by user: what a poll
+    /// while NATS is away compares the database with.
+    heard: Mutex<HashMap<String, u64>>,
 }
 
 struct Other {
@@ -137,9 +141,21 @@ impl Cluster {
         }
     }
 
+    /// Notes that `handle`'s mailbox reached `seq`.
+    fn heard_of(&self, handle: &str, seq: u64) {
+        let mut g = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        match g.get_mut(handle) {
+            Some(n) => *n = (*n).max(seq),
+            None => {
+                g.insert(handle.to_owned(), seq);
+            }
+        }
+    }
+
     /// Mailbox events committed here.
     pub fn pushes(&self, pushes: &[Push]) {
         for p in pushes {
+            self.heard_of(&p.handle, p.seq);
             self.tell(Note::Push {
                 handle: p.handle.clone(),
                 seq: p.seq,
@@ -283,6 +299,7 @@ pub async fn start(
         dropped: AtomicBool::new(false),
         others: Mutex::new(HashMap::new()),
         connected: AtomicBool::new(false),
+        heard: Mutex::new(HashMap::new()),
     });
     Ok((
         c,
@@ -362,7 +379,7 @@ pub async fn run(home: Arc<Home>, s: Starter) {
             _ = poll.tick() => {
                 if !c.connected() {
                     let Some(home) = weak.upgrade() else { return };
-                    home.registry.reread_all(false);
+                    poll_mailboxes(&home, &c).await;
                 }
             }
         }
@@ -425,7 +442,10 @@ fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
     let mut contacts = Vec::new();
     for n in env.notes {
         match n {
-            Note::Push { handle, seq, event } => home.registry.push(Push { handle, seq, event }),
+            Note::Push { handle, seq, event } => {
+                c.heard_of(&handle, seq);
+                home.registry.push(Push { handle, seq, event })
+            }
             Note::Contacts { users } => contacts.extend(users),
             Note::Forget { handle } => home.router.forget(&handle),
             Note::Up {
@@ -481,6 +501,36 @@ fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
         if !contacts.is_empty() {
             tokio::spawn(super::refresh_contacts(home.clone(), contacts));
         }
+    }
+}
+
+/// While NATS is away: one read of the mailbox numbers of the users
+/// connected here, and the connections of those with events this node has
+/// not heard of read their mailboxes. (A read per connection every
+/// [`POLL`] would cost the database as much as the traffic itself.)
+async fn poll_mailboxes(home: &Arc<Home>, c: &Arc<Cluster>) {
+    let online = home.registry.online_handles();
+    for chunk in online.chunks(10_000) {
+        let handles = chunk.to_vec();
+        let seqs = match home.store.read(move |s| s.last_seqs(&handles)).await {
+            Ok(v) => v,
+            Err(e) => return tracing::warn!(home = %home.cfg.name, "reading mailbox numbers: {e}"),
+        };
+        let mut heard = c.heard.lock().unwrap_or_else(|e| e.into_inner());
+        for (h, seq) in seqs {
+            let known = heard.entry(h.clone()).or_insert(0);
+            if seq > *known {
+                *known = seq;
+                home.registry.reread(&h);
+            }
+        }
+    }
+    // Users gone from this node are forgotten (they are read afresh when
+    // they come back: a login replays the mailbox anyway).
+    let mut heard = c.heard.lock().unwrap_or_else(|e| e.into_inner());
+    if heard.len() > online.len() * 2 + 1024 {
+        let keep: std::collections::HashSet<&String> = online.iter().collect();
+        heard.retain(|h, _| keep.contains(h));
     }
 }
 

@@ -146,6 +146,22 @@ impl Registry {
         }
     }
 
+    /// Tells every connection of `handle` to read its mailbox again.
+    pub fn reread(&self, handle: &str) {
+        let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for c in map.get(handle).into_iter().flatten() {
+            if c.tx.try_send(Out::Reread(false)).is_err() {
+                c.lag.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// The users with a device connected here.
+    pub fn online_handles(&self) -> Vec<String> {
+        let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().cloned().collect()
+    }
+
     /// Whether a device of `handle` is connected here.
     pub fn is_online(&self, handle: &str) -> bool {
         self.conns

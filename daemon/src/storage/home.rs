@@ -117,6 +117,18 @@ pub trait Mailbox {
     ) -> Result<Option<u64>, StoreError>;
     /// The number of the last event given (0: none yet).
     fn last_seq(&mut self, handle: &str) -> Result<u64, StoreError>;
+    /// [`Mailbox::last_seq`] of each of `handles` that exists.
+    fn last_seqs(&mut self, handles: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut v = Vec::with_capacity(handles.len());
+        for h in handles {
+            match self.last_seq(h) {
+                Ok(n) => v.push((h.clone(), n)),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(v)
+    }
     /// Up to `limit` events after `after`, oldest first.
     fn mailbox_after(
         &mut self,

@@ -377,6 +377,17 @@ impl Mailbox for PgHome {
         Ok((row.get::<_, i64>(0) - 1) as u64)
     }
 
+    fn last_seqs(&mut self, handles: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = self.rows(
+            "SELECT handle, next_seq - 1 FROM users WHERE handle = ANY($1)",
+            &[&handles],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
     fn mailbox_after(
         &mut self,
         handle: &str,
