@@ -377,7 +377,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let cfg = Config::load(&home.config)?;
             let h = admin::select_home(&cfg, home.home.as_deref())?;
-            admin::revoke_device(h, &handle, &device)?;
+            admin::revoke_device(h, &handle, &device).await?;
             println!("revoked device {device} of {handle}");
             Ok(())
         }

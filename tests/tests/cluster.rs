@@ -6,7 +6,8 @@
 //!
 //! - alice on node 1 and bob on node 2 exchange messages, receipts, a
 //!   reply, a contact request and presence; alice writes to carol on B,
-//!   one node carries the items to B, and another once it is killed;
+//!   one node carries the items to B, and another once it is killed; a
+//!   device revoked through one node is dropped by another at once;
 //! - `kill -9` of the node that holds bob's connection under a counted
 //!   stream: bob moves to another node, nothing lost, doubled or reordered;
 //! - NATS stopped and started under a counted stream: delivery goes on
@@ -187,6 +188,41 @@ async fn users_on_two_nodes_exchange_messages_receipts_requests_and_presence() {
     // count it dead). The node names decide which carries, and for these
     // it is n3, a node neither alice nor bob is on.
     assert_eq!(dialed, [2], "home B's carrier moved: fix the test's kill");
+
+    // bob's device revoked through node 1: node 2 drops his connection at
+    // once (told over NATS), not at its next check (every 10 s).
+    let o = popupd_e2e::popupd(&[
+        "device",
+        "revoke",
+        "bob",
+        "desktop",
+        "-c",
+        c.node_config(0).to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c
+        .node(1)
+        .log_text()
+        .contains("closed the connections of revoked devices")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node 2 kept bob's revoked device"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        c.node(1)
+            .log_text()
+            .contains("devices revoked or users removed: checking connections"),
+        "node 2 was not told"
+    );
     c.node(2).kill9();
     let id = alice
         .proxy()

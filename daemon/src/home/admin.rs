@@ -247,6 +247,7 @@ pub async fn remove_user(home: &HomeConfig, handle: &str) -> anyhow::Result<()> 
     if !with_store(home, |s| Ok(s.remove_user(handle)?))? {
         bail!("no user {handle} on {}", home.name);
     }
+    tell_nodes(home).await;
     if let Err(e) = ask_once(home, false, handle).await {
         eprintln!(
             "warning: {handle} is removed here, but the global server was not told ({e}); the home tells it again on its next start"
@@ -256,12 +257,25 @@ pub async fn remove_user(home: &HomeConfig, handle: &str) -> anyhow::Result<()> 
 }
 
 /// Revokes one device; a running home closes its connection within 10 s
-/// (`home::REVOKE_CHECK`) and refuses it from then on.
-pub fn revoke_device(home: &HomeConfig, handle: &str, device: &str) -> anyhow::Result<()> {
+/// (`home::REVOKE_CHECK`; on a home of several nodes, at once) and refuses
+/// it from then on.
+pub async fn revoke_device(home: &HomeConfig, handle: &str, device: &str) -> anyhow::Result<()> {
     if !with_store(home, |s| Ok(s.revoke_device(handle, device)?))? {
         bail!("{handle} has no device {device} on {}", home.name);
     }
+    tell_nodes(home).await;
     Ok(())
+}
+
+/// On a home of several nodes, asks them to drop what is no longer allowed
+/// now; if NATS does not answer, says so (their own checks still come
+/// within 10 s).
+async fn tell_nodes(home: &HomeConfig) {
+    if let Some(c) = &home.cluster
+        && let Err(e) = crate::home::cluster::ask_nodes_to_check_devices(&home.name, c).await
+    {
+        eprintln!("warning: the nodes were not told at once ({e}); each checks within 10 s");
+    }
 }
 
 fn agent_yaml(home: &HomeConfig, handle: &str, device: &str, secret: &str, ca: &Path) -> String {

@@ -10,6 +10,8 @@
 //! - the mailbox events its commits made (`Push`), so the node that holds
 //!   the recipient's connection sends them at once;
 //! - contact lists that changed and routes found wrong;
+//! - devices revoked and users removed (`popupd device revoke`, `user
+//!   remove`, which tell the nodes themselves);
 //! - its devices' presence: up, changed, gone (after the grace period),
 //!   and all of them when a node asks (`Hello`, on start and after NATS
 //!   came back); a heartbeat every [`BEAT`], so that the devices of a node
@@ -89,6 +91,9 @@ enum Note {
     Beat,
     /// Notes were dropped: read every mailbox and contact list again.
     Resync,
+    /// Devices were revoked or users removed (by `popupd device revoke`
+    /// or `user remove`): close their connections now.
+    CheckDevices,
     /// Items wait for home `dest` (item `n`, or all): for node `to`, which
     /// carries items to it.
     Kick {
@@ -101,9 +106,9 @@ enum Note {
 /// A NATS message: the notes of one node, in the order it made them.
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
-    /// The sending process: its node name, and a number drawn at start (a
-    /// restarted node is a new process, whose connection numbers start
-    /// over).
+    /// The sending process: its node name (empty for an admin command, which
+    /// is no node), and a number drawn at start (a restarted node is a new
+    /// process, whose connection numbers start over).
     node: String,
     run: u64,
     notes: Vec<Note>,
@@ -386,6 +391,42 @@ pub async fn run(home: Arc<Home>, s: Starter) {
     }
 }
 
+/// For `popupd device revoke` and `user remove` on a home of several
+/// nodes: asks every node to close the connections of devices no longer
+/// allowed, now rather than at its next check (within 10 s). Gives up
+/// after a few seconds: the nodes' own checks still come.
+pub async fn ask_nodes_to_check_devices(
+    home_name: &str,
+    cfg: &ClusterConfig,
+) -> anyhow::Result<()> {
+    let addrs = popupd_protocol::net::address_list(&cfg.nats)
+        .map(|a| a.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("cluster.nats {:?}: {e}", cfg.nats))?;
+    let work = async {
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("popupd admin {home_name}"))
+            .connect(addrs)
+            .await?;
+        let env = Envelope {
+            node: String::new(),
+            run: fastrand::u64(..),
+            notes: vec![Note::CheckDevices],
+        };
+        client
+            .publish(
+                format!("popupd.{home_name}.nodes"),
+                serde_json::to_vec(&env)?.into(),
+            )
+            .await?;
+        client.flush().await?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from NATS at {} within 5 s", cfg.nats))?
+}
+
 async fn publish(client: &async_nats::Client, c: &Cluster, notes: Vec<Note>) {
     let mut chunk = Vec::new();
     let mut size = 0;
@@ -422,6 +463,15 @@ async fn publish(client: &async_nats::Client, c: &Cluster, notes: Vec<Note>) {
 
 fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
     let from = env.run;
+    if env.node.is_empty() {
+        // From an admin command.
+        if env.notes.iter().any(|n| matches!(n, Note::CheckDevices)) {
+            tracing::info!(home = %home.cfg.name, "home {}: devices revoked or users removed: checking connections", home.cfg.name);
+            let h = home.clone();
+            tokio::spawn(async move { super::check_devices(&h).await });
+        }
+        return;
+    }
     let known = {
         let mut g = c.others.lock().unwrap_or_else(|e| e.into_inner());
         let known = g.contains_key(&from);
@@ -492,6 +542,10 @@ fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
                 super::peers::kick_here(home, &dest, n)
             }
             Note::Kick { .. } => {}
+            Note::CheckDevices => {
+                let h = home.clone();
+                tokio::spawn(async move { super::check_devices(&h).await });
+            }
         }
     }
     if !contacts.is_empty() {

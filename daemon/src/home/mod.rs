@@ -324,18 +324,24 @@ async fn drop_revoked(home: Arc<Home>) {
         if crate::task::sleep_or_shutdown(REVOKE_CHECK, &home.shutdown).await {
             return;
         }
-        let mark = home.registry.mark();
-        match home.store.read(|s| s.all_devices()).await {
-            Ok(list) => {
-                let allowed: std::collections::HashSet<(String, String)> =
-                    list.into_iter().collect();
-                let n = home.registry.keep_only(mark, &allowed);
-                if n > 0 {
-                    tracing::info!(connections = n, "closed the connections of revoked devices");
-                }
+        check_devices(&home).await;
+    }
+}
+
+/// Closes the connections of devices revoked (or of users removed) since
+/// they logged in. On a home of several nodes the admin commands also ask
+/// every node to do it at once (`cluster::ask_nodes`).
+pub(crate) async fn check_devices(home: &Arc<Home>) {
+    let mark = home.registry.mark();
+    match home.store.read(|s| s.all_devices()).await {
+        Ok(list) => {
+            let allowed: std::collections::HashSet<(String, String)> = list.into_iter().collect();
+            let n = home.registry.keep_only(mark, &allowed);
+            if n > 0 {
+                tracing::info!(connections = n, "closed the connections of revoked devices");
             }
-            Err(e) => tracing::warn!("checking devices: {e}"),
         }
+        Err(e) => tracing::warn!("checking devices: {e}"),
     }
 }
 
