@@ -48,6 +48,8 @@ const POLL: Duration = Duration::from_secs(2);
 /// Notes waiting for NATS, at most; past it they are dropped and the other
 /// nodes told to read everything again once NATS takes notes again.
 const QUEUE: usize = 65_536;
+/// The longest a publish may wait for the NATS client's queue.
+const PUBLISH_WAIT: Duration = Duration::from_secs(1);
 /// Bytes of notes in one NATS message (NATS takes 1 MiB by default).
 const MAX_MESSAGE: usize = 256 * 1024;
 
@@ -358,7 +360,15 @@ pub async fn run(home: Arc<Home>, s: Starter) {
                         Err(_) => break,
                     }
                 }
-                publish(&client, &c, std::mem::take(&mut out)).await;
+                if c.connected() {
+                    publish(&client, &c, std::mem::take(&mut out)).await;
+                } else {
+                    // Held by the client, they would fill its queue and
+                    // stop this loop (and its polls) until NATS is back.
+                    // Every node reads everything again once it is.
+                    out.clear();
+                    c.dropped.store(true, Ordering::Release);
+                }
             }
             m = sub.next() => {
                 let Some(m) = m else { return };
@@ -451,10 +461,13 @@ async fn publish(client: &async_nats::Client, c: &Cluster, notes: Vec<Note>) {
                     continue;
                 }
             };
-            // Waits while NATS is away (the client holds what it cannot
-            // send yet), so notes queue up in `tx`, not in the home.
-            if let Err(e) = client.publish(c.subject.clone(), body.into()).await {
-                tracing::debug!("publishing cluster notes: {e}");
+            // The client queues what it cannot send yet, and waits once its
+            // queue is full: NATS went away since it was last seen.
+            let sent =
+                tokio::time::timeout(PUBLISH_WAIT, client.publish(c.subject.clone(), body.into()))
+                    .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::debug!("publishing cluster notes: {sent:?}");
                 c.dropped.store(true, Ordering::Release);
             }
         }
@@ -483,6 +496,11 @@ fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
         o.heard = Instant::now();
         known
     };
+    if !known && env.node == c.cfg.node {
+        tracing::warn!(home = %home.cfg.name, node = %env.node,
+            "home {}: another process is node {} too: give each node a name of its own (cluster.node)",
+            home.cfg.name, env.node);
+    }
     if !known {
         tracing::info!(home = %home.cfg.name, node = %env.node, "home {}: node {} joined", home.cfg.name, env.node);
         // It may hold devices we have not heard of, and carry items now.
