@@ -13,17 +13,19 @@
 //! - devices revoked and users removed (`popupd device revoke`, `user
 //!   remove`, which tell the nodes themselves);
 //! - its devices' presence: up, changed, gone (after the grace period),
-//!   and all of them when a node asks (`Hello`, on start and after NATS
-//!   came back); a heartbeat every [`BEAT`], so that the devices of a node
-//!   that died are dropped after [`DEAD_AFTER`].
+//!   and all of them (`Roster`) when a node asks (`Hello`, on start and
+//!   after NATS came back) and when its own NATS came back;
+//! - a heartbeat every [`BEAT`], so that the devices of a node that died
+//!   are dropped after [`DEAD_AFTER`].
 //!
 //! **Architecture Invariant:** NATS carries only news; the durable copy is
 //! in PostgreSQL. A lost note costs a delay, never a message: a connection
-//! that sees a gap in its mailbox numbers reads the mailbox, and when the
-//! node may have missed notes (NATS gone, or it dropped some for a slow
-//! consumer) every connection reads its mailbox and contact list again,
-//! and while NATS is gone those whose mailbox moved (one read of every
-//! connected user's mailbox number every [`POLL`]).
+//! that sees a gap in its mailbox numbers reads the mailbox; when a node
+//! may have missed notes (NATS gone, or a slow consumer) every connection
+//! of it reads its mailbox and contact list again, and while NATS is gone
+//! those whose mailbox moved (one read of every connected user's mailbox
+//! number every [`POLL`]); notes a node could not send are followed, once
+//! it can, by a `Reread` of the users they were about.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,8 +47,8 @@ const BEAT: Duration = Duration::from_secs(2);
 const DEAD_AFTER: Duration = Duration::from_secs(8);
 /// While NATS is gone, how often connections read their mailboxes.
 const POLL: Duration = Duration::from_secs(2);
-/// Notes waiting for NATS, at most; past it they are dropped and the other
-/// nodes told to read everything again once NATS takes notes again.
+/// Notes waiting for NATS, at most; past it they are dropped, and the other
+/// nodes told whose they were once NATS takes notes again.
 const QUEUE: usize = 65_536;
 /// The longest a publish may wait for the NATS client's queue.
 const PUBLISH_WAIT: Duration = Duration::from_secs(1);
@@ -87,12 +89,17 @@ enum Note {
         device: String,
         conn: u64,
     },
-    /// A node (re)joined: everyone, say your devices (`Up`).
+    /// A node (re)joined: everyone, say your devices (`Roster`).
     Hello,
+    /// Every device connected to the sending node now: the receiver drops
+    /// the ones of that node it knew and are not listed (a `Gone` may have
+    /// been lost).
+    Roster { devices: Vec<RosterDevice> },
     /// Still here.
     Beat,
-    /// Notes were dropped: read every mailbox and contact list again.
-    Resync,
+    /// Notes about these users' mailboxes (or, for `None`, anyone's) were
+    /// lost: their connections read their mailboxes and contact lists.
+    Reread { users: Option<Vec<String>> },
     /// Devices were revoked or users removed (by `popupd device revoke`
     /// or `user remove`): close their connections now.
     CheckDevices,
@@ -103,6 +110,46 @@ enum Note {
         dest: String,
         n: Option<u64>,
     },
+}
+
+/// One device in a [`Note::Roster`].
+#[derive(Debug, Serialize, Deserialize)]
+struct RosterDevice {
+    handle: String,
+    device: String,
+    conn: u64,
+    report: PresenceReport,
+}
+
+/// Users whose notes were lost on the way out.
+#[derive(Default)]
+struct Lost {
+    users: std::collections::HashSet<String>,
+    /// Too many to name, or not known whose: everyone.
+    all: bool,
+}
+
+impl Lost {
+    fn note(&mut self, n: &Note) {
+        if self.all {
+            return;
+        }
+        match n {
+            Note::Push { handle, .. } => {
+                self.users.insert(handle.clone());
+            }
+            Note::Contacts { users } => self.users.extend(users.iter().cloned()),
+            Note::Reread { users: Some(u) } => self.users.extend(u.iter().cloned()),
+            Note::Reread { users: None } => self.all = true,
+            // Presence is said again in full (`Roster`) once NATS is back;
+            // routes and items have their own sweeps.
+            _ => {}
+        }
+        if self.users.len() > 10_000 {
+            self.all = true;
+            self.users.clear();
+        }
+    }
 }
 
 /// A NATS message: the notes of one node, in the order it made them.
@@ -122,8 +169,8 @@ pub struct Cluster {
     run: u64,
     subject: String,
     tx: mpsc::Sender<Note>,
-    /// Notes were dropped on the way out.
-    dropped: AtomicBool,
+    /// Notes lost on the way out (the queue full, NATS away).
+    lost: Mutex<Lost>,
     /// Other processes, with when each was last heard and its devices.
     others: Mutex<HashMap<u64, Other>>,
     /// Whether NATS is connected now.
@@ -143,8 +190,36 @@ struct Other {
 impl Cluster {
     /// Queues a note for the other nodes; never waits.
     fn tell(&self, n: Note) {
-        if self.tx.try_send(n).is_err() {
-            self.dropped.store(true, Ordering::Release);
+        if let Err(e) = self.tx.try_send(n) {
+            let n = match e {
+                mpsc::error::TrySendError::Full(n) | mpsc::error::TrySendError::Closed(n) => n,
+            };
+            self.lose(std::slice::from_ref(&n));
+        }
+    }
+
+    /// Notes `ns` did not reach the other nodes.
+    fn lose(&self, ns: &[Note]) {
+        let mut l = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        for n in ns {
+            l.note(n);
+        }
+    }
+
+    /// This node's devices, for a [`Note::Roster`].
+    fn roster(home: &Home) -> Note {
+        Note::Roster {
+            devices: home
+                .hub
+                .local_devices()
+                .into_iter()
+                .map(|(handle, device, conn, report)| RosterDevice {
+                    handle,
+                    device,
+                    conn,
+                    report,
+                })
+                .collect(),
         }
     }
 
@@ -303,7 +378,7 @@ pub async fn start(
         run: fastrand::u64(..),
         subject,
         tx,
-        dropped: AtomicBool::new(false),
+        lost: Mutex::new(Lost::default()),
         others: Mutex::new(HashMap::new()),
         connected: AtomicBool::new(false),
         heard: Mutex::new(HashMap::new()),
@@ -365,9 +440,9 @@ pub async fn run(home: Arc<Home>, s: Starter) {
                 } else {
                     // Held by the client, they would fill its queue and
                     // stop this loop (and its polls) until NATS is back.
-                    // Every node reads everything again once it is.
+                    // Whose they were is said once it is.
+                    c.lose(&out);
                     out.clear();
-                    c.dropped.store(true, Ordering::Release);
                 }
             }
             m = sub.next() => {
@@ -385,8 +460,13 @@ pub async fn run(home: Arc<Home>, s: Starter) {
             }
             _ = beat.tick() => {
                 let Some(home) = weak.upgrade() else { return };
-                if c.dropped.swap(false, Ordering::AcqRel) {
-                    c.tell(Note::Resync);
+                if c.connected() {
+                    let lost = std::mem::take(&mut *c.lost.lock().unwrap_or_else(|e| e.into_inner()));
+                    if lost.all {
+                        c.tell(Note::Reread { users: None });
+                    } else if !lost.users.is_empty() {
+                        c.tell(Note::Reread { users: Some(lost.users.into_iter().collect()) });
+                    }
                 }
                 c.tell(Note::Beat);
                 bury_the_dead(&home, &c);
@@ -468,7 +548,7 @@ async fn publish(client: &async_nats::Client, c: &Cluster, notes: Vec<Note>) {
                     .await;
             if !matches!(sent, Ok(Ok(()))) {
                 tracing::debug!("publishing cluster notes: {sent:?}");
-                c.dropped.store(true, Ordering::Release);
+                c.lose(&env.notes);
             }
         }
     }
@@ -547,13 +627,15 @@ fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
                 home.hub.device_down(&handle, &device, id);
                 home.hub.expire(&home.registry, &handle, &device, id);
             }
-            Note::Hello => {
-                for (handle, device, conn, report) in home.hub.local_devices() {
-                    c.device_up(&handle, &device, conn, &report);
+            Note::Hello => c.tell(Cluster::roster(home)),
+            Note::Roster { devices } => roster(home, c, from, devices),
+            Note::Beat => {}
+            Note::Reread { users: None } => home.registry.reread_all(true),
+            Note::Reread { users: Some(users) } => {
+                for u in users {
+                    home.registry.reread(&u, true);
                 }
             }
-            Note::Beat => {}
-            Note::Resync => home.registry.reread_all(true),
             // Asked as the carrier: carry, even if this node does not
             // think so (yet), or the two would pass it back and forth.
             Note::Kick { to, dest, n } if to == c.cfg.node => {
@@ -593,7 +675,7 @@ async fn poll_mailboxes(home: &Arc<Home>, c: &Arc<Cluster>) {
             let known = heard.entry(h.clone()).or_insert(0);
             if seq > *known {
                 *known = seq;
-                home.registry.reread(&h);
+                home.registry.reread(&h, false);
             }
         }
     }
@@ -603,6 +685,38 @@ async fn poll_mailboxes(home: &Arc<Home>, c: &Arc<Cluster>) {
     if heard.len() > online.len() * 2 + 1024 {
         let keep: std::collections::HashSet<&String> = online.iter().collect();
         heard.retain(|h, _| keep.contains(h));
+    }
+}
+
+/// Node `from`'s devices are `devices`: the ones known of it and not
+/// listed are gone, the listed ones are up.
+fn roster(home: &Arc<Home>, c: &Cluster, from: u64, devices: Vec<RosterDevice>) {
+    let listed: std::collections::HashSet<(String, String)> = devices
+        .iter()
+        .map(|d| (d.handle.clone(), d.device.clone()))
+        .collect();
+    let gone: Vec<((String, String), u64)> = {
+        let g = c.others.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(&from)
+            .map(|o| {
+                o.devices
+                    .iter()
+                    .filter(|(k, _)| !listed.contains(*k))
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for ((handle, device), id) in gone {
+        remember(c, from, &handle, &device, None);
+        home.hub.device_down(&handle, &device, id);
+        home.hub.expire(&home.registry, &handle, &device, id);
+    }
+    for d in devices {
+        let id = remote_conn(from, d.conn);
+        remember(c, from, &d.handle, &d.device, Some(id));
+        home.hub
+            .device_up(&home.registry, &d.handle, &d.device, id, d.report);
     }
 }
 
@@ -656,9 +770,7 @@ fn on_event(home: &Arc<Home>, c: &Cluster, e: async_nats::Event) {
             // Whatever was said while we were away is read from the store.
             home.registry.reread_all(true);
             c.tell(Note::Hello);
-            for (handle, device, conn, report) in home.hub.local_devices() {
-                c.device_up(&handle, &device, conn, &report);
-            }
+            c.tell(Cluster::roster(home));
         }
         Event::Disconnected => {
             c.connected.store(false, Ordering::Release);
@@ -671,5 +783,100 @@ fn on_event(home: &Arc<Home>, c: &Cluster, e: async_nats::Event) {
             home.registry.reread_all(true);
         }
         other => tracing::info!(home = %home.cfg.name, "home {}: NATS: {other}", home.cfg.name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, others: &[&str]) -> Cluster {
+        let (tx, _rx) = mpsc::channel(1);
+        let c = Cluster {
+            cfg: ClusterConfig {
+                node: name.into(),
+                nats: "nats://127.0.0.1:4222".into(),
+            },
+            run: fastrand::u64(..),
+            subject: String::new(),
+            tx,
+            lost: Mutex::new(Lost::default()),
+            others: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(true),
+            heard: Mutex::new(HashMap::new()),
+        };
+        for (i, o) in others.iter().enumerate() {
+            c.others.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                i as u64,
+                Other {
+                    node: (*o).into(),
+                    heard: Instant::now(),
+                    devices: HashMap::new(),
+                },
+            );
+        }
+        c
+    }
+
+    /// Every node names the same carrier for a peer home; the peers are
+    /// spread over the nodes; when a node dies only its peers move.
+    #[test]
+    fn the_nodes_agree_on_one_carrier_per_peer_and_only_the_dead_ones_peers_move() {
+        let all = ["n1", "n2", "n3"];
+        let views: Vec<Cluster> = all
+            .iter()
+            .map(|n| {
+                node(
+                    n,
+                    &all.iter().copied().filter(|o| o != n).collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let peers: Vec<String> = (0..30).map(|i| format!("home-{i}.example.org")).collect();
+        let carriers: Vec<String> = peers.iter().map(|p| views[0].carrier(p)).collect();
+        for v in &views {
+            for (p, want) in peers.iter().zip(&carriers) {
+                assert_eq!(&v.carrier(p), want, "{} disagrees on {p}", v.cfg.node);
+                assert_eq!(v.carries(p), v.cfg.node == *want);
+            }
+        }
+        let used: std::collections::HashSet<&String> = carriers.iter().collect();
+        assert_eq!(used.len(), 3, "every node carries some: {carriers:?}");
+        // n2 dies: n1's view without it.
+        let after = node("n1", &["n3"]);
+        for (p, before) in peers.iter().zip(&carriers) {
+            let now = after.carrier(p);
+            if before == "n2" {
+                assert_ne!(now, "n2");
+            } else {
+                assert_eq!(&now, before, "{p} moved although its carrier lives");
+            }
+        }
+    }
+
+    #[test]
+    fn lost_notes_name_their_users_until_there_are_too_many() {
+        let mut l = Lost::default();
+        l.note(&Note::Push {
+            handle: "bob".into(),
+            seq: 1,
+            event: "{}".into(),
+        });
+        l.note(&Note::Contacts {
+            users: vec!["carol".into()],
+        });
+        l.note(&Note::Beat);
+        let mut users: Vec<&String> = l.users.iter().collect();
+        users.sort();
+        assert_eq!(users, ["bob", "carol"]);
+        assert!(!l.all);
+        for i in 0..10_001 {
+            l.note(&Note::Push {
+                handle: format!("u{i}"),
+                seq: 1,
+                event: "{}".into(),
+            });
+        }
+        assert!(l.all && l.users.is_empty());
     }
 }

@@ -146,11 +146,12 @@ impl Registry {
         }
     }
 
-    /// Tells every connection of `handle` to read its mailbox again.
-    pub fn reread(&self, handle: &str) {
+    /// Tells every connection of `handle` to read its mailbox (and if
+    /// `full` its contact list) again.
+    pub fn reread(&self, handle: &str, full: bool) {
         let map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         for c in map.get(handle).into_iter().flatten() {
-            if c.tx.try_send(Out::Reread(false)).is_err() {
+            if c.tx.try_send(Out::Reread(full)).is_err() {
                 c.lag.store(true, Ordering::Release);
             }
         }
