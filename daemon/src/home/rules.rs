@@ -13,7 +13,7 @@ use popupd_protocol::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::storage::home::{HomeStore, MailboxCap};
+use crate::storage::home::{HomeStore, MailboxCap, SentRow};
 use popupd_store::StoreError;
 
 /// An item of the forward queue.
@@ -239,7 +239,8 @@ pub fn accept_send<S: HomeStore + ?Sized>(
     cap: MailboxCap,
     fx: &mut Effects,
 ) -> Result<SendOutcome, StoreError> {
-    match s.sent(&msg.id)? {
+    let (prior, to_here) = s.send_check(&msg.id, &msg.from, &msg.to)?;
+    match prior {
         Some(prior) if prior.sender == msg.from => return Ok(SendOutcome::Duplicate),
         Some(_) => {
             return Err(StoreError::Conflict(format!(
@@ -250,8 +251,8 @@ pub fn accept_send<S: HomeStore + ?Sized>(
         None => {}
     }
     s.record_sent(&msg.id, &msg.from, &msg.to, dest)?;
-    if s.user_exists(&msg.to)? {
-        if blocked(s, &msg.to, &msg.from)? {
+    if let Some(relation) = to_here {
+        if relation == Some(Relation::Blocked) {
             // Told apart from a missing user by nobody.
             apply_receipt(
                 s,
@@ -262,7 +263,7 @@ pub fn accept_send<S: HomeStore + ?Sized>(
                 Some(NOT_ACCEPTED),
                 fx,
             )?;
-        } else if !store_incoming(s, None, msg, cap, fx)? {
+        } else if !store_incoming(s, None, msg, true, cap, fx)? {
             apply_receipt(
                 s,
                 &msg.id,
@@ -298,7 +299,7 @@ pub fn accept_remote<S: HomeStore + ?Sized>(
     if blocked(s, &msg.to, &msg.from)? {
         return Err(StoreError::NotAccepted);
     }
-    if store_incoming(s, Some(from_home), msg, cap, fx)? {
+    if store_incoming(s, Some(from_home), msg, false, cap, fx)? {
         Ok(())
     } else {
         Err(StoreError::Quota(MAILBOX_FULL.into()))
@@ -309,15 +310,19 @@ fn blocked<S: HomeStore + ?Sized>(s: &mut S, owner: &str, peer: &str) -> Result<
     Ok(s.contact(owner, peer)?.map(|c| c.0) == Some(Relation::Blocked))
 }
 
-/// Into the recipient's mailbox, once per id; false if it is full.
+/// Into the recipient's mailbox, once per id (`new`: the id is new for
+/// certain); false if it is full.
 fn store_incoming<S: HomeStore + ?Sized>(
     s: &mut S,
     from_home: Option<&str>,
     msg: &Message,
+    new: bool,
     cap: MailboxCap,
     fx: &mut Effects,
 ) -> Result<bool, StoreError> {
-    if !s.record_received(&msg.id, &msg.from, &msg.to, from_home)? {
+    if new {
+        s.record_received_new(&msg.id, &msg.from, &msg.to)?;
+    } else if !s.record_received(&msg.id, &msg.from, &msg.to, from_home)? {
         return Ok(true);
     }
     let event = json(&Event::Message(msg.clone()))?;
@@ -357,20 +362,32 @@ pub fn ack<S: HomeStore + ?Sized>(
         return Ok(());
     }
     s.set_device_acked(handle, device, new)?;
-    for id in s.message_ids(handle, old, new)? {
-        let Some(r) = s.received(&id)? else { continue };
+    for m in s.acked_messages(handle, old, new)? {
+        let r = &m.received;
         if r.delivered {
             continue;
         }
-        s.set_delivered(&id)?;
-        receipt(
-            s,
-            &id,
-            &r.sender,
-            r.from_home.as_deref(),
-            Delivery::Delivered,
-            fx,
-        )?;
+        s.set_delivered(&m.id)?;
+        match r.from_home.as_deref() {
+            None => receipt_known(
+                s,
+                &m.id,
+                &r.sender,
+                m.sent,
+                m.sender_here,
+                Delivery::Delivered,
+                None,
+                fx,
+            )?,
+            Some(_) => receipt(
+                s,
+                &m.id,
+                &r.sender,
+                r.from_home.as_deref(),
+                Delivery::Delivered,
+                fx,
+            )?,
+        }
     }
     s.forget_stored(handle)
 }
@@ -440,9 +457,46 @@ pub fn apply_receipt<S: HomeStore + ?Sized>(
     if state <= row.state || row.state == Delivery::Failed {
         return Ok(());
     }
+    let here = s.user_exists(sender)?;
+    set_status(s, id, sender, here, state, reason, fx)
+}
+
+/// [`apply_receipt`] for one of our users' messages, with its sent record
+/// and whether the sender is a user here already read.
+#[allow(clippy::too_many_arguments)]
+fn receipt_known<S: HomeStore + ?Sized>(
+    s: &mut S,
+    id: &str,
+    sender: &str,
+    row: Option<SentRow>,
+    sender_here: bool,
+    state: Delivery,
+    reason: Option<&str>,
+    fx: &mut Effects,
+) -> Result<(), StoreError> {
+    let Some(row) = row.filter(|r| r.sender == sender) else {
+        return Ok(());
+    };
+    if state <= row.state || row.state == Delivery::Failed {
+        return Ok(());
+    }
+    set_status(s, id, sender, sender_here, state, reason, fx)
+}
+
+/// Message `id` of `sender` is now in `state`: recorded, counted, and told
+/// to the sender if they are a user here.
+fn set_status<S: HomeStore + ?Sized>(
+    s: &mut S,
+    id: &str,
+    sender: &str,
+    sender_here: bool,
+    state: Delivery,
+    reason: Option<&str>,
+    fx: &mut Effects,
+) -> Result<(), StoreError> {
     s.set_sent_state(id, state)?;
     fx.tally.status(state, reason);
-    if s.user_exists(sender)? {
+    if sender_here {
         let ev = Event::Status {
             id: id.to_owned(),
             state,

@@ -248,6 +248,82 @@ pub trait HomeStore:
     /// Forgets sent and received records older than `before` (ms since the
     /// epoch); returns how many went.
     fn prune(&mut self, before: i64) -> Result<usize, StoreError>;
+
+    // Reads the rules make together, in one go. On SQLite a read is a
+    // function call and these are the plain reads in turn; on a database
+    // server each read is a round trip, which is most of what a message
+    // costs there, so it answers them in one statement.
+
+    /// What a new message `id` from `from` to `to` finds: the id's sent
+    /// record, and whether `to` is a user here (`None` if not) with their
+    /// relation to `from`.
+    fn send_check(
+        &mut self,
+        id: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<(Option<SentRow>, Option<Option<Relation>>), StoreError> {
+        let prior = self.sent(id)?;
+        let to_here = if self.user_exists(to)? {
+            Some(self.contact(to, from)?.map(|c| c.0))
+        } else {
+            None
+        };
+        Ok((prior, to_here))
+    }
+
+    /// Records a received message whose id is new for certain (its sender
+    /// is ours, and the id's sent record was just written), without
+    /// waiting to hear so.
+    fn record_received_new(
+        &mut self,
+        id: &str,
+        sender: &str,
+        recipient: &str,
+    ) -> Result<(), StoreError> {
+        self.record_received(id, sender, recipient, None)?;
+        Ok(())
+    }
+
+    /// The messages numbered in `(after, upto]` of `handle`'s mailbox, in
+    /// order, that this home received: each with its received record and,
+    /// if it is not yet delivered and its sender is ours, its sent record
+    /// and whether the sender is still a user here.
+    fn acked_messages(
+        &mut self,
+        handle: &str,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<AckedMessage>, StoreError> {
+        let mut v = Vec::new();
+        for id in self.message_ids(handle, after, upto)? {
+            let Some(received) = self.received(&id)? else {
+                continue;
+            };
+            let (sent, sender_here) = if !received.delivered && received.from_home.is_none() {
+                (self.sent(&id)?, self.user_exists(&received.sender)?)
+            } else {
+                (None, false)
+            };
+            v.push(AckedMessage {
+                id,
+                received,
+                sent,
+                sender_here,
+            });
+        }
+        Ok(v)
+    }
+}
+
+/// A message an ack covers (see [`HomeStore::acked_messages`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckedMessage {
+    pub id: String,
+    pub received: ReceivedRow,
+    /// Read only for a message not yet delivered, from one of our users.
+    pub sent: Option<SentRow>,
+    pub sender_here: bool,
 }
 
 /// [`HomeStore`] on SQLite.
