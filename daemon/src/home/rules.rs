@@ -353,11 +353,11 @@ pub fn ack<S: HomeStore + ?Sized>(
     seq: u64,
     fx: &mut Effects,
 ) -> Result<(), StoreError> {
-    let Some(old) = s.device_acked(handle, device)? else {
+    let Some((old, last)) = s.ack_start(handle, device)? else {
         return Ok(());
     };
     // Never past the last event given, never backwards.
-    let new = seq.min(s.last_seq(handle)?);
+    let new = seq.min(last);
     if new <= old {
         return Ok(());
     }

@@ -272,6 +272,15 @@ pub trait HomeStore:
         Ok((prior, to_here))
     }
 
+    /// For an ack of `handle`'s `device`: what it had acked, and the
+    /// number of the mailbox's last event (`None` without the device).
+    fn ack_start(&mut self, handle: &str, device: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        let Some(acked) = self.device_acked(handle, device)? else {
+            return Ok(None);
+        };
+        Ok(Some((acked, self.last_seq(handle)?)))
+    }
+
     /// Records a received message whose id is new for certain (its sender
     /// is ours, and the id's sent record was just written), without
     /// waiting to hear so.

@@ -345,14 +345,19 @@ impl Mailbox for PgHome {
             ),
             None => (None, None),
         };
-        // The number is taken on the user's row, locked until the commit.
+        // The number is taken on the user's row, locked until the commit;
+        // the event goes in with it, in the same statement.
         let taken = self.row(
-            "UPDATE users SET next_seq = next_seq + 1, mailbox_count = mailbox_count + 1,
-                mailbox_bytes = mailbox_bytes + $2
-             WHERE handle = $1
-               AND ($3::BIGINT IS NULL OR (mailbox_count < $3 AND mailbox_bytes + $2 <= $4::BIGINT))
-             RETURNING next_seq - 1",
-            &[&handle, &size, &events, &bytes],
+            "WITH t AS (
+                UPDATE users SET next_seq = next_seq + 1, mailbox_count = mailbox_count + 1,
+                    mailbox_bytes = mailbox_bytes + $2
+                WHERE handle = $1
+                  AND ($3::BIGINT IS NULL OR (mailbox_count < $3 AND mailbox_bytes + $2 <= $4::BIGINT))
+                RETURNING next_seq - 1 AS seq
+             )
+             INSERT INTO mailbox(handle, seq, msg_id, event) SELECT $1, seq, $5, $6 FROM t
+             RETURNING seq",
+            &[&handle, &size, &events, &bytes, &msg_id, &event_json],
         )?;
         let Some(taken) = taken else {
             // Full, or no such user.
@@ -363,10 +368,6 @@ impl Mailbox for PgHome {
             };
         };
         let seq: i64 = taken.get(0);
-        self.send(
-            "INSERT INTO mailbox(handle, seq, msg_id, event) VALUES ($1, $2, $3, $4)",
-            &[&handle, &seq, &msg_id, &event_json],
-        )?;
         Ok(Some(seq as u64))
     }
 
@@ -747,6 +748,16 @@ impl HomeStore for PgHome {
             .get::<_, bool>(3)
             .then(|| r.get::<_, Option<&str>>(4).and_then(Relation::parse));
         Ok((prior, to_here))
+    }
+
+    fn ack_start(&mut self, handle: &str, device: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(self
+            .row(
+                "SELECT d.acked_seq, u.next_seq - 1 FROM devices d JOIN users u ON u.handle = d.handle
+                 WHERE d.handle = $1 AND d.device = $2",
+                &[&handle, &device],
+            )?
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64)))
     }
 
     fn record_received_new(
