@@ -80,7 +80,8 @@ struct Cli {
     postgres: bool,
     /// Home A runs as this many nodes over one PostgreSQL and a NATS server
     /// of the bench's own (throughput, storm); each node's CPU per message
-    /// is shown, and PostgreSQL's and NATS's. Implies --postgres.
+    /// is shown, and PostgreSQL's and NATS's (and without --one-home, home
+    /// B's, on SQLite, in the same run). Implies --postgres.
     #[arg(long, default_value_t = 0)]
     nodes: usize,
     /// Idle connections held (idle), cumulative sizes.
@@ -216,7 +217,6 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
     let mut pg = None;
     let mut single = None;
     if a.nodes > 0 {
-        anyhow::ensure!(a.one_home, "--nodes measures one home: add --one-home");
         cluster = Some(
             popupd_e2e::cluster::Cluster::start_laid_out(&dir.path, "bench", a.nodes, layout)
                 .await
@@ -248,7 +248,7 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let at = |home: usize, k: usize| -> String {
-        if node_addrs.is_empty() {
+        if home != 0 || node_addrs.is_empty() {
             net.home_addrs[home].clone()
         } else {
             node_addrs[k % node_addrs.len()].clone()
@@ -480,8 +480,13 @@ async fn throughput(a: &Args) -> anyhow::Result<()> {
             [HOME_A, HOME_B][rhome],
             if a.nodes > 0 {
                 format!(
-                    "{} nodes over PostgreSQL and NATS (each recipient on the node after its sender's)",
-                    a.nodes
+                    "{} nodes over PostgreSQL and NATS ({})",
+                    a.nodes,
+                    if a.one_home {
+                        "each recipient on the node after its sender's"
+                    } else {
+                        "the senders spread over them; home B one process on SQLite"
+                    }
                 )
             } else if a.postgres {
                 "PostgreSQL".into()
