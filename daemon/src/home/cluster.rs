@@ -4,11 +4,15 @@
 //! Every node serves the same home from the same PostgreSQL database, so
 //! every record is already shared; what is not is what lives in one
 //! process: which devices are connected where, and the moment a commit
-//! happened. A node therefore tells the others, on one subject of the
-//! home's (`popupd.<home>.nodes`):
+//! happened. A node therefore tells the others:
 //!
-//! - the mailbox events its commits made (`Push`), so the node that holds
-//!   the recipient's connection sends them at once;
+//! - on a subject per user (`popupd.<home>.u.<handle>`), which the nodes
+//!   that hold a connection of that user subscribe to, the mailbox events
+//!   its commits made (`Push`), so the node that holds the recipient's
+//!   connection sends them at once, and only that node hears of them;
+//!
+//! and on one subject of the home's (`popupd.<home>.nodes`), heard by all:
+//!
 //! - contact lists that changed and routes found wrong;
 //! - devices revoked and users removed (`popupd device revoke`, `user
 //!   remove`, which tell the nodes themselves);
@@ -168,7 +172,11 @@ pub struct Cluster {
     cfg: ClusterConfig,
     run: u64,
     subject: String,
+    /// `popupd.<home>.u.`, before a handle.
+    user_prefix: String,
     tx: mpsc::Sender<Note>,
+    /// Users to subscribe to (their first device connected here).
+    watch_tx: mpsc::UnboundedSender<String>,
     /// Notes lost on the way out (the queue full, NATS away).
     lost: Mutex<Lost>,
     /// Other processes, with when each was last heard and its devices.
@@ -232,6 +240,12 @@ impl Cluster {
                 g.insert(handle.to_owned(), seq);
             }
         }
+    }
+
+    /// The first device of `handle` connected here: hear the events of
+    /// their mailbox that other nodes commit.
+    pub fn watch(&self, handle: &str) {
+        let _ = self.watch_tx.send(handle.to_owned());
     }
 
     /// Mailbox events committed here.
@@ -373,11 +387,14 @@ pub async fn start(
     let subject = format!("popupd.{home_name}.nodes");
     let sub = client.subscribe(subject.clone()).await?;
     let (tx, rx) = mpsc::channel(QUEUE);
+    let (watch_tx, watch_rx) = mpsc::unbounded_channel();
     let c = Arc::new(Cluster {
         cfg: cfg.clone(),
         run: fastrand::u64(..),
         subject,
+        user_prefix: format!("popupd.{home_name}.u."),
         tx,
+        watch_tx,
         lost: Mutex::new(Lost::default()),
         others: Mutex::new(HashMap::new()),
         connected: AtomicBool::new(false),
@@ -390,6 +407,7 @@ pub async fn start(
             sub,
             rx,
             events,
+            watch_rx,
         },
     ))
 }
@@ -400,6 +418,7 @@ pub struct Starter {
     sub: async_nats::Subscriber,
     rx: mpsc::Receiver<Note>,
     events: mpsc::UnboundedReceiver<async_nats::Event>,
+    watch_rx: mpsc::UnboundedReceiver<String>,
 }
 
 /// Runs this node's side: sends what it queued, acts on what the others
@@ -413,7 +432,11 @@ pub async fn run(home: Arc<Home>, s: Starter) {
         mut sub,
         mut rx,
         mut events,
+        mut watch_rx,
     } = s;
+    // The users this node hears the mailboxes of: a task each, reading
+    // their subject (dropping it unsubscribes).
+    let mut watched: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
     tracing::info!(home = %home.cfg.name, node = %c.cfg.node, nats = %c.cfg.nats,
         "home {}: node {} of a cluster, over NATS at {}", home.cfg.name, c.cfg.node, c.cfg.nats);
     let weak = Arc::downgrade(&home);
@@ -458,6 +481,28 @@ pub async fn run(home: Arc<Home>, s: Starter) {
                 let Some(home) = weak.upgrade() else { return };
                 on_event(&home, &c, e);
             }
+            h = watch_rx.recv() => {
+                let Some(h) = h else { return };
+                if watched.get(&h).is_some_and(|t| !t.is_finished()) {
+                    continue;
+                }
+                match client.subscribe(format!("{}{h}", c.user_prefix)).await {
+                    Ok(user_sub) => {
+                        let task = tokio::spawn(hear_user(weak.clone(), c.clone(), user_sub));
+                        watched.insert(h.clone(), task.abort_handle());
+                        // What was committed before the subscription took
+                        // effect is read from the store, once it has.
+                        let (client, weak) = (client.clone(), weak.clone());
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(PUBLISH_WAIT, client.flush()).await;
+                            if let Some(home) = weak.upgrade() {
+                                home.registry.reread(&h, false);
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!("subscribing to {h}'s mailbox events: {e}"),
+                }
+            }
             _ = beat.tick() => {
                 let Some(home) = weak.upgrade() else { return };
                 if c.connected() {
@@ -470,6 +515,14 @@ pub async fn run(home: Arc<Home>, s: Starter) {
                 }
                 c.tell(Note::Beat);
                 bury_the_dead(&home, &c);
+                // Users with no device here any more are not heard.
+                watched.retain(|h, t| {
+                    let keep = home.registry.is_online(h) && !t.is_finished();
+                    if !keep {
+                        t.abort();
+                    }
+                    keep
+                });
             }
             _ = poll.tick() => {
                 if !c.connected() {
@@ -517,7 +570,44 @@ pub async fn ask_nodes_to_check_devices(
         .map_err(|_| anyhow::anyhow!("no answer from NATS at {} within 5 s", cfg.nats))?
 }
 
+/// Hears one user's subject: the mailbox events other nodes committed.
+async fn hear_user(home: std::sync::Weak<Home>, c: Arc<Cluster>, mut sub: async_nats::Subscriber) {
+    while let Some(m) = sub.next().await {
+        let Some(home) = home.upgrade() else { return };
+        match serde_json::from_slice::<Envelope>(&m.payload) {
+            Ok(env) => {
+                for n in env.notes {
+                    if let Note::Push { handle, seq, event } = n {
+                        c.heard_of(&handle, seq);
+                        home.registry.push(Push { handle, seq, event });
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(home = %home.cfg.name, "a cluster note that is not one: {e}"),
+        }
+    }
+}
+
+/// Sends notes: mailbox events on their user's subject (an envelope per
+/// user), the rest on the home's.
 async fn publish(client: &async_nats::Client, c: &Cluster, notes: Vec<Note>) {
+    let mut by_user: HashMap<String, Vec<Note>> = HashMap::new();
+    let mut rest = Vec::new();
+    for n in notes {
+        match &n {
+            Note::Push { handle, .. } => by_user.entry(handle.clone()).or_default().push(n),
+            _ => rest.push(n),
+        }
+    }
+    for (handle, pushes) in by_user {
+        publish_on(client, c, format!("{}{handle}", c.user_prefix), pushes).await;
+    }
+    if !rest.is_empty() {
+        publish_on(client, c, c.subject.clone(), rest).await;
+    }
+}
+
+async fn publish_on(client: &async_nats::Client, c: &Cluster, subject: String, notes: Vec<Note>) {
     let mut chunk = Vec::new();
     let mut size = 0;
     let n = notes.len();
@@ -544,7 +634,7 @@ async fn publish(client: &async_nats::Client, c: &Cluster, notes: Vec<Note>) {
             // The client queues what it cannot send yet, and waits once its
             // queue is full: NATS went away since it was last seen.
             let sent =
-                tokio::time::timeout(PUBLISH_WAIT, client.publish(c.subject.clone(), body.into()))
+                tokio::time::timeout(PUBLISH_WAIT, client.publish(subject.clone(), body.into()))
                     .await;
             if !matches!(sent, Ok(Ok(()))) {
                 tracing::debug!("publishing cluster notes: {sent:?}");
@@ -799,7 +889,9 @@ mod tests {
             },
             run: fastrand::u64(..),
             subject: String::new(),
+            user_prefix: String::new(),
             tx,
+            watch_tx: mpsc::unbounded_channel().0,
             lost: Mutex::new(Lost::default()),
             others: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(true),

@@ -78,6 +78,8 @@ struct Registration {
     id: u64,
     rx: mpsc::Receiver<Out>,
     lag: Arc<AtomicBool>,
+    /// The user had no device connected here before.
+    first: bool,
 }
 
 impl Registry {
@@ -87,6 +89,7 @@ impl Registry {
         let lag = Arc::new(AtomicBool::new(false));
         let mut map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = map.entry(handle.to_owned()).or_default();
+        let first = list.is_empty();
         // The newest connection of a device wins; the older ones lose
         // their queue and end.
         list.retain(|c| c.device != device);
@@ -96,7 +99,7 @@ impl Registry {
             tx,
             lag: lag.clone(),
         });
-        Registration { id, rx, lag }
+        Registration { id, rx, lag, first }
     }
 
     fn unregister(&self, handle: &str, id: u64) {
@@ -386,6 +389,9 @@ pub fn serve(
             text: String::new(),
         });
         if let Some(c) = &home.cluster {
+            if reg.first {
+                c.watch(&handle);
+            }
             c.device_up(&handle, &device, reg.id, &report);
         }
         home.hub
