@@ -41,6 +41,66 @@ async fn login_retrying(
     }
 }
 
+/// Starts the load workers that hold agents `o2`.. `o{n+1}` (`args`
+/// gives a worker's arguments for its first account, count and source
+/// address), and waits until all are logged in; returns the workers,
+/// their output and how many agents each holds.
+async fn hold_agents(
+    n: usize,
+    args: &dyn Fn(usize, usize, &str) -> Vec<String>,
+) -> anyhow::Result<(
+    Vec<tokio::process::Child>,
+    Vec<super::WorkerLines>,
+    Vec<usize>,
+)> {
+    let mut workers = Vec::new();
+    let mut readers = Vec::new();
+    let mut counts = Vec::new();
+    let mut held = 2usize;
+    while held < n + 2 {
+        let count = (n + 2 - held).min(PER_WORKER);
+        let ip = format!("127.0.0.{}", 10 + workers.len());
+        let (child, lines) = super::spawn_worker(&args(held, count, &ip), true)?;
+        readers.push(lines);
+        workers.push(child);
+        counts.push(count);
+        held += count;
+    }
+    let failed = super::logins_failed(&mut readers).await?;
+    if failed > 0 {
+        bail!("{failed} of {n} agents could not log in");
+    }
+    Ok((workers, readers, counts))
+}
+
+/// Keeps the stream going a little, then stops it and waits (at most 30 s)
+/// for what was accepted to arrive: (accepted, lost, repeats).
+async fn finish_stream(
+    stop: Arc<AtomicBool>,
+    stask: tokio::task::JoinHandle<anyhow::Result<Vec<String>>>,
+    rtask: tokio::task::JoinHandle<()>,
+    got: &Mutex<HashMap<String, u32>>,
+) -> anyhow::Result<(Vec<String>, usize, u32)> {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let accepted = stask.await??;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (lost, repeats) = loop {
+        let (lost, repeats) = {
+            let g = got.lock().unwrap_or_else(|e| e.into_inner());
+            let lost = accepted.iter().filter(|id| !g.contains_key(*id)).count();
+            let repeats: u32 = g.values().map(|c| c - 1).sum();
+            (lost, repeats)
+        };
+        if lost == 0 || Instant::now() > deadline {
+            break (lost, repeats);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    rtask.abort();
+    Ok((accepted, lost, repeats))
+}
+
 /// Streams messages to `o1` until `stop`, then until all are accepted;
 /// returns the accepted ids.
 async fn sender(logins: Arc<Logins>, stop: Arc<AtomicBool>) -> anyhow::Result<Vec<String>> {
@@ -138,21 +198,7 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     let args = |first, count, ip: &str| super::login_args(&net, &ca, &creds, first, count, ip);
     let stream = Arc::new(Logins::parse(&args(0, 2, "127.0.0.2"))?);
 
-    let mut workers = Vec::new();
-    let mut readers = Vec::new();
-    let mut held = 2usize;
-    while held < n + 2 {
-        let count = (n + 2 - held).min(PER_WORKER);
-        let ip = format!("127.0.0.{}", 10 + workers.len());
-        let (child, lines) = super::spawn_worker(&args(held, count, &ip), true)?;
-        readers.push(lines);
-        workers.push(child);
-        held += count;
-    }
-    let failed = super::logins_failed(&mut readers).await?;
-    if failed > 0 {
-        bail!("{failed} of {n} agents could not log in");
-    }
+    let (workers, mut readers, _) = hold_agents(n, &args).await?;
 
     let got: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -179,24 +225,7 @@ pub(crate) async fn run(a: &Args) -> anyhow::Result<()> {
     }
     let t_back = t_kill.elapsed();
 
-    // Keep the stream going a little, then let it finish.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    let accepted = stask.await??;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (lost, repeats) = loop {
-        let (lost, repeats) = {
-            let g = got.lock().unwrap_or_else(|e| e.into_inner());
-            let lost = accepted.iter().filter(|id| !g.contains_key(*id)).count();
-            let repeats: u32 = g.values().map(|c| c - 1).sum();
-            (lost, repeats)
-        };
-        if lost == 0 || Instant::now() > deadline {
-            break (lost, repeats);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    rtask.abort();
+    let (accepted, lost, repeats) = finish_stream(stop, stask, rtask, &got).await?;
     drop(workers);
 
     let mut t = report::Table::new(
@@ -264,21 +293,7 @@ async fn run_cluster(a: &Args) -> anyhow::Result<()> {
     let all = c.addrs.join(",");
     let args = |first, count, ip: &str| super::login_args_at(&all, &ca, &creds, first, count, ip);
     let stream = Arc::new(Logins::parse(&args(0, 2, "127.0.0.2"))?);
-    let mut workers = Vec::new();
-    let mut readers = Vec::new();
-    let mut held = 2usize;
-    while held < n + 2 {
-        let count = (n + 2 - held).min(PER_WORKER);
-        let ip = format!("127.0.0.{}", 10 + workers.len());
-        let (child, lines) = super::spawn_worker(&args(held, count, &ip), true)?;
-        readers.push(lines);
-        workers.push(child);
-        held += count;
-    }
-    let failed = super::logins_failed(&mut readers).await?;
-    if failed > 0 {
-        bail!("{failed} of {n} agents could not log in");
-    }
+    let (workers, readers, counts) = hold_agents(n, &args).await?;
     // Each worker's connections up, as it last said.
     let live: Arc<Vec<std::sync::atomic::AtomicUsize>> = Arc::new(
         readers
@@ -286,16 +301,6 @@ async fn run_cluster(a: &Args) -> anyhow::Result<()> {
             .map(|_| std::sync::atomic::AtomicUsize::new(0))
             .collect(),
     );
-    let counts: Vec<usize> = {
-        let mut v = Vec::new();
-        let mut h = 2;
-        while h < n + 2 {
-            let k = (n + 2 - h).min(PER_WORKER);
-            v.push(k);
-            h += k;
-        }
-        v
-    };
     for (k, &cnt) in counts.iter().enumerate() {
         live[k].store(cnt, Ordering::Relaxed);
     }
@@ -338,23 +343,7 @@ async fn run_cluster(a: &Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
 
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    let accepted = stask.await??;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (lost, repeats) = loop {
-        let (lost, repeats) = {
-            let g = got.lock().unwrap_or_else(|e| e.into_inner());
-            let lost = accepted.iter().filter(|id| !g.contains_key(*id)).count();
-            let repeats: u32 = g.values().map(|c| c - 1).sum();
-            (lost, repeats)
-        };
-        if lost == 0 || Instant::now() > deadline {
-            break (lost, repeats);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    rtask.abort();
+    let (accepted, lost, repeats) = finish_stream(stop, stask, rtask, &got).await?;
     drop(workers);
 
     let mut t = report::Table::new(
