@@ -15,6 +15,8 @@ pub struct Nats {
     pub proc: Proc,
     pub url: String,
     addr: String,
+    /// Its monitoring endpoint (`-m`).
+    monitor: String,
 }
 
 impl Nats {
@@ -37,17 +39,46 @@ impl Nats {
         }
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let argv: Vec<String> = [program, "-a", "127.0.0.1", "-p", &port.to_string()]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mport = free_port();
+        let argv: Vec<String> = [
+            program,
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-m",
+            &mport.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let proc = Proc::spawn(&argv, &dir.join("nats.log")).expect("start nats-server");
         wait_port(&addr).await.expect("nats-server listening");
         Some(Nats {
             proc,
             url: format!("nats://{addr}"),
             addr,
+            monitor: format!("127.0.0.1:{mport}"),
         })
+    }
+
+    /// How many subscriptions the server holds to `subject`, from its
+    /// monitoring endpoint (`/subsz`).
+    pub fn subscriptions(&self, subject: &str) -> usize {
+        let (code, head, body) = crate::http_get(&self.monitor, "/subsz?subs=1&limit=100000", None);
+        assert_eq!(code, 200, "{body}");
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(&body)
+        } else {
+            body
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON from /subsz");
+        v["subscriptions_list"]
+            .as_array()
+            .map_or(0, |l| l.iter().filter(|s| s["subject"] == subject).count())
     }
 
     /// Stops it (`kill -9`).
@@ -64,6 +95,20 @@ impl Nats {
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         wait_port(&self.addr).await
     }
+}
+
+/// The body of a chunked HTTP answer.
+fn dechunk(mut raw: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = raw.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        raw = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// Home A on `nodes` nodes, home B and the global server.

@@ -5,7 +5,8 @@
 //! under CI (`CI=true`) they fail instead.
 //!
 //! - alice on node 1 and bob on node 2 exchange messages, receipts, a
-//!   reply, a contact request and presence; alice writes to carol on B,
+//!   reply, a contact request and presence; bob's mailbox events are
+//!   heard by his node alone; alice writes to carol on B,
 //!   one node carries the items to B, and another once it is killed; a
 //!   device revoked through one node is dropped by another at once;
 //! - `kill -9` of the node that holds bob's connection under a counted
@@ -69,6 +70,18 @@ async fn users_on_two_nodes_exchange_messages_receipts_requests_and_presence() {
         }
         assert!(Instant::now() < deadline, "popupd status of n2:\n{text}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // bob's mailbox events are heard by the node that holds him alone.
+    let bob_subject = format!("popupd.{}.u.bob", popupd_e2e::HOME_A);
+    let deadline = Instant::now() + T;
+    while c.nats.subscriptions(&bob_subject) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{bob_subject} has {} subscriptions",
+            c.nats.subscriptions(&bob_subject)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // A message from node 1 to node 2, its receipts, and the reply back.
@@ -135,6 +148,12 @@ async fn users_on_two_nodes_exchange_messages_receipts_requests_and_presence() {
         })
         .await
         .unwrap();
+    // Gone from node 2, so node 2 no longer hears his events.
+    let deadline = Instant::now() + T;
+    while c.nats.subscriptions(&bob_subject) != 0 {
+        assert!(Instant::now() < deadline, "{bob_subject} still heard");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     bob.restart().await.unwrap();
     bob.wait_connected(true, T).await.unwrap();
     alice
