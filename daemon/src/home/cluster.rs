@@ -435,8 +435,9 @@ pub async fn run(home: Arc<Home>, s: Starter) {
         mut watch_rx,
     } = s;
     // The users this node hears the mailboxes of: a task each, reading
-    // their subject (dropping it unsubscribes).
-    let mut watched: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    // their subject (dropping it unsubscribes); they stop with this one.
+    let mut watched = Watched::default();
+    let watched = &mut watched.0;
     tracing::info!(home = %home.cfg.name, node = %c.cfg.node, nats = %c.cfg.nats,
         "home {}: node {} of a cluster, over NATS at {}", home.cfg.name, c.cfg.node, c.cfg.nats);
     let weak = Arc::downgrade(&home);
@@ -568,6 +569,18 @@ pub async fn ask_nodes_to_check_devices(
     tokio::time::timeout(Duration::from_secs(5), work)
         .await
         .map_err(|_| anyhow::anyhow!("no answer from NATS at {} within 5 s", cfg.nats))?
+}
+
+/// The tasks that hear users' subjects, stopped when dropped.
+#[derive(Default)]
+struct Watched(HashMap<String, tokio::task::AbortHandle>);
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        for t in self.0.values() {
+            t.abort();
+        }
+    }
 }
 
 /// Hears one user's subject: the mailbox events other nodes committed.
