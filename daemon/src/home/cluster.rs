@@ -360,6 +360,14 @@ fn remote_conn(run: u64, conn: u64) -> u64 {
     (run ^ conn.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1 << 63
 }
 
+/// The NATS servers `cluster.nats` names.
+fn nats_addrs(cfg: &ClusterConfig) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    popupd_protocol::net::address_list(&cfg.nats)
+        .map(|a| a.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("cluster.nats {:?}: {e}", cfg.nats))
+}
+
 /// Connects to NATS (in the background: a node starts, and serves its own
 /// connections, while NATS is away) and returns this node's side.
 pub async fn start(
@@ -367,10 +375,7 @@ pub async fn start(
     cfg: &ClusterConfig,
 ) -> anyhow::Result<(Arc<Cluster>, Starter)> {
     let (events_tx, events) = mpsc::unbounded_channel();
-    let addrs = popupd_protocol::net::address_list(&cfg.nats)
-        .map(|a| a.parse::<async_nats::ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("cluster.nats {:?}: {e}", cfg.nats))?;
+    let addrs = nats_addrs(cfg)?;
     let client = async_nats::ConnectOptions::new()
         .name(format!("popupd {home_name} {}", cfg.node))
         .no_echo()
@@ -543,10 +548,7 @@ pub async fn ask_nodes_to_check_devices(
     home_name: &str,
     cfg: &ClusterConfig,
 ) -> anyhow::Result<()> {
-    let addrs = popupd_protocol::net::address_list(&cfg.nats)
-        .map(|a| a.parse::<async_nats::ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("cluster.nats {:?}: {e}", cfg.nats))?;
+    let addrs = nats_addrs(cfg)?;
     let work = async {
         let client = async_nats::ConnectOptions::new()
             .name(format!("popupd admin {home_name}"))
@@ -583,6 +585,13 @@ impl Drop for Watched {
     }
 }
 
+/// Another node committed `handle`'s mailbox event `seq`: to their
+/// connections here.
+fn heard_push(home: &Home, c: &Cluster, handle: String, seq: u64, event: String) {
+    c.heard_of(&handle, seq);
+    home.registry.push(Push { handle, seq, event });
+}
+
 /// Hears one user's subject: the mailbox events other nodes committed.
 async fn hear_user(home: std::sync::Weak<Home>, c: Arc<Cluster>, mut sub: async_nats::Subscriber) {
     while let Some(m) = sub.next().await {
@@ -591,8 +600,7 @@ async fn hear_user(home: std::sync::Weak<Home>, c: Arc<Cluster>, mut sub: async_
             Ok(env) => {
                 for n in env.notes {
                     if let Note::Push { handle, seq, event } = n {
-                        c.heard_of(&handle, seq);
-                        home.registry.push(Push { handle, seq, event });
+                        heard_push(&home, &c, handle, seq, event);
                     }
                 }
             }
@@ -659,16 +667,8 @@ async fn publish_on(client: &async_nats::Client, c: &Cluster, subject: String, n
 
 fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
     let from = env.run;
-    if env.node.is_empty() {
-        // From an admin command.
-        if env.notes.iter().any(|n| matches!(n, Note::CheckDevices)) {
-            tracing::info!(home = %home.cfg.name, "home {}: devices revoked or users removed: checking connections", home.cfg.name);
-            let h = home.clone();
-            tokio::spawn(async move { super::check_devices(&h).await });
-        }
-        return;
-    }
-    let known = {
+    // An admin command's envelope (no node name) is no node's.
+    let known = env.node.is_empty() || {
         let mut g = c.others.lock().unwrap_or_else(|e| e.into_inner());
         let known = g.contains_key(&from);
         let o = g.entry(from).or_insert_with(|| Other {
@@ -693,10 +693,7 @@ fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
     let mut contacts = Vec::new();
     for n in env.notes {
         match n {
-            Note::Push { handle, seq, event } => {
-                c.heard_of(&handle, seq);
-                home.registry.push(Push { handle, seq, event })
-            }
+            Note::Push { handle, seq, event } => heard_push(home, c, handle, seq, event),
             Note::Contacts { users } => contacts.extend(users),
             Note::Forget { handle } => home.router.forget(&handle),
             Note::Up {
@@ -746,6 +743,7 @@ fn receive(home: &Arc<Home>, c: &Arc<Cluster>, env: Envelope) {
             }
             Note::Kick { .. } => {}
             Note::CheckDevices => {
+                tracing::info!(home = %home.cfg.name, "home {}: devices revoked or users removed: checking connections", home.cfg.name);
                 let h = home.clone();
                 tokio::spawn(async move { super::check_devices(&h).await });
             }

@@ -370,9 +370,9 @@ pub async fn dial(d: &Dial) -> Result<Link<ClientTls>, LinkError> {
     let mut targets: Vec<Target> = Vec::new();
     let mut last = None;
     for a in address_list(&d.address) {
-        if d.proxy.is_some() {
+        if let Some(p) = &d.proxy {
             // The proxy resolves the name.
-            targets.push(Target::Name(a.to_owned()));
+            targets.push(Target::Proxied(p, a.to_owned()));
             continue;
         }
         match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(a)).await {
@@ -403,18 +403,17 @@ pub async fn dial(d: &Dial) -> Result<Link<ClientTls>, LinkError> {
 }
 
 /// One address to try.
-enum Target {
-    /// Through the proxy.
-    Name(String),
+enum Target<'a> {
+    /// As named, through the proxy.
+    Proxied(&'a proxy::Proxy, String),
     /// As named, and as resolved.
     Addr(String, std::net::SocketAddr),
 }
 
-async fn dial_one(t: &Target, d: &Dial) -> Result<Link<ClientTls>, LinkError> {
-    let tcp = match (t, &d.proxy) {
-        (Target::Name(a), Some(p)) => p.connect(a).await?,
-        (Target::Name(a), None) => TcpStream::connect(a.as_str()).await?,
-        (Target::Addr(a, s), _) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s))
+async fn dial_one(t: &Target<'_>, d: &Dial) -> Result<Link<ClientTls>, LinkError> {
+    let tcp = match t {
+        Target::Proxied(p, a) => p.connect(a).await?,
+        Target::Addr(a, s) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s))
             .await
             .map_err(|_| {
                 std::io::Error::new(
